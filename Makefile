@@ -1,0 +1,102 @@
+# gateway-operator — run `make help` for the targets.
+
+SHELL := /usr/bin/env bash -o pipefail
+.SHELLFLAGS := -ec
+.DEFAULT_GOAL := help
+
+# Tool versions are pinned here; tools are installed into ./bin by the targets that need them.
+CONTROLLER_GEN_VERSION ?= v0.23.0
+LOCALBIN ?= $(CURDIR)/bin
+CONTROLLER_GEN ?= $(LOCALBIN)/controller-gen-$(CONTROLLER_GEN_VERSION)
+
+# Heavy test dependencies (kube-apiserver, etcd, kubectl, the systemd host template) are built
+# once per machine and cached here, outside the repository.
+export XDG_CACHE_HOME ?= $(HOME)/.cache
+GO_TEST_FLAGS ?=
+
+##@ General
+
+.PHONY: help
+help: ## Show the targets.
+	@awk 'BEGIN {FS = ":.*##"; printf "Usage: make <target>\n"} /^[a-zA-Z_0-9-]+:.*?##/ { printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2 } /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) }' $(MAKEFILE_LIST)
+
+##@ Development
+
+.PHONY: generate
+generate: $(CONTROLLER_GEN) ## Generate the deepcopy code of the API types.
+	$(CONTROLLER_GEN) object:headerFile="hack/boilerplate.go.txt" paths="./api/..."
+
+.PHONY: manifests
+manifests: $(CONTROLLER_GEN) ## Generate the CRD and RBAC manifests under config/.
+	$(CONTROLLER_GEN) crd rbac:roleName=gateway-operator-manager paths="./api/..." paths="./controllers/..." \
+		output:crd:artifacts:config=config/crd/bases output:rbac:artifacts:config=config/rbac
+
+.PHONY: verify-generated
+verify-generated: $(CONTROLLER_GEN) ## Fail if generated code or manifests are stale.
+	CONTROLLER_GEN=$(CONTROLLER_GEN) hack/verify-generated.sh
+
+.PHONY: fmt
+fmt: ## Run gofmt on the tree (fails in CI if a file is not formatted).
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go' -not -path './bin/*')); \
+	if [ -n "$$out" ]; then echo "gofmt needed on:"; echo "$$out"; exit 1; fi
+
+.PHONY: vet
+vet: ## Run go vet.
+	go vet ./...
+
+.PHONY: build
+build: ## Build the binaries into ./bin.
+	CGO_ENABLED=0 go build -trimpath -o $(LOCALBIN)/ ./cmd/...
+
+##@ Tests
+
+.PHONY: test-deps
+test-deps: ## Install and build what the tests need (idempotent; cached outside the repo).
+	hack/host-deps.sh
+	hack/control-plane.sh >/dev/null
+	hack/systemd-rootfs.sh >/dev/null
+
+.PHONY: test
+test: fmt vet verify-generated test-deps ## Run every test against a real API server and real systemd hosts.
+	KUBEBUILDER_ASSETS="$$(hack/control-plane.sh)" \
+	GATEWAY_SYSTEMD_ROOTFS="$$(hack/systemd-rootfs.sh)" \
+	GATEWAY_TEST_REQUIRE_ALL=1 \
+	CONTROLLER_GEN=$(CONTROLLER_GEN) \
+		go test -count=1 -p 1 $(GO_TEST_FLAGS) ./...
+	hack/leftovers.sh
+
+.PHONY: test-e2e
+test-e2e: test-deps ## Run the end-to-end tests only.
+	KUBEBUILDER_ASSETS="$$(hack/control-plane.sh)" \
+	GATEWAY_SYSTEMD_ROOTFS="$$(hack/systemd-rootfs.sh)" \
+	GATEWAY_TEST_REQUIRE_ALL=1 \
+		go test -count=1 $(GO_TEST_FLAGS) ./test/e2e/...
+	hack/leftovers.sh
+
+.PHONY: bench
+bench: test-deps ## Run the benchmarks and print their numbers.
+	KUBEBUILDER_ASSETS="$$(hack/control-plane.sh)" \
+	GATEWAY_SYSTEMD_ROOTFS="$$(hack/systemd-rootfs.sh)" \
+		go test -run '^$$' -bench . -benchmem -count=1 ./...
+	hack/leftovers.sh
+
+##@ Run
+
+.PHONY: run
+run: ## Run the controller manager against the current kubeconfig.
+	@echo "not yet: the controller manager lands with the controller issue"; exit 1
+
+.PHONY: demo
+demo: ## Bring up a local control plane, the operator and a sandboxed host, and apply the samples.
+	@echo "not yet: the embedded demo lands with the controller issue; run 'make test' to see the harnesses work"
+
+##@ Tools
+
+$(CONTROLLER_GEN):
+	mkdir -p $(LOCALBIN)
+	GOBIN=$(LOCALBIN) go install sigs.k8s.io/controller-tools/cmd/controller-gen@$(CONTROLLER_GEN_VERSION)
+	mv $(LOCALBIN)/controller-gen $(CONTROLLER_GEN)
+
+.PHONY: controller-gen
+controller-gen: $(CONTROLLER_GEN) ## Install the pinned controller-gen into ./bin.
+	@echo $(CONTROLLER_GEN)

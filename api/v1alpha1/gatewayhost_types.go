@@ -1,0 +1,101 @@
+package v1alpha1
+
+import (
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+// GatewayHostSpec is what a person may set on a host. The host's labels (metadata.labels) are
+// what GatewayProfiles select on.
+type GatewayHostSpec struct {
+	// Unschedulable keeps rollouts away from this host: instances already here keep running,
+	// but no new release is moved onto it. Like `kubectl cordon` for a Node.
+	// +optional
+	Unschedulable bool `json:"unschedulable,omitempty"`
+}
+
+// HostCapabilities are what a host can offer beyond running gateways.
+type HostCapabilities struct {
+	// KVM is true when /dev/kvm is usable, so host-local microVMs run at hardware speed.
+	// +optional
+	KVM bool `json:"kvm,omitempty"`
+
+	// Kata is true when the host can run pods with a Kata Containers RuntimeClass.
+	// +optional
+	Kata bool `json:"kata,omitempty"`
+
+	// MicroVM is true when the agent can boot host-local microVMs for untrusted tool code.
+	// +optional
+	MicroVM bool `json:"microVM,omitempty"`
+}
+
+// GatewayHostStatus is written by the host's node agent (and the Reachable condition by the
+// controller manager).
+type GatewayHostStatus struct {
+	// ObservedGeneration is the generation this status was computed for.
+	// +optional
+	ObservedGeneration int64 `json:"observedGeneration,omitempty"`
+
+	// AgentVersion is the version of the node agent running on the host.
+	// +kubebuilder:validation:MaxLength=128
+	// +optional
+	AgentVersion string `json:"agentVersion,omitempty"`
+
+	// SystemdVersion is the version of systemd the agent drives, e.g. "252".
+	// +kubebuilder:validation:MaxLength=128
+	// +optional
+	SystemdVersion string `json:"systemdVersion,omitempty"`
+
+	// Capabilities of the host.
+	// +optional
+	Capabilities HostCapabilities `json:"capabilities,omitempty"`
+
+	// LastHeartbeatTime is when the agent last reported in. A heartbeat older than the
+	// manager's grace period marks the host Unreachable.
+	// +optional
+	LastHeartbeatTime *metav1.Time `json:"lastHeartbeatTime,omitempty"`
+
+	// Conditions: Ready (the agent runs and reaches systemd), Reachable (heartbeat is fresh).
+	// +listType=map
+	// +listMapKey=type
+	// +optional
+	Conditions []metav1.Condition `json:"conditions,omitempty"`
+}
+
+// GatewayHost is one bare-metal host that runs gateways, registered by its node agent.
+// Its name is the host name, a DNS label.
+//
+// +kubebuilder:object:root=true
+// +kubebuilder:subresource:status
+// +kubebuilder:resource:scope=Cluster,shortName=gwh,categories=gateway
+// +kubebuilder:validation:XValidation:rule="self.metadata.name.size() <= 63 && self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')",message="metadata.name: a host name must be a DNS label: at most 63 lowercase letters, digits and '-', starting and ending with a letter or digit"
+// +kubebuilder:printcolumn:name="Ready",type=string,JSONPath=`.status.conditions[?(@.type=="Ready")].status`
+// +kubebuilder:printcolumn:name="Reachable",type=string,JSONPath=`.status.conditions[?(@.type=="Reachable")].status`
+// +kubebuilder:printcolumn:name="Agent",type=string,JSONPath=`.status.agentVersion`
+// +kubebuilder:printcolumn:name="Systemd",type=string,JSONPath=`.status.systemdVersion`,priority=1
+// +kubebuilder:printcolumn:name="Heartbeat",type=date,JSONPath=`.status.lastHeartbeatTime`
+// +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
+type GatewayHost struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+
+	// Spec is what a person may set on the host.
+	// +optional
+	Spec GatewayHostSpec `json:"spec,omitempty"`
+
+	// Status is written by the host's agent.
+	// +optional
+	Status GatewayHostStatus `json:"status,omitempty"`
+}
+
+// +kubebuilder:object:root=true
+
+// GatewayHostList is a list of GatewayHosts.
+type GatewayHostList struct {
+	metav1.TypeMeta `json:",inline"`
+	metav1.ListMeta `json:"metadata,omitempty"`
+	Items           []GatewayHost `json:"items"`
+}
+
+func init() {
+	SchemeBuilder.Register(&GatewayHost{}, &GatewayHostList{})
+}

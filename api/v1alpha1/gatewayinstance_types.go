@@ -1,0 +1,170 @@
+package v1alpha1
+
+import (
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+// GatewayInstanceSpec is everything a node agent needs to run one profile on its host. It is
+// written by the controller manager; agents never read Releases or GatewayProfiles.
+// +kubebuilder:validation:XValidation:rule="self.mode != 'script' || has(self.exec)",message="exec is required when mode is script",fieldPath=".exec"
+// +kubebuilder:validation:XValidation:rule="self.mode == 'script' || !has(self.exec)",message="exec is only allowed when mode is script",fieldPath=".exec"
+type GatewayInstanceSpec struct {
+	// Profile is the GatewayProfile this instance belongs to; also the systemd instance name.
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=26
+	// +kubebuilder:validation:Pattern=`^[a-z]([-a-z0-9]*[a-z0-9])?$`
+	// +kubebuilder:validation:XValidation:rule="self == oldSelf",message="profile is immutable"
+	Profile string `json:"profile"`
+
+	// Host is the GatewayHost this instance runs on.
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=63
+	// +kubebuilder:validation:Pattern=`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`
+	// +kubebuilder:validation:XValidation:rule="self == oldSelf",message="host is immutable"
+	Host string `json:"host"`
+
+	// Release is the build this instance must run.
+	Release ReleaseArtifact `json:"release"`
+
+	// ConfigHash is a digest of everything rendered for this instance (release, settings). The
+	// agent reports it back in status once applied, so a reader can tell stale from current.
+	// +kubebuilder:validation:MaxLength=128
+	// +optional
+	ConfigHash string `json:"configHash,omitempty"`
+
+	GatewaySettings `json:",inline"`
+}
+
+// AlignmentProof is what the agent read from the host to show that the running gateway process
+// imports exactly the intended release.
+type AlignmentProof struct {
+	// PythonPath is the single PYTHONPATH found in the main process's environment.
+	// +optional
+	PythonPath string `json:"pythonPath,omitempty"`
+
+	// RuntimePath is where PYTHONPATH resolves to on the host: the release folder.
+	// +optional
+	RuntimePath string `json:"runtimePath,omitempty"`
+
+	// Exe is the main process's executable.
+	// +optional
+	Exe string `json:"exe,omitempty"`
+
+	// Cwd is the main process's working folder.
+	// +optional
+	Cwd string `json:"cwd,omitempty"`
+
+	// ReleaseSHA256 is the release sha256 the process's environment declares.
+	// +optional
+	ReleaseSHA256 string `json:"releaseSHA256,omitempty"`
+
+	// UnitClean is true when the unit file and its drop-ins set no PYTHONPATH.
+	// +optional
+	UnitClean bool `json:"unitClean,omitempty"`
+
+	// SiblingsUnchanged is true when no other profile's main process was restarted by this apply.
+	// +optional
+	SiblingsUnchanged bool `json:"siblingsUnchanged,omitempty"`
+
+	// CheckedAt is when the proof was taken.
+	// +optional
+	CheckedAt *metav1.Time `json:"checkedAt,omitempty"`
+}
+
+// IsolationProof is what the agent verified of the instance's sandboxing.
+type IsolationProof struct {
+	// User the gateway process runs as.
+	// +optional
+	User string `json:"user,omitempty"`
+
+	// ExposureScore is `systemd-analyze security`'s exposure score for the unit, 0.0 (best) to
+	// 10.0 (worst).
+	// +optional
+	ExposureScore string `json:"exposureScore,omitempty"`
+
+	// Message says in words how isolated the instance is, e.g. that Convenience mode is not.
+	// +optional
+	Message string `json:"message,omitempty"`
+}
+
+// GatewayInstanceStatus is written by the instance's host agent only.
+type GatewayInstanceStatus struct {
+	// ObservedGeneration is the generation the agent last applied.
+	// +optional
+	ObservedGeneration int64 `json:"observedGeneration,omitempty"`
+
+	// ConfigHash is the spec.configHash the agent last applied.
+	// +optional
+	ConfigHash string `json:"configHash,omitempty"`
+
+	// CurrentRelease is the release the profile's `current` link points at on the host.
+	// +optional
+	CurrentRelease *ReleaseSummary `json:"currentRelease,omitempty"`
+
+	// LastGoodRelease is the newest release this instance was proven aligned on; a failed apply
+	// flips back to it.
+	// +optional
+	LastGoodRelease *ReleaseSummary `json:"lastGoodRelease,omitempty"`
+
+	// Unit is the systemd unit running this instance.
+	// +optional
+	Unit string `json:"unit,omitempty"`
+
+	// MainPID of the unit, as seen on the host.
+	// +optional
+	MainPID int64 `json:"mainPID,omitempty"`
+
+	// Alignment is the last alignment proof.
+	// +optional
+	Alignment *AlignmentProof `json:"alignment,omitempty"`
+
+	// Isolation is the last isolation proof.
+	// +optional
+	Isolation *IsolationProof `json:"isolation,omitempty"`
+
+	// Conditions: Ready, Aligned, Isolated, Degraded.
+	// +listType=map
+	// +listMapKey=type
+	// +optional
+	Conditions []metav1.Condition `json:"conditions,omitempty"`
+}
+
+// GatewayInstance is one profile on one host, named `<profile>.<host>`. The controller manager
+// writes its spec; only that host's agent writes its status.
+//
+// +kubebuilder:object:root=true
+// +kubebuilder:subresource:status
+// +kubebuilder:resource:scope=Cluster,shortName=gwi,categories=gateway
+// +kubebuilder:validation:XValidation:rule="self.metadata.name == self.spec.profile + '.' + self.spec.host",message="metadata.name must be <spec.profile>.<spec.host>"
+// +kubebuilder:printcolumn:name="Profile",type=string,JSONPath=`.spec.profile`
+// +kubebuilder:printcolumn:name="Host",type=string,JSONPath=`.spec.host`
+// +kubebuilder:printcolumn:name="Target",type=string,JSONPath=`.spec.release.label`
+// +kubebuilder:printcolumn:name="Current",type=string,JSONPath=`.status.currentRelease.label`
+// +kubebuilder:printcolumn:name="PID",type=integer,JSONPath=`.status.mainPID`
+// +kubebuilder:printcolumn:name="Aligned",type=string,JSONPath=`.status.conditions[?(@.type=="Aligned")].status`
+// +kubebuilder:printcolumn:name="Isolated",type=string,JSONPath=`.status.conditions[?(@.type=="Isolated")].status`,priority=1
+// +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
+type GatewayInstance struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+
+	// Spec is written by the controller manager.
+	Spec GatewayInstanceSpec `json:"spec"`
+
+	// Status is written by the host's agent.
+	// +optional
+	Status GatewayInstanceStatus `json:"status,omitempty"`
+}
+
+// +kubebuilder:object:root=true
+
+// GatewayInstanceList is a list of GatewayInstances.
+type GatewayInstanceList struct {
+	metav1.TypeMeta `json:",inline"`
+	metav1.ListMeta `json:"metadata,omitempty"`
+	Items           []GatewayInstance `json:"items"`
+}
+
+func init() {
+	SchemeBuilder.Register(&GatewayInstance{}, &GatewayInstanceList{})
+}

@@ -1,0 +1,170 @@
+package v1alpha1
+
+import (
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+// GatewaySettings is how one profile's gateway process runs on a host. A GatewayProfile states
+// it once; the controller copies it into each of the profile's GatewayInstances.
+type GatewaySettings struct {
+	// Mode is how the launcher starts the gateway: `cli` runs
+	// `python -m agent_cli.main gateway run --replace`; `script` runs `python <exec>`.
+	// +kubebuilder:default=cli
+	// +optional
+	Mode EntrypointMode `json:"mode,omitempty"`
+
+	// Exec is the script run in `script` mode: a path relative to the release's root folder,
+	// e.g. "gateways/mcp.py". Required in `script` mode, forbidden in `cli` mode.
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=255
+	// +kubebuilder:validation:Pattern=`^[A-Za-z0-9_][A-Za-z0-9_./-]*$`
+	// +kubebuilder:validation:XValidation:rule="!self.contains('..') && !self.contains('//')",message="exec must stay inside the release: no '..' and no empty path segments"
+	// +optional
+	Exec string `json:"exec,omitempty"`
+
+	// Isolation is how strongly this profile is kept apart from its siblings on the host.
+	// `Production` (the default) runs it as its own user `agent-<profile>` under a hardened unit;
+	// `Convenience` runs every profile as one shared user and never reports Isolated.
+	// +kubebuilder:default=Production
+	// +optional
+	Isolation IsolationMode `json:"isolation,omitempty"`
+
+	// Env adds variables to the profile's environment file. Names starting with AGENT_, PYTHON
+	// or LD_ are reserved: the runtime path and identity are set by the agent alone.
+	// +listType=map
+	// +listMapKey=name
+	// +kubebuilder:validation:MaxItems=128
+	// +optional
+	Env []EnvVar `json:"env,omitempty"`
+
+	// EgressAllowlist lists the destinations a Production-isolated gateway may reach; all other
+	// IP traffic is denied (systemd IPAddressDeny=any). Each entry is an IP address, a CIDR or one
+	// of localhost, link-local, multicast. Ignored, and reported so, in Convenience mode.
+	// +listType=set
+	// +kubebuilder:validation:MaxItems=64
+	// +optional
+	EgressAllowlist []EgressRule `json:"egressAllowlist,omitempty"`
+
+	// DeniedTools names tools this gateway must not load. The agent proves from the gateway's
+	// status endpoint that none of them is loaded.
+	// +listType=set
+	// +kubebuilder:validation:MaxItems=256
+	// +kubebuilder:validation:items:MaxLength=128
+	// +kubebuilder:validation:items:Pattern=`^[A-Za-z0-9_][A-Za-z0-9_.:-]*$`
+	// +optional
+	DeniedTools []string `json:"deniedTools,omitempty"`
+
+	// HomeRetention says what happens to the profile's home folder on a host when the profile
+	// leaves that host: `Retain` (the default) keeps it, `Purge` deletes it.
+	// +kubebuilder:default=Retain
+	// +optional
+	HomeRetention HomeRetention `json:"homeRetention,omitempty"`
+}
+
+// GatewayProfileSpec is which release runs as this profile, and on which hosts.
+// +kubebuilder:validation:XValidation:rule="self.mode != 'script' || has(self.exec)",message="exec is required when mode is script",fieldPath=".exec"
+// +kubebuilder:validation:XValidation:rule="self.mode == 'script' || !has(self.exec)",message="exec is only allowed when mode is script",fieldPath=".exec"
+type GatewayProfileSpec struct {
+	// Release is the name of the Release this profile runs.
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=253
+	Release string `json:"release"`
+
+	// NodeSelector selects the GatewayHosts (by their labels) that run this profile.
+	// An empty selector ({}) selects every host.
+	NodeSelector metav1.LabelSelector `json:"nodeSelector"`
+
+	GatewaySettings `json:",inline"`
+}
+
+// ReleaseSummary names a release in a status.
+type ReleaseSummary struct {
+	// Name of the Release.
+	// +optional
+	Name string `json:"name,omitempty"`
+	// Label of the release.
+	// +optional
+	Label string `json:"label,omitempty"`
+	// SHA256 of the release tarball.
+	// +optional
+	SHA256 string `json:"sha256,omitempty"`
+}
+
+// GatewayProfileStatus is the fleet-wide state of one profile.
+type GatewayProfileStatus struct {
+	// ObservedGeneration is the generation this status was computed for.
+	// +optional
+	ObservedGeneration int64 `json:"observedGeneration,omitempty"`
+
+	// Desired is the number of hosts selected by the profile.
+	// +optional
+	Desired int32 `json:"desired"`
+
+	// Updated is the number of hosts whose instance asks for the target release.
+	// +optional
+	Updated int32 `json:"updated"`
+
+	// Aligned is the number of hosts proven to run the target release.
+	// +optional
+	Aligned int32 `json:"aligned"`
+
+	// Degraded is the number of hosts whose instance reports Degraded.
+	// +optional
+	Degraded int32 `json:"degraded"`
+
+	// CurrentRelease is the release every selected host was last proven to run.
+	// +optional
+	CurrentRelease *ReleaseSummary `json:"currentRelease,omitempty"`
+
+	// TargetRelease is the release being rolled out.
+	// +optional
+	TargetRelease *ReleaseSummary `json:"targetRelease,omitempty"`
+
+	// Conditions: Ready, Progressing, Degraded.
+	// +listType=map
+	// +listMapKey=type
+	// +optional
+	Conditions []metav1.Condition `json:"conditions,omitempty"`
+}
+
+// GatewayProfile runs one agent runtime profile (a channel gateway, an HTTP API, an MCP
+// endpoint ...) on every selected host as its own systemd instance `agent-gateway@<name>`.
+// Its name is the profile name: a DNS label of at most 26 characters, so that the profile's
+// user `agent-<name>` fits Linux's 32-character limit.
+//
+// +kubebuilder:object:root=true
+// +kubebuilder:subresource:status
+// +kubebuilder:resource:scope=Cluster,shortName=gwp,categories=gateway
+// +kubebuilder:validation:XValidation:rule="self.metadata.name.size() <= 26",message="metadata.name: a profile name must be at most 26 characters, so that its user agent-<name> fits in 32"
+// +kubebuilder:validation:XValidation:rule="self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",message="metadata.name: a profile name must be a DNS label: lowercase letters, digits and '-', starting with a letter and ending with a letter or digit"
+// +kubebuilder:printcolumn:name="Release",type=string,JSONPath=`.spec.release`
+// +kubebuilder:printcolumn:name="Hosts",type=integer,JSONPath=`.status.desired`
+// +kubebuilder:printcolumn:name="Updated",type=integer,JSONPath=`.status.updated`
+// +kubebuilder:printcolumn:name="Aligned",type=integer,JSONPath=`.status.aligned`
+// +kubebuilder:printcolumn:name="Degraded",type=integer,JSONPath=`.status.degraded`
+// +kubebuilder:printcolumn:name="Isolation",type=string,JSONPath=`.spec.isolation`,priority=1
+// +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
+type GatewayProfile struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+
+	// Spec is the desired state of the profile across the fleet.
+	Spec GatewayProfileSpec `json:"spec"`
+
+	// Status is written by the controller manager.
+	// +optional
+	Status GatewayProfileStatus `json:"status,omitempty"`
+}
+
+// +kubebuilder:object:root=true
+
+// GatewayProfileList is a list of GatewayProfiles.
+type GatewayProfileList struct {
+	metav1.TypeMeta `json:",inline"`
+	metav1.ListMeta `json:"metadata,omitempty"`
+	Items           []GatewayProfile `json:"items"`
+}
+
+func init() {
+	SchemeBuilder.Register(&GatewayProfile{}, &GatewayProfileList{})
+}

@@ -1,0 +1,176 @@
+package v1alpha1
+
+import (
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+// ToolRunNetworkMode says what network an untrusted tool run gets.
+// +kubebuilder:validation:Enum=None;Allowlist
+type ToolRunNetworkMode string
+
+const (
+	// ToolRunNetworkNone denies all traffic (the default).
+	ToolRunNetworkNone ToolRunNetworkMode = "None"
+	// ToolRunNetworkAllowlist allows egress to the listed destinations only.
+	ToolRunNetworkAllowlist ToolRunNetworkMode = "Allowlist"
+)
+
+// ToolRunNetwork is the network policy of a tool run.
+// +kubebuilder:validation:XValidation:rule="self.mode == 'Allowlist' || !has(self.allow) || size(self.allow) == 0",message="allow is only used when mode is Allowlist"
+// +kubebuilder:validation:XValidation:rule="self.mode != 'Allowlist' || (has(self.allow) && size(self.allow) > 0)",message="mode Allowlist needs at least one allow entry"
+type ToolRunNetwork struct {
+	// Mode is None (no network at all, the default) or Allowlist.
+	// +kubebuilder:default=None
+	// +optional
+	Mode ToolRunNetworkMode `json:"mode,omitempty"`
+
+	// Allow lists the CIDRs the run may reach in Allowlist mode.
+	// +listType=set
+	// +kubebuilder:validation:MaxItems=32
+	// +kubebuilder:validation:items:MaxLength=64
+	// +kubebuilder:validation:items:XValidation:rule="isCIDR(self)",message="must be a CIDR, e.g. 10.0.0.0/8"
+	// +optional
+	Allow []string `json:"allow,omitempty"`
+}
+
+// ToolRunSpec is one untrusted execution. It never runs in a gateway: it runs in a Pod with a
+// Kata Containers RuntimeClass, a microVM of its own.
+type ToolRunSpec struct {
+	// Profile is the GatewayProfile that asked for this run.
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=26
+	// +kubebuilder:validation:Pattern=`^[a-z]([-a-z0-9]*[a-z0-9])?$`
+	Profile string `json:"profile"`
+
+	// Image is the container image the tool runs in.
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=512
+	Image string `json:"image"`
+
+	// Command overrides the image's entrypoint.
+	// +kubebuilder:validation:MaxItems=64
+	// +kubebuilder:validation:items:MaxLength=4096
+	// +optional
+	Command []string `json:"command,omitempty"`
+
+	// Args are passed to the command.
+	// +kubebuilder:validation:MaxItems=256
+	// +kubebuilder:validation:items:MaxLength=4096
+	// +optional
+	Args []string `json:"args,omitempty"`
+
+	// Stdin is fed to the tool's standard input, at most 64 KiB.
+	// +kubebuilder:validation:MaxLength=65536
+	// +optional
+	Stdin string `json:"stdin,omitempty"`
+
+	// Resources of the run. Limits for cpu and memory are required: Kata sizes the microVM from
+	// them.
+	// +kubebuilder:validation:XValidation:rule="has(self.limits) && 'cpu' in self.limits && 'memory' in self.limits",message="resources.limits.cpu and resources.limits.memory are required: the microVM is sized from them"
+	Resources corev1.ResourceRequirements `json:"resources"`
+
+	// TimeoutSeconds bounds the run's wall-clock time; then it is killed and reported TimedOut.
+	// +kubebuilder:validation:Minimum=1
+	// +kubebuilder:validation:Maximum=86400
+	// +kubebuilder:default=300
+	// +optional
+	TimeoutSeconds int32 `json:"timeoutSeconds,omitempty"`
+
+	// Network of the run: none by default.
+	// +kubebuilder:default={mode: None}
+	// +optional
+	Network ToolRunNetwork `json:"network,omitempty"`
+}
+
+// ToolRunPhase is where a tool run is in its life.
+// +kubebuilder:validation:Enum=Pending;Running;Succeeded;Failed;TimedOut;Rejected
+type ToolRunPhase string
+
+// ToolRun phases.
+const (
+	ToolRunPending   ToolRunPhase = "Pending"
+	ToolRunRunning   ToolRunPhase = "Running"
+	ToolRunSucceeded ToolRunPhase = "Succeeded"
+	ToolRunFailed    ToolRunPhase = "Failed"
+	ToolRunTimedOut  ToolRunPhase = "TimedOut"
+	ToolRunRejected  ToolRunPhase = "Rejected"
+)
+
+// ToolRunStatus is the outcome of a tool run.
+type ToolRunStatus struct {
+	// ObservedGeneration is the generation this status was computed for.
+	// +optional
+	ObservedGeneration int64 `json:"observedGeneration,omitempty"`
+
+	// Phase of the run.
+	// +optional
+	Phase ToolRunPhase `json:"phase,omitempty"`
+
+	// ExitCode of the tool, once it finished.
+	// +optional
+	ExitCode *int32 `json:"exitCode,omitempty"`
+
+	// Output is the tool's output, cut to a bounded size.
+	// +kubebuilder:validation:MaxLength=16384
+	// +optional
+	Output string `json:"output,omitempty"`
+
+	// OutputTruncated is true when Output was cut.
+	// +optional
+	OutputTruncated bool `json:"outputTruncated,omitempty"`
+
+	// PodName is the Pod running the tool.
+	// +optional
+	PodName string `json:"podName,omitempty"`
+
+	// StartTime is when the tool started.
+	// +optional
+	StartTime *metav1.Time `json:"startTime,omitempty"`
+
+	// CompletionTime is when the tool finished.
+	// +optional
+	CompletionTime *metav1.Time `json:"completionTime,omitempty"`
+
+	// Conditions: Ready (finished), Degraded (rejected or failed, with the reason).
+	// +listType=map
+	// +listMapKey=type
+	// +optional
+	Conditions []metav1.Condition `json:"conditions,omitempty"`
+}
+
+// ToolRun is one untrusted tool execution, run in its own Kata microVM Pod.
+//
+// +kubebuilder:object:root=true
+// +kubebuilder:subresource:status
+// +kubebuilder:resource:shortName=trun,categories=gateway
+// +kubebuilder:printcolumn:name="Profile",type=string,JSONPath=`.spec.profile`
+// +kubebuilder:printcolumn:name="Phase",type=string,JSONPath=`.status.phase`
+// +kubebuilder:printcolumn:name="Exit",type=integer,JSONPath=`.status.exitCode`
+// +kubebuilder:printcolumn:name="Pod",type=string,JSONPath=`.status.podName`,priority=1
+// +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
+type ToolRun struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+
+	// Spec is the run.
+	// +kubebuilder:validation:XValidation:rule="self == oldSelf",message="spec is immutable: create a new ToolRun"
+	Spec ToolRunSpec `json:"spec"`
+
+	// Status is written by the controller manager.
+	// +optional
+	Status ToolRunStatus `json:"status,omitempty"`
+}
+
+// +kubebuilder:object:root=true
+
+// ToolRunList is a list of ToolRuns.
+type ToolRunList struct {
+	metav1.TypeMeta `json:",inline"`
+	metav1.ListMeta `json:"metadata,omitempty"`
+	Items           []ToolRun `json:"items"`
+}
+
+func init() {
+	SchemeBuilder.Register(&ToolRun{}, &ToolRunList{})
+}

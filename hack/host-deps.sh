@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the tests run for real: systemd and D-Bus (the sandboxed hosts),
+# util-linux (unshare, nsenter), passwd (useradd for profile users), iproute2 (network
+# namespaces) and python3 (the test runtime). Idempotent: installs only what is missing.
+set -euo pipefail
+
+need=()
+have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+for pkg in systemd dbus util-linux passwd iproute2 python3 curl ca-certificates; do
+  have "$pkg" || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "host-deps: missing packages: ${need[*]} (run as root to install them)" >&2
+    exit 1
+  fi
+  echo "host-deps: installing ${need[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >&2
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
+fi

@@ -1,0 +1,148 @@
+// Package systemd drives one host's systemd over D-Bus. Every connection names its bus address
+// explicitly: there is no fallback to the machine's own bus, so a test (or a misconfigured agent)
+// can never restart units on a host it was not pointed at.
+package systemd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+
+	sdbus "github.com/coreos/go-systemd/v22/dbus"
+	"github.com/godbus/dbus/v5"
+)
+
+// Conn is a connection to one systemd instance.
+type Conn struct {
+	conn *sdbus.Conn
+}
+
+// Dial connects to the system bus at address, e.g.
+// "unix:path=/run/dbus/system_bus_socket". The address is required.
+func Dial(ctx context.Context, address string) (*Conn, error) {
+	if address == "" {
+		return nil, errors.New("systemd: a D-Bus address is required")
+	}
+	dial := func() (*dbus.Conn, error) {
+		c, err := dbus.Dial(address, dbus.WithContext(ctx))
+		if err != nil {
+			return nil, err
+		}
+		// EXTERNAL authentication by numeric uid: no user-name lookup is needed.
+		if err := c.Auth([]dbus.Auth{dbus.AuthExternal(strconv.Itoa(os.Getuid()))}); err != nil {
+			c.Close()
+			return nil, err
+		}
+		if err := c.Hello(); err != nil {
+			c.Close()
+			return nil, err
+		}
+		return c, nil
+	}
+	c, err := sdbus.NewConnection(dial)
+	if err != nil {
+		return nil, fmt.Errorf("systemd: connect to %s: %w", address, err)
+	}
+	return &Conn{conn: c}, nil
+}
+
+// Close closes the connection.
+func (c *Conn) Close() { c.conn.Close() }
+
+// JobError is a systemd job that finished with a result other than "done".
+type JobError struct {
+	Verb, Unit, Result string
+}
+
+func (e *JobError) Error() string {
+	return fmt.Sprintf("systemd: %s %s: job finished %q", e.Verb, e.Unit, e.Result)
+}
+
+type jobFunc func(ctx context.Context, name, mode string, ch chan<- string) (int, error)
+
+// runJob queues a job in "replace" mode and waits for its result.
+func (c *Conn) runJob(ctx context.Context, verb string, fn jobFunc, unit string) error {
+	// Buffered: go-systemd delivers the result from its signal loop and must never block on us.
+	done := make(chan string, 1)
+	if _, err := fn(ctx, unit, "replace", done); err != nil {
+		return fmt.Errorf("systemd: %s %s: %w", verb, unit, err)
+	}
+	select {
+	case result := <-done:
+		if result != "done" {
+			return &JobError{Verb: verb, Unit: unit, Result: result}
+		}
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("systemd: %s %s: %w", verb, unit, ctx.Err())
+	}
+}
+
+// Start starts unit and waits for the job's result.
+func (c *Conn) Start(ctx context.Context, unit string) error {
+	return c.runJob(ctx, "start", c.conn.StartUnitContext, unit)
+}
+
+// Restart restarts unit (starting it if it is stopped) and waits for the job's result.
+func (c *Conn) Restart(ctx context.Context, unit string) error {
+	return c.runJob(ctx, "restart", c.conn.RestartUnitContext, unit)
+}
+
+// Stop stops unit and waits for the job's result.
+func (c *Conn) Stop(ctx context.Context, unit string) error {
+	return c.runJob(ctx, "stop", c.conn.StopUnitContext, unit)
+}
+
+// Reload makes systemd re-read its unit files (daemon-reload).
+func (c *Conn) Reload(ctx context.Context) error {
+	if err := c.conn.ReloadContext(ctx); err != nil {
+		return fmt.Errorf("systemd: daemon-reload: %w", err)
+	}
+	return nil
+}
+
+// MainPID returns the main process of a service as systemd sees it (in systemd's own PID
+// namespace), or 0 when the service is not running.
+func (c *Conn) MainPID(ctx context.Context, unit string) (uint32, error) {
+	p, err := c.conn.GetServicePropertyContext(ctx, unit, "MainPID")
+	if err != nil {
+		return 0, fmt.Errorf("systemd: MainPID of %s: %w", unit, err)
+	}
+	pid, ok := p.Value.Value().(uint32)
+	if !ok {
+		return 0, fmt.Errorf("systemd: MainPID of %s has type %T", unit, p.Value.Value())
+	}
+	return pid, nil
+}
+
+// ActiveState returns a unit's ActiveState ("active", "failed", "inactive" ...).
+func (c *Conn) ActiveState(ctx context.Context, unit string) (string, error) {
+	p, err := c.conn.GetUnitPropertyContext(ctx, unit, "ActiveState")
+	if err != nil {
+		return "", fmt.Errorf("systemd: ActiveState of %s: %w", unit, err)
+	}
+	s, _ := p.Value.Value().(string)
+	return s, nil
+}
+
+// SystemState returns the manager's state: "initializing", "starting", "running", "degraded" ...
+func (c *Conn) SystemState(ctx context.Context) (string, error) {
+	p, err := c.conn.SystemStateContext(ctx)
+	if err != nil {
+		return "", fmt.Errorf("systemd: SystemState: %w", err)
+	}
+	s, _ := p.Value.Value().(string)
+	return s, nil
+}
+
+// Version returns systemd's version string, e.g. "252.38-1~deb12u1".
+func (c *Conn) Version() (string, error) {
+	v, err := c.conn.GetManagerProperty("Version")
+	if err != nil {
+		return "", fmt.Errorf("systemd: Version: %w", err)
+	}
+	return strings.Trim(v, `"`), nil
+}
