@@ -1,0 +1,280 @@
+package v1alpha1_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/envtest"
+
+	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
+	"github.com/agent-gateway/gateway-operator/test/controlplane"
+)
+
+// These tests run against a real kube-apiserver and etcd with the generated CRDs installed:
+// the schema, not the Go code, is what rejects bad input here.
+
+var cp *controlplane.Env
+
+func TestMain(m *testing.M) {
+	var err error
+	cp, err = controlplane.Start()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	if err := cp.Stop(); err != nil {
+		fmt.Fprintln(os.Stderr, "stop control plane:", err)
+		code = 1
+	}
+	os.Exit(code)
+}
+
+const sha = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+
+func release(name string) *v1.Release {
+	return &v1.Release{
+		ObjectMeta: metav1.ObjectMeta{Name: name},
+		Spec: v1.ReleaseSpec{
+			Source: v1.ReleaseSource{URL: "https://releases.example.com/agent-1.0.0.tar.gz"},
+			SHA256: sha,
+			Label:  "1.0.0",
+		},
+	}
+}
+
+func profile(name string) *v1.GatewayProfile {
+	return &v1.GatewayProfile{
+		ObjectMeta: metav1.ObjectMeta{Name: name},
+		Spec:       v1.GatewayProfileSpec{Release: "r1"},
+	}
+}
+
+// mustReject asserts that the API server refuses obj as invalid, with a message containing
+// every one of wants.
+func mustReject(t *testing.T, obj client.Object, wants ...string) {
+	t.Helper()
+	err := cp.Client.Create(context.Background(), obj)
+	if err == nil {
+		_ = cp.Client.Delete(context.Background(), obj)
+		t.Fatalf("created %T %q; want it rejected (%s)", obj, obj.GetName(), strings.Join(wants, ", "))
+	}
+	if !apierrors.IsInvalid(err) {
+		t.Fatalf("create %q: want an Invalid error, got %v", obj.GetName(), err)
+	}
+	for _, w := range wants {
+		if !strings.Contains(err.Error(), w) {
+			t.Errorf("create %q: error %q does not mention %q", obj.GetName(), err, w)
+		}
+	}
+}
+
+func mustCreate(t *testing.T, obj client.Object) {
+	t.Helper()
+	if err := cp.Client.Create(context.Background(), obj); err != nil {
+		t.Fatalf("create %T %q: %v", obj, obj.GetName(), err)
+	}
+	t.Cleanup(func() { _ = cp.Client.Delete(context.Background(), obj) })
+}
+
+func TestCRDsInstalled(t *testing.T) {
+	ctx := context.Background()
+	lists := map[string]client.ObjectList{
+		"gatewayhosts": &v1.GatewayHostList{}, "releases": &v1.ReleaseList{},
+		"gatewayprofiles": &v1.GatewayProfileList{}, "gatewayinstances": &v1.GatewayInstanceList{},
+		"toolruns": &v1.ToolRunList{},
+	}
+	for name, list := range lists {
+		if err := cp.Client.List(ctx, list); err != nil {
+			t.Errorf("list %s: %v", name, err)
+		}
+	}
+	// Short names and categories are what people type.
+	out := kubectl(t, "api-resources", "--api-group=gateway.agent.dev", "--no-headers")
+	for _, short := range []string{"gwh", "grel", "gwp", "gwi", "trun"} {
+		if !strings.Contains(out, " "+short+" ") {
+			t.Errorf("kubectl api-resources does not list short name %s:\n%s", short, out)
+		}
+	}
+}
+
+func TestProfileNameValidation(t *testing.T) {
+	mustCreate(t, profile("core"))
+	mustCreate(t, profile(strings.Repeat("a", 26)))
+	for _, tc := range []struct{ name, why string }{
+		{"../etc", "metadata.name"},
+		{"Core", "metadata.name"},
+		{strings.Repeat("a", 63), "metadata.name: a profile name must be at most 26 characters"},
+		{strings.Repeat("a", 27), "metadata.name: a profile name must be at most 26 characters"},
+		{"1core", "metadata.name: a profile name must be a DNS label"},
+		{"core-", "metadata.name"},
+	} {
+		t.Run(tc.name, func(t *testing.T) { mustReject(t, profile(tc.name), tc.why) })
+	}
+}
+
+func TestHostNameValidation(t *testing.T) {
+	mustCreate(t, &v1.GatewayHost{ObjectMeta: metav1.ObjectMeta{Name: "node-1"}})
+	mustReject(t, &v1.GatewayHost{ObjectMeta: metav1.ObjectMeta{Name: "node.example.com"}}, "metadata.name: a host name must be a DNS label")
+	mustReject(t, &v1.GatewayHost{ObjectMeta: metav1.ObjectMeta{Name: strings.Repeat("h", 64)}}, "metadata.name")
+}
+
+func TestReleaseIsImmutable(t *testing.T) {
+	ctx := context.Background()
+	r := release("agent-1-0-0")
+	mustCreate(t, r)
+	r.Spec.SHA256 = strings.Repeat("f", 64)
+	err := cp.Client.Update(ctx, r)
+	if err == nil || !strings.Contains(err.Error(), "spec is immutable") {
+		t.Fatalf("changing a Release's sha256: want 'spec is immutable', got %v", err)
+	}
+	var got v1.Release
+	if err := cp.Client.Get(ctx, client.ObjectKeyFromObject(r), &got); err != nil {
+		t.Fatal(err)
+	}
+	if got.Spec.SHA256 != sha {
+		t.Errorf("stored sha256 changed to %s", got.Spec.SHA256)
+	}
+	// Labels and annotations are not part of the build and may change.
+	got.Labels = map[string]string{"channel": "stable"}
+	if err := cp.Client.Update(ctx, &got); err != nil {
+		t.Errorf("relabelling a Release: %v", err)
+	}
+}
+
+func TestReleaseSpecValidation(t *testing.T) {
+	bad := func(mut func(*v1.Release)) *v1.Release {
+		r := release("bad")
+		mut(r)
+		return r
+	}
+	mustReject(t, bad(func(r *v1.Release) { r.Spec.SHA256 = strings.ToUpper(sha) }), "spec.sha256")
+	mustReject(t, bad(func(r *v1.Release) { r.Spec.SHA256 = sha[:63] }), "spec.sha256")
+	mustReject(t, bad(func(r *v1.Release) { r.Spec.Source.URL = "ftp://example.com/a.tgz" }), "spec.source.url")
+	mustReject(t, bad(func(r *v1.Release) { r.Spec.Label = "../x" }), "spec.label")
+	mustCreate(t, bad(func(r *v1.Release) { r.Name = "from-file"; r.Spec.Source.URL = "file:///srv/agent.tar.gz" }))
+}
+
+func TestProfileSpecValidation(t *testing.T) {
+	p := func(name string, mut func(*v1.GatewayProfileSpec)) *v1.GatewayProfile {
+		g := profile(name)
+		mut(&g.Spec)
+		return g
+	}
+	mustReject(t, p("s1", func(s *v1.GatewayProfileSpec) { s.Mode = v1.EntrypointScript }), "spec.exec", "exec is required when mode is script")
+	mustReject(t, p("s2", func(s *v1.GatewayProfileSpec) { s.Exec = "run.py" }), "exec is only allowed when mode is script")
+	mustReject(t, p("s3", func(s *v1.GatewayProfileSpec) { s.Mode = v1.EntrypointScript; s.Exec = "../../etc/passwd" }), "spec.exec")
+	mustReject(t, p("s4", func(s *v1.GatewayProfileSpec) { s.Mode = "daemon" }), "spec.mode", "Unsupported value")
+	mustReject(t, p("s5", func(s *v1.GatewayProfileSpec) { s.Isolation = "None" }), "spec.isolation")
+	mustReject(t, p("s6", func(s *v1.GatewayProfileSpec) { s.Env = []v1.EnvVar{{Name: "PYTHONPATH", Value: "/tmp"}} }), "spec.env[0]", "reserved")
+	mustReject(t, p("s7", func(s *v1.GatewayProfileSpec) { s.Env = []v1.EnvVar{{Name: "AGENT_ROOT", Value: "/tmp"}} }), "reserved")
+	mustReject(t, p("s8", func(s *v1.GatewayProfileSpec) { s.Env = []v1.EnvVar{{Name: "X", Value: "a\nPYTHONPATH=/tmp"}} }), "single line")
+	mustReject(t, p("s9", func(s *v1.GatewayProfileSpec) { s.EgressAllowlist = []v1.EgressRule{"any"} }), "spec.egressAllowlist[0]")
+	mustReject(t, p("s10", func(s *v1.GatewayProfileSpec) { s.EgressAllowlist = []v1.EgressRule{"10.0.0.0/33"} }), "spec.egressAllowlist[0]")
+
+	ok := p("mcp", func(s *v1.GatewayProfileSpec) {
+		s.Mode = v1.EntrypointScript
+		s.Exec = "gateways/mcp.py"
+		s.Env = []v1.EnvVar{{Name: "MCP_PORT", Value: "8080"}}
+		s.EgressAllowlist = []v1.EgressRule{"localhost", "10.0.0.0/8", "192.0.2.1"}
+		s.DeniedTools = []string{"shell", "fs.write"}
+	})
+	mustCreate(t, ok)
+	var got v1.GatewayProfile
+	if err := cp.Client.Get(context.Background(), client.ObjectKeyFromObject(ok), &got); err != nil {
+		t.Fatal(err)
+	}
+	if got.Spec.Isolation != v1.IsolationProduction || got.Spec.HomeRetention != v1.HomeRetain {
+		t.Errorf("defaults: isolation=%q homeRetention=%q, want Production and Retain", got.Spec.Isolation, got.Spec.HomeRetention)
+	}
+	if p := profile("defaults"); true {
+		mustCreate(t, p)
+		if p.Spec.Mode != v1.EntrypointCLI {
+			t.Errorf("default mode = %q, want cli", p.Spec.Mode)
+		}
+	}
+}
+
+func TestInstanceNameMatchesSpec(t *testing.T) {
+	gi := func(name string) *v1.GatewayInstance {
+		return &v1.GatewayInstance{
+			ObjectMeta: metav1.ObjectMeta{Name: name},
+			Spec: v1.GatewayInstanceSpec{
+				Profile: "core", Host: "node-1",
+				Release: v1.ReleaseArtifact{Name: "r1", URL: "https://example.com/a.tgz", SHA256: sha, Label: "1.0.0"},
+			},
+		}
+	}
+	mustCreate(t, gi("core.node-1"))
+	mustReject(t, gi("core.node-2"), "metadata.name must be <spec.profile>.<spec.host>")
+}
+
+func TestToolRunValidation(t *testing.T) {
+	tr := func(name string, limits corev1.ResourceList) *v1.ToolRun {
+		return &v1.ToolRun{
+			ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "default"},
+			Spec: v1.ToolRunSpec{
+				Profile: "core", Image: "registry.example.com/tools/python:3.12",
+				Command:   []string{"python", "-c", "print(1)"},
+				Resources: corev1.ResourceRequirements{Limits: limits},
+			},
+		}
+	}
+	mustReject(t, tr("no-limits", nil), "resources.limits.cpu and resources.limits.memory are required")
+	mustReject(t, tr("no-memory", corev1.ResourceList{corev1.ResourceCPU: resource.MustParse("1")}), "spec.resources")
+	ok := tr("ok", corev1.ResourceList{corev1.ResourceCPU: resource.MustParse("1"), corev1.ResourceMemory: resource.MustParse("256Mi")})
+	mustCreate(t, ok)
+	if ok.Spec.TimeoutSeconds != 300 || ok.Spec.Network.Mode != v1.ToolRunNetworkNone {
+		t.Errorf("defaults: timeout=%d network=%q, want 300 and None", ok.Spec.TimeoutSeconds, ok.Spec.Network.Mode)
+	}
+	bad := ok.DeepCopy()
+	bad.ObjectMeta = metav1.ObjectMeta{Name: "allow-without-list", Namespace: "default"}
+	bad.Spec.Network.Mode = v1.ToolRunNetworkAllowlist
+	mustReject(t, bad, "mode Allowlist needs at least one allow entry")
+}
+
+// TestExplain checks that `kubectl explain` shows the field documentation people read.
+func TestExplain(t *testing.T) {
+	out := kubectl(t, "explain", "gatewayprofile.spec")
+	for _, want := range []string{"nodeSelector", "selects the GatewayHosts", "isolation", "Production", "egressAllowlist"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("kubectl explain gatewayprofile.spec does not show %q:\n%s", want, out)
+		}
+	}
+	out = kubectl(t, "explain", "release.spec.sha256")
+	if !strings.Contains(out, "64 lowercase hex") {
+		t.Errorf("kubectl explain release.spec.sha256:\n%s", out)
+	}
+}
+
+// kubectl runs the real kubectl against the test control plane as an administrator.
+func kubectl(t *testing.T, args ...string) string {
+	t.Helper()
+	user, err := cp.AddUser(envtest.User{Name: "schema-test-admin", Groups: []string{"system:masters"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kc, err := user.KubeConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "kubeconfig")
+	if err := os.WriteFile(path, kc, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command(cp.Kubectl(), append([]string{"--kubeconfig", path}, args...)...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("kubectl %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
