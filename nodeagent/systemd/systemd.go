@@ -146,3 +146,68 @@ func (c *Conn) Version() (string, error) {
 	}
 	return strings.Trim(v, `"`), nil
 }
+
+// UnitFiles returns the unit's fragment file followed by every drop-in systemd loaded for it,
+// as paths inside the host: what `systemctl cat` would show.
+func (c *Conn) UnitFiles(ctx context.Context, unit string) ([]string, error) {
+	props, err := c.conn.GetUnitPropertiesContext(ctx, unit)
+	if err != nil {
+		return nil, fmt.Errorf("systemd: properties of %s: %w", unit, err)
+	}
+	var files []string
+	if f, _ := props["FragmentPath"].(string); f != "" {
+		files = append(files, f)
+	}
+	if d, ok := props["DropInPaths"].([]string); ok {
+		files = append(files, d...)
+	}
+	return files, nil
+}
+
+// Environment returns the Environment= assignments systemd holds for a service.
+func (c *Conn) Environment(ctx context.Context, unit string) ([]string, error) {
+	p, err := c.conn.GetServicePropertyContext(ctx, unit, "Environment")
+	if err != nil {
+		return nil, fmt.Errorf("systemd: Environment of %s: %w", unit, err)
+	}
+	env, _ := p.Value.Value().([]string)
+	return env, nil
+}
+
+// RunningInstances returns the MainPID of every active unit matching pattern, by unit name.
+func (c *Conn) RunningInstances(ctx context.Context, pattern string) (map[string]uint32, error) {
+	units, err := c.conn.ListUnitsByPatternsContext(ctx, []string{"active", "activating", "reloading"}, []string{pattern})
+	if err != nil {
+		return nil, fmt.Errorf("systemd: list %s: %w", pattern, err)
+	}
+	pids := make(map[string]uint32, len(units))
+	for _, u := range units {
+		pid, err := c.MainPID(ctx, u.Name)
+		if err != nil {
+			return nil, err
+		}
+		pids[u.Name] = pid
+	}
+	return pids, nil
+}
+
+// Enable makes a unit start at boot, as `systemctl enable` does.
+func (c *Conn) Enable(ctx context.Context, unit string) error {
+	if _, _, err := c.conn.EnableUnitFilesContext(ctx, []string{unit}, false, true); err != nil {
+		return fmt.Errorf("systemd: enable %s: %w", unit, err)
+	}
+	return nil
+}
+
+// Disable undoes Enable.
+func (c *Conn) Disable(ctx context.Context, unit string) error {
+	if _, err := c.conn.DisableUnitFilesContext(ctx, []string{unit}, false); err != nil {
+		return fmt.Errorf("systemd: disable %s: %w", unit, err)
+	}
+	return nil
+}
+
+// ResetFailed clears a unit's failed state so that it can be started again at once.
+func (c *Conn) ResetFailed(ctx context.Context, unit string) error {
+	return c.conn.ResetFailedUnitContext(ctx, unit)
+}

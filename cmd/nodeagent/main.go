@@ -1,0 +1,70 @@
+// Command nodeagent runs on every gateway host: it registers the host, watches the host's
+// GatewayInstances and applies them to systemd.
+package main
+
+import (
+	"flag"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/log/zap"
+
+	"github.com/agent-gateway/gateway-operator/nodeagent/agent"
+	"github.com/agent-gateway/gateway-operator/nodeagent/unit"
+)
+
+var version = "dev"
+
+func main() {
+	hostname, _ := os.Hostname()
+	self, _ := os.Executable()
+	var o agent.Options
+	var labels string
+	flag.StringVar(&o.HostName, "host-name", hostname, "this host's GatewayHost name (a DNS label)")
+	flag.StringVar(&labels, "host-labels", "", "labels set on the GatewayHost at registration, as k=v,k2=v2")
+	flag.StringVar(&o.Root, "root", "/", "prefix under which the host's filesystem is reached")
+	flag.StringVar(&o.BusAddress, "dbus-address", "", "D-Bus address of the host's system bus, e.g. unix:path=/run/dbus/system_bus_socket (required)")
+	flag.StringVar(&o.ProcRoot, "proc-root", "/proc", "where the host's /proc is read")
+	flag.StringVar(&o.Launcher, "launcher", filepath.Join(filepath.Dir(self), "launch"), "the launch binary to install on the host")
+	flag.StringVar(&o.Python, "python", unit.DefaultPython, "the interpreter gateways run")
+	flag.IntVar(&o.KeepReleases, "keep-releases", 5, "releases kept on disk per host")
+	flag.DurationVar(&o.HeartbeatInterval, "heartbeat-interval", 10*time.Second, "how often the GatewayHost heartbeat is written")
+	flag.DurationVar(&o.ProofTimeout, "proof-timeout", 30*time.Second, "how long a restarted gateway has to answer on its status endpoint")
+	flag.StringVar(&o.MetricsAddr, "metrics-bind-address", ":8090", "metrics listen address; 0 turns metrics off")
+	flag.StringVar(&o.ProbeAddr, "health-probe-bind-address", ":8091", "health probe listen address; 0 turns probes off")
+	zopts := zap.Options{}
+	zopts.BindFlags(flag.CommandLine)
+	flag.Parse()
+	o.Version = version
+
+	log := zap.New(zap.UseFlagOptions(&zopts))
+	ctrl.SetLogger(log)
+	if o.BusAddress == "" {
+		fmt.Fprintln(os.Stderr, "nodeagent: --dbus-address is required (the agent never guesses which systemd to drive)")
+		os.Exit(2)
+	}
+	if labels != "" {
+		o.HostLabels = map[string]string{}
+		for _, kv := range strings.Split(labels, ",") {
+			k, v, ok := strings.Cut(kv, "=")
+			if !ok {
+				fmt.Fprintf(os.Stderr, "nodeagent: --host-labels: %q is not k=v\n", kv)
+				os.Exit(2)
+			}
+			o.HostLabels[k] = v
+		}
+	}
+	cfg, err := ctrl.GetConfig()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "nodeagent:", err)
+		os.Exit(1)
+	}
+	if err := agent.Run(ctrl.SetupSignalHandler(), cfg, o, log.WithValues("host", o.HostName)); err != nil {
+		fmt.Fprintln(os.Stderr, "nodeagent:", err)
+		os.Exit(1)
+	}
+}

@@ -1,0 +1,147 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/go-logr/logr"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/runtime"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/rest"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/healthz"
+	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
+
+	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
+	"github.com/agent-gateway/gateway-operator/nodeagent/apply"
+	"github.com/agent-gateway/gateway-operator/nodeagent/layout"
+	"github.com/agent-gateway/gateway-operator/nodeagent/release"
+	"github.com/agent-gateway/gateway-operator/nodeagent/systemd"
+)
+
+// Options configure one node agent.
+type Options struct {
+	// HostName is this host's GatewayHost name.
+	HostName string
+	// HostLabels are set on the GatewayHost when the agent registers it.
+	HostLabels map[string]string
+	// Root is the prefix of the host's filesystem ("/" on a real host).
+	Root string
+	// BusAddress is the D-Bus address of the host's system bus. Required.
+	BusAddress string
+	// ProcRoot is where the host's /proc is read ("/proc" on a real host).
+	ProcRoot string
+	// Launcher is the launch binary installed on the host.
+	Launcher string
+	// Python is the interpreter gateways run.
+	Python string
+	// KeepReleases is how many releases stay on disk.
+	KeepReleases int
+	// HeartbeatInterval is how often the GatewayHost is refreshed.
+	HeartbeatInterval time.Duration
+	// ProofTimeout bounds the wait for a restarted gateway.
+	ProofTimeout time.Duration
+	// MetricsAddr and ProbeAddr are the listen addresses of metrics and health ("0": off).
+	MetricsAddr, ProbeAddr string
+	// Version is the agent's version, reported on the GatewayHost.
+	Version string
+	// BeforeStep is passed to the applier (tests only).
+	BeforeStep func(apply.Step)
+}
+
+// Scheme has the kinds the agent reads and writes.
+func Scheme() *runtime.Scheme {
+	s := runtime.NewScheme()
+	_ = clientgoscheme.AddToScheme(s)
+	_ = v1.AddToScheme(s)
+	return s
+}
+
+// Run runs the agent until ctx ends.
+func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) error {
+	if err := v1.ValidateHostName(o.HostName); err != nil {
+		return err
+	}
+	if o.BusAddress == "" {
+		return fmt.Errorf("a D-Bus address for the host's systemd is required")
+	}
+	unlock, err := lockHost(layout.Host{Root: o.Root})
+	if err != nil {
+		return err
+	}
+	defer unlock()
+
+	sd, err := systemd.Dial(ctx, o.BusAddress)
+	if err != nil {
+		return err
+	}
+	defer sd.Close()
+
+	host := layout.Host{Root: o.Root}
+	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
+		Scheme: Scheme(),
+		Logger: log,
+		// Watch only this host: its own GatewayHost and the instances labelled with its name.
+		Cache: cache.Options{ByObject: map[client.Object]cache.ByObject{
+			&v1.GatewayInstance{}: {Label: labels.SelectorFromSet(labels.Set{v1.LabelHost: o.HostName})},
+			&v1.GatewayHost{}:     {Field: fields.OneTermEqualSelector("metadata.name", o.HostName)},
+		}},
+		Metrics:                metricsserver.Options{BindAddress: o.MetricsAddr},
+		HealthProbeBindAddress: o.ProbeAddr,
+	})
+	if err != nil {
+		return err
+	}
+	applier := &apply.Applier{
+		Host:         host,
+		Systemd:      sd,
+		Releases:     &release.Store{Dir: host.On(layout.ReleasesDir)},
+		ProcRoot:     o.ProcRoot,
+		Launcher:     o.Launcher,
+		Python:       o.Python,
+		KeepReleases: o.KeepReleases,
+		ProofTimeout: o.ProofTimeout,
+		BeforeStep:   o.BeforeStep,
+		Log:          log.WithName("apply"),
+	}
+	if err := (&InstanceReconciler{
+		Client: mgr.GetClient(), Host: o.HostName, Applier: applier,
+		Recorder: mgr.GetEventRecorder("gateway-agent-" + o.HostName),
+	}).SetupWithManager(mgr); err != nil {
+		return err
+	}
+	if err := mgr.Add(&Heartbeat{Client: mgr.GetClient(), Host: o.HostName, Labels: o.HostLabels,
+		Version: o.Version, Systemd: sd, Interval: o.HeartbeatInterval}); err != nil {
+		return err
+	}
+	if o.ProbeAddr != "0" && o.ProbeAddr != "" {
+		_ = mgr.AddHealthzCheck("ping", healthz.Ping)
+		_ = mgr.AddReadyzCheck("ping", healthz.Ping)
+	}
+	return mgr.Start(ctx)
+}
+
+// lockHost makes sure one agent at a time drives a host: two would race on `current`.
+func lockHost(h layout.Host) (func(), error) {
+	dir := h.On(layout.AgentDir)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	f, err := os.OpenFile(filepath.Join(dir, ".agent.lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("another agent already drives the host at %s: %w", h.Root, err)
+	}
+	return func() { f.Close() }, nil
+}

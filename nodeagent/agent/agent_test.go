@@ -1,0 +1,259 @@
+package agent_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/go-logr/logr/testr"
+	eventsv1 "k8s.io/api/events/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
+	"github.com/agent-gateway/gateway-operator/nodeagent/agent"
+	"github.com/agent-gateway/gateway-operator/test/agentruntime"
+	"github.com/agent-gateway/gateway-operator/test/controlplane"
+	"github.com/agent-gateway/gateway-operator/test/systemdhost"
+)
+
+var (
+	cp        *controlplane.Env
+	launchBin string
+)
+
+func TestMain(m *testing.M) {
+	os.Exit(run(m))
+}
+
+func run(m *testing.M) int {
+	dir, err := os.MkdirTemp("", "launch-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(dir)
+	launchBin = filepath.Join(dir, "launch")
+	if out, err := exec.Command("go", "build", "-o", launchBin, "../../cmd/launch").CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "build launch: %v\n%s", err, out)
+		return 1
+	}
+	cp, err = controlplane.Start()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer cp.Stop()
+	return systemdhost.RunWithLeakCheck(m)
+}
+
+// startAgent runs a node agent for a real systemd host against the real API server.
+func startAgent(t *testing.T, name string) *systemdhost.Host {
+	h := systemdhost.Start(t, systemdhost.Options{Name: name})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- agent.Run(ctx, cp.Config, agent.Options{
+			HostName: name, HostLabels: map[string]string{"tier": "edge"},
+			Root: h.Root, BusAddress: h.BusAddress, ProcRoot: fmt.Sprintf("/proc/%d/root/proc", h.PID),
+			Launcher: launchBin, HeartbeatInterval: 500 * time.Millisecond, ProofTimeout: 20 * time.Second,
+			MetricsAddr: "0", ProbeAddr: "0", Version: "test",
+		}, testr.New(t))
+	}()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("agent %s: %v", name, err)
+		}
+	})
+	return h
+}
+
+func eventually(t *testing.T, what string, cond func() (bool, string)) {
+	t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	last := ""
+	for time.Now().Before(deadline) {
+		ok, msg := cond()
+		if ok {
+			return
+		}
+		last = msg
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("timed out waiting for %s: %s", what, last)
+}
+
+func newInstance(profile, host string, tb *agentruntime.Tarball, url string) *v1.GatewayInstance {
+	return &v1.GatewayInstance{
+		ObjectMeta: metav1.ObjectMeta{
+			Name:       v1.InstanceName(profile, host),
+			Labels:     map[string]string{v1.LabelHost: host, v1.LabelProfile: profile},
+			Finalizers: []string{v1.FinalizerInstanceUnits},
+		},
+		Spec: v1.GatewayInstanceSpec{
+			Profile: profile, Host: host,
+			Release: v1.ReleaseArtifact{Name: "agent-" + tb.Label, URL: url, SHA256: tb.SHA256, Label: tb.Label},
+		},
+	}
+}
+
+func condition(gi *v1.GatewayInstance, t string) *metav1.Condition {
+	return meta.FindStatusCondition(gi.Status.Conditions, t)
+}
+
+// TestAgentAppliesItsOwnInstances runs the agent against the real API server and a real
+// systemd host: it registers its host, applies its instance, reports the proof, follows a
+// release change, ignores another host's instance, and removes the unit on deletion.
+func TestAgentAppliesItsOwnInstances(t *testing.T) {
+	ctx := context.Background()
+	c := cp.Client
+	srv := agentruntime.Serve(t)
+	r1 := agentruntime.MustBuild(t, agentruntime.Options{Version: "1.0.0"})
+	r2 := agentruntime.MustBuild(t, agentruntime.Options{Version: "2.0.0"})
+	u1, u2 := srv.Add("r1.tar.gz", r1.Data), srv.Add("r2.tar.gz", r2.Data)
+
+	h := startAgent(t, "node-a")
+
+	var gh v1.GatewayHost
+	eventually(t, "the host to register", func() (bool, string) {
+		if err := c.Get(ctx, client.ObjectKey{Name: "node-a"}, &gh); err != nil {
+			return false, err.Error()
+		}
+		return gh.Status.LastHeartbeatTime != nil && meta.IsStatusConditionTrue(gh.Status.Conditions, v1.ConditionReady), fmt.Sprintf("%+v", gh.Status)
+	})
+	if gh.Labels["tier"] != "edge" || !strings.HasPrefix(gh.Status.SystemdVersion, "252") {
+		t.Errorf("registered host: labels %v systemd %q", gh.Labels, gh.Status.SystemdVersion)
+	}
+	first := gh.Status.LastHeartbeatTime.Time
+	eventually(t, "a second heartbeat", func() (bool, string) {
+		_ = c.Get(ctx, client.ObjectKey{Name: "node-a"}, &gh)
+		return gh.Status.LastHeartbeatTime.After(first), ""
+	})
+
+	gi := newInstance("core", "node-a", r1, u1)
+	other := newInstance("core", "node-b", r1, u1)
+	for _, o := range []*v1.GatewayInstance{gi, other} {
+		if err := c.Create(ctx, o); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitAligned := func(label string) *v1.GatewayInstance {
+		var got v1.GatewayInstance
+		eventually(t, "core to be aligned on "+label, func() (bool, string) {
+			if err := c.Get(ctx, client.ObjectKeyFromObject(gi), &got); err != nil {
+				return false, err.Error()
+			}
+			a := condition(&got, v1.ConditionAligned)
+			return a != nil && a.Status == metav1.ConditionTrue && got.Status.ObservedGeneration == got.Generation &&
+				got.Status.CurrentRelease != nil && got.Status.CurrentRelease.Label == label, fmt.Sprintf("%+v", got.Status)
+		})
+		return &got
+	}
+	got := waitAligned("1.0.0")
+	if got.Status.MainPID == 0 || got.Status.Alignment == nil || got.Status.Alignment.PythonPath != "/opt/agent/gateways/core/current" {
+		t.Errorf("status lacks the proof: %+v", got.Status)
+	}
+	if iso := condition(got, v1.ConditionIsolated); iso == nil || iso.Status != metav1.ConditionTrue {
+		t.Errorf("Isolated condition: %+v", iso)
+	}
+	firstPID := got.Status.MainPID
+
+	got.Spec.Release = v1.ReleaseArtifact{Name: "agent-2.0.0", URL: u2, SHA256: r2.SHA256, Label: r2.Label}
+	if err := c.Update(ctx, got); err != nil {
+		t.Fatal(err)
+	}
+	got = waitAligned("2.0.0")
+	if got.Status.MainPID == firstPID {
+		t.Error("the release changed but the main PID did not")
+	}
+
+	// The other host's instance is never touched by this agent.
+	var o v1.GatewayInstance
+	if err := c.Get(ctx, client.ObjectKeyFromObject(other), &o); err != nil {
+		t.Fatal(err)
+	}
+	if len(o.Status.Conditions) != 0 {
+		t.Errorf("node-a's agent wrote node-b's instance status: %+v", o.Status)
+	}
+
+	var evs eventsv1.EventList
+	eventually(t, "a Restarted event", func() (bool, string) {
+		_ = c.List(ctx, &evs)
+		for _, e := range evs.Items {
+			if e.Regarding.Name == gi.Name && e.Reason == "Restarted" {
+				return true, ""
+			}
+		}
+		return false, fmt.Sprintf("%d events", len(evs.Items))
+	})
+
+	if err := c.Delete(ctx, got); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the instance to be gone", func() (bool, string) {
+		err := c.Get(ctx, client.ObjectKeyFromObject(gi), &o)
+		return apierrors.IsNotFound(err), fmt.Sprint(err)
+	})
+	if _, err := os.Lstat(filepath.Join(h.Root, "opt/agent/gateways/core/current")); err == nil {
+		t.Error("core's current link survived deletion")
+	}
+	out, _ := h.Systemctl(ctx, "is-active", "agent-gateway@core.service")
+	if s := strings.TrimSpace(string(out)); s == "active" {
+		t.Error("core still runs after its instance was deleted")
+	}
+	// node-b's instance keeps its finalizer: only node-b's agent may remove it.
+	o.Finalizers = nil
+	_ = c.Update(ctx, &o)
+	_ = c.Delete(ctx, &o)
+}
+
+// TestAgentReportsBadReleaseAndKeepsServing: a wrong sha256 gets a Degraded condition naming
+// the reason, and the running release keeps serving.
+func TestAgentReportsBadReleaseAndKeepsServing(t *testing.T) {
+	ctx := context.Background()
+	c := cp.Client
+	srv := agentruntime.Serve(t)
+	r1 := agentruntime.MustBuild(t, agentruntime.Options{Version: "1.0.0"})
+	u1 := srv.Add("r1.tar.gz", r1.Data)
+	h := startAgent(t, "node-c")
+
+	gi := newInstance("api", "node-c", r1, u1)
+	if err := c.Create(ctx, gi); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = c.Delete(ctx, gi)
+	})
+	var got v1.GatewayInstance
+	eventually(t, "api to be aligned", func() (bool, string) {
+		_ = c.Get(ctx, client.ObjectKeyFromObject(gi), &got)
+		return meta.IsStatusConditionTrue(got.Status.Conditions, v1.ConditionAligned), fmt.Sprintf("%+v", got.Status.Conditions)
+	})
+	pid := got.Status.MainPID
+	got.Spec.Release.SHA256 = strings.Repeat("0", 64)
+	got.Spec.Release.Label = "1.0.1"
+	if err := c.Update(ctx, &got); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "a Degraded condition", func() (bool, string) {
+		_ = c.Get(ctx, client.ObjectKeyFromObject(gi), &got)
+		d := condition(&got, v1.ConditionDegraded)
+		return d != nil && d.Status == metav1.ConditionTrue && d.Reason == "DigestMismatch" && got.Status.ObservedGeneration == got.Generation,
+			fmt.Sprintf("%+v", got.Status.Conditions)
+	})
+	if got.Status.CurrentRelease == nil || got.Status.CurrentRelease.Label != "1.0.0" || got.Status.MainPID != pid {
+		t.Errorf("after a refused release: current %+v pid %d (was %d)", got.Status.CurrentRelease, got.Status.MainPID, pid)
+	}
+	st, err := agentruntime.GetStatus(ctx, filepath.Join(h.Root, "opt/agent/gateways/api/home/run/status.sock"))
+	if err != nil || st.Version != "1.0.0" || uint32(st.PID) != uint32(pid) {
+		t.Errorf("api after a refused release: %+v, %v", st, err)
+	}
+}

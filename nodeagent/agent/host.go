@@ -1,0 +1,77 @@
+package agent
+
+import (
+	"context"
+	"os"
+	"time"
+
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
+	"github.com/agent-gateway/gateway-operator/nodeagent/systemd"
+)
+
+// Heartbeat registers the host's GatewayHost and keeps its heartbeat fresh. It runs as a
+// manager Runnable until the manager stops.
+type Heartbeat struct {
+	Client   client.Client
+	Host     string
+	Labels   map[string]string
+	Version  string
+	Systemd  *systemd.Conn
+	Interval time.Duration
+}
+
+// Start registers the host, then beats every Interval.
+func (h *Heartbeat) Start(ctx context.Context) error {
+	log := ctrl.LoggerFrom(ctx).WithValues("host", h.Host)
+	tick := time.NewTicker(h.Interval)
+	defer tick.Stop()
+	for {
+		if err := h.beat(ctx); err != nil {
+			log.Error(err, "heartbeat")
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick.C:
+		}
+	}
+}
+
+func (h *Heartbeat) beat(ctx context.Context) error {
+	var gh v1.GatewayHost
+	err := h.Client.Get(ctx, client.ObjectKey{Name: h.Host}, &gh)
+	if apierrors.IsNotFound(err) {
+		gh = v1.GatewayHost{ObjectMeta: metav1.ObjectMeta{Name: h.Host, Labels: h.Labels}}
+		if err := h.Client.Create(ctx, &gh); err != nil && !apierrors.IsAlreadyExists(err) {
+			return err
+		}
+		if err := h.Client.Get(ctx, client.ObjectKey{Name: h.Host}, &gh); err != nil {
+			return err
+		}
+	} else if err != nil {
+		return err
+	}
+	base := gh.DeepCopy()
+	now := metav1.Now()
+	gh.Status.LastHeartbeatTime = &now
+	gh.Status.AgentVersion = h.Version
+	gh.Status.ObservedGeneration = gh.Generation
+	_, kvmErr := os.Stat("/dev/kvm")
+	gh.Status.Capabilities.KVM = kvmErr == nil
+	ready := metav1.Condition{Type: v1.ConditionReady, Status: metav1.ConditionTrue, Reason: "AgentRunning",
+		Message: "the agent runs and reaches systemd", ObservedGeneration: gh.Generation}
+	if v, err := h.Systemd.Version(); err == nil {
+		gh.Status.SystemdVersion = v
+	} else {
+		ready.Status, ready.Reason, ready.Message = metav1.ConditionFalse, "SystemdUnreachable", err.Error()
+	}
+	meta.SetStatusCondition(&gh.Status.Conditions, ready)
+	// Optimistic lock: the controller manager writes the Reachable condition of this status.
+	return h.Client.Status().Patch(ctx, &gh, client.MergeFromWithOptions(base, client.MergeFromWithOptimisticLock{}))
+}

@@ -1,0 +1,206 @@
+// Package agent is the node agent's controller side: it registers and heart-beats its
+// GatewayHost, watches only its own host's GatewayInstances, applies each one with
+// nodeagent/apply and writes what it found into the instance's status.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/builder"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/controller"
+	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
+	"sigs.k8s.io/controller-runtime/pkg/event"
+	"sigs.k8s.io/controller-runtime/pkg/predicate"
+	"sigs.k8s.io/controller-runtime/pkg/recorder"
+
+	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
+	"github.com/agent-gateway/gateway-operator/nodeagent/apply"
+	"github.com/agent-gateway/gateway-operator/nodeagent/release"
+)
+
+// ReproveInterval is how often an applied instance is proven again while nothing changes.
+const ReproveInterval = 5 * time.Minute
+
+// InstanceReconciler applies this host's GatewayInstances.
+type InstanceReconciler struct {
+	Client   client.Client
+	Host     string
+	Applier  *apply.Applier
+	Recorder recorder.EventRecorder
+}
+
+// SetupWithManager registers the reconciler. Applies on one host run one at a time: a proof
+// that siblings were left alone needs the siblings to hold still.
+func (r *InstanceReconciler) SetupWithManager(mgr ctrl.Manager) error {
+	return ctrl.NewControllerManagedBy(mgr).
+		Named("gatewayinstance-"+r.Host).
+		// Spec changes and deletion only: the agent's own status writes must not wake it.
+		For(&v1.GatewayInstance{}, builder.WithPredicates(predicate.Or(predicate.GenerationChangedPredicate{}, deletionStarted))).
+		WithOptions(controller.Options{MaxConcurrentReconciles: 1}).
+		Complete(r)
+}
+
+// Reconcile applies one instance and reports the outcome in its status.
+func (r *InstanceReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
+	log := ctrl.LoggerFrom(ctx)
+	var gi v1.GatewayInstance
+	if err := r.Client.Get(ctx, req.NamespacedName, &gi); err != nil {
+		return ctrl.Result{}, client.IgnoreNotFound(err)
+	}
+	if gi.Spec.Host != r.Host {
+		// The cache only holds this host's instances; anything else is not ours to touch.
+		return ctrl.Result{}, nil
+	}
+	if !gi.DeletionTimestamp.IsZero() {
+		return r.reconcileDelete(ctx, &gi)
+	}
+	in := apply.Instance{
+		Profile: gi.Spec.Profile,
+		Release: release.Artifact{URL: gi.Spec.Release.URL, SHA256: gi.Spec.Release.SHA256, Label: gi.Spec.Release.Label},
+		Mode:    gi.Spec.Mode, Exec: gi.Spec.Exec, Isolation: gi.Spec.Isolation, Env: gi.Spec.Env,
+		DeniedTools: gi.Spec.DeniedTools,
+	}
+	for _, e := range gi.Spec.EgressAllowlist {
+		in.Egress = append(in.Egress, string(e))
+	}
+	if in.Mode == "" {
+		in.Mode = v1.EntrypointCLI
+	}
+	if in.Isolation == "" {
+		in.Isolation = v1.IsolationProduction
+	}
+
+	out, err := r.Applier.Apply(ctx, in)
+	base := gi.DeepCopy()
+	st := &gi.Status
+	st.ObservedGeneration = gi.Generation
+	st.Unit = "agent-gateway@" + gi.Spec.Profile + ".service"
+	var failure *apply.Failure
+	switch {
+	case err == nil:
+		r.reportSuccess(&gi, out)
+		if out.Restarted {
+			r.Recorder.Eventf(&gi, nil, corev1.EventTypeNormal, "Restarted", "Apply",
+				"restarted %s on release %s and proved it aligned (main PID %d)", st.Unit, gi.Spec.Release.Label, out.MainPID)
+		}
+	case errors.As(err, &failure):
+		r.reportFailure(&gi, failure)
+		r.Recorder.Eventf(&gi, nil, corev1.EventTypeWarning, failure.Reason, "Apply", "%s", failure.Error())
+	default:
+		return ctrl.Result{}, err
+	}
+	if perr := r.Client.Status().Patch(ctx, &gi, client.MergeFrom(base)); perr != nil {
+		return ctrl.Result{}, fmt.Errorf("write status: %w", perr)
+	}
+	if failure != nil {
+		log.Info("apply failed", "step", failure.Step, "reason", failure.Reason, "message", failure.Message, "rolledBack", failure.RolledBack)
+		if failure.Retry {
+			return ctrl.Result{}, failure
+		}
+		// The spec itself is bad or the release failed its proof: try again only when the spec
+		// changes, or after a long while.
+		return ctrl.Result{RequeueAfter: ReproveInterval}, nil
+	}
+	return ctrl.Result{RequeueAfter: ReproveInterval}, nil
+}
+
+// deletionStarted lets through the update that marks an instance for deletion.
+var deletionStarted = predicate.Funcs{
+	UpdateFunc: func(e event.UpdateEvent) bool {
+		return e.ObjectOld.GetDeletionTimestamp().IsZero() && !e.ObjectNew.GetDeletionTimestamp().IsZero()
+	},
+	CreateFunc:  func(event.CreateEvent) bool { return false },
+	DeleteFunc:  func(event.DeleteEvent) bool { return false },
+	GenericFunc: func(event.GenericEvent) bool { return false },
+}
+
+func summary(name string, r apply.Ref) *v1.ReleaseSummary {
+	return &v1.ReleaseSummary{Name: name, Label: r.Label, SHA256: r.SHA256}
+}
+
+func (r *InstanceReconciler) releaseName(gi *v1.GatewayInstance, ref apply.Ref) string {
+	if ref.SHA256 == gi.Spec.Release.SHA256 {
+		return gi.Spec.Release.Name
+	}
+	if gi.Status.LastGoodRelease != nil && gi.Status.LastGoodRelease.SHA256 == ref.SHA256 {
+		return gi.Status.LastGoodRelease.Name
+	}
+	return ""
+}
+
+func (r *InstanceReconciler) reportSuccess(gi *v1.GatewayInstance, out *apply.Outcome) {
+	st := &gi.Status
+	gen := gi.Generation
+	st.ConfigHash = gi.Spec.ConfigHash
+	st.CurrentRelease = summary(gi.Spec.Release.Name, out.Current)
+	if out.LastGood != nil {
+		st.LastGoodRelease = summary(gi.Spec.Release.Name, *out.LastGood)
+	}
+	st.MainPID = int64(out.MainPID)
+	proof := out.Alignment
+	st.Alignment = &proof
+	iso := out.Isolation
+	st.Isolation = &iso
+	msg := fmt.Sprintf("main PID %d imports release %s (%s) through %s", out.MainPID, out.Current.Label, out.Current.SHA256[:12], proof.PythonPath)
+	set(gi, v1.ConditionAligned, metav1.ConditionTrue, "Proven", msg, gen)
+	set(gi, v1.ConditionReady, metav1.ConditionTrue, "Applied", "running release "+out.Current.Label, gen)
+	set(gi, v1.ConditionDegraded, metav1.ConditionFalse, "Applied", "the last apply succeeded", gen)
+	if out.Isolated {
+		set(gi, v1.ConditionIsolated, metav1.ConditionTrue, "Production", fmt.Sprintf("%s (exposure score %s)", iso.Message, orUnknown(iso.ExposureScore)), gen)
+	} else {
+		set(gi, v1.ConditionIsolated, metav1.ConditionFalse, "Convenience", iso.Message, gen)
+	}
+}
+
+func orUnknown(s string) string {
+	if s == "" {
+		return "unknown"
+	}
+	return s
+}
+
+func (r *InstanceReconciler) reportFailure(gi *v1.GatewayInstance, f *apply.Failure) {
+	gen := gi.Generation
+	st := &gi.Status
+	msg := f.Error()
+	set(gi, v1.ConditionDegraded, metav1.ConditionTrue, f.Reason, msg, gen)
+	set(gi, v1.ConditionReady, metav1.ConditionFalse, f.Reason, msg, gen)
+	if f.RolledBack && st.LastGoodRelease != nil {
+		st.CurrentRelease = st.LastGoodRelease.DeepCopy()
+		set(gi, v1.ConditionAligned, metav1.ConditionFalse, "RolledBack",
+			"release "+gi.Spec.Release.Label+" failed; the host runs the last good release "+st.LastGoodRelease.Label, gen)
+	} else if st.CurrentRelease == nil || st.CurrentRelease.SHA256 != gi.Spec.Release.SHA256 {
+		set(gi, v1.ConditionAligned, metav1.ConditionFalse, f.Reason, "the host does not run release "+gi.Spec.Release.Label, gen)
+	}
+}
+
+func set(gi *v1.GatewayInstance, t string, s metav1.ConditionStatus, reason, msg string, gen int64) {
+	meta.SetStatusCondition(&gi.Status.Conditions, metav1.Condition{Type: t, Status: s, Reason: reason, Message: msg, ObservedGeneration: gen})
+}
+
+// reconcileDelete removes the instance's unit from the host, then lets the object go.
+func (r *InstanceReconciler) reconcileDelete(ctx context.Context, gi *v1.GatewayInstance) (ctrl.Result, error) {
+	if !controllerutil.ContainsFinalizer(gi, v1.FinalizerInstanceUnits) {
+		return ctrl.Result{}, nil
+	}
+	if err := r.Applier.Remove(ctx, gi.Spec.Profile, gi.Spec.HomeRetention == v1.HomePurge); err != nil {
+		r.Recorder.Eventf(gi, nil, corev1.EventTypeWarning, "RemoveFailed", "Remove", "removing %s: %v", gi.Spec.Profile, err)
+		return ctrl.Result{}, err
+	}
+	r.Recorder.Eventf(gi, nil, corev1.EventTypeNormal, "Removed", "Remove", "stopped and removed agent-gateway@%s.service", gi.Spec.Profile)
+	base := gi.DeepCopy()
+	controllerutil.RemoveFinalizer(gi, v1.FinalizerInstanceUnits)
+	if err := r.Client.Patch(ctx, gi, client.MergeFrom(base)); err != nil && !apierrors.IsNotFound(err) {
+		return ctrl.Result{}, err
+	}
+	return ctrl.Result{}, nil
+}

@@ -1,0 +1,113 @@
+// Package launcher decides what a gateway instance runs. The `launch` binary, started by
+// agent-gateway@<profile>.service with the profile's environment file, calls Resolve, prints the
+// alignment banner and execs the result. Every inconsistency in the environment is an error
+// with a plain message: a gateway that would import the wrong runtime must not start.
+package launcher
+
+import (
+	"fmt"
+	"os"
+	"path"
+	"path/filepath"
+	"strconv"
+	"strings"
+)
+
+// Exit codes of the launch binary.
+const (
+	// ExitConfig means the environment is missing or contradicts itself (sysexits EX_CONFIG).
+	ExitConfig = 78
+	// ExitExec means the interpreter could not be executed.
+	ExitExec = 126
+)
+
+// DryRunVar makes the launcher print what it would run and exit 0 without running it.
+const DryRunVar = "AGENT_LAUNCH_DRYRUN"
+
+// Plan is what the launcher will execute.
+type Plan struct {
+	// Argv is the full command; Argv[0] is the interpreter's absolute path.
+	Argv []string
+	// Dir is the working folder: the release tree `current` resolved to at launch.
+	Dir string
+	// Banner is the one alignment line printed before exec.
+	Banner string
+}
+
+// Resolve reads the environment (as os.Environ gives it) and returns the plan. pid is the
+// process's own PID, for the banner.
+func Resolve(environ []string, pid int) (*Plan, error) {
+	env := map[string]string{}
+	counts := map[string]int{}
+	for _, kv := range environ {
+		k, v, _ := strings.Cut(kv, "=")
+		env[k] = v
+		counts[k]++
+	}
+	for _, k := range []string{"AGENT_ROOT", "PYTHONPATH", "AGENT_HOME", "AGENT_PROFILE", "AGENT_GATEWAY_MODE",
+		"AGENT_RELEASE_SHA256", "AGENT_RELEASE_LABEL", "AGENT_PYTHON"} {
+		if env[k] == "" {
+			return nil, fmt.Errorf("%s is not set: start this through agent-gateway@<profile>.service, whose EnvironmentFile sets it", k)
+		}
+	}
+	if counts["PYTHONPATH"] != 1 {
+		return nil, fmt.Errorf("PYTHONPATH is declared %d times; it must be declared exactly once", counts["PYTHONPATH"])
+	}
+	root, pythonPath := env["AGENT_ROOT"], env["PYTHONPATH"]
+	if pythonPath != root {
+		return nil, fmt.Errorf("PYTHONPATH=%q differs from AGENT_ROOT=%q: the runtime must be imported from the profile's own release only", pythonPath, root)
+	}
+	runtime, err := filepath.EvalSymlinks(root)
+	if err != nil {
+		return nil, fmt.Errorf("AGENT_ROOT %s does not resolve to a release: %v", root, err)
+	}
+	if st, err := os.Stat(runtime); err != nil || !st.IsDir() {
+		return nil, fmt.Errorf("AGENT_ROOT %s resolves to %s, which is not a folder", root, runtime)
+	}
+	sha, label := env["AGENT_RELEASE_SHA256"], env["AGENT_RELEASE_LABEL"]
+	if want := sha + "-" + label; filepath.Base(runtime) != want {
+		return nil, fmt.Errorf("AGENT_ROOT %s resolves to %s, but the environment names release %s", root, runtime, want)
+	}
+	python := env["AGENT_PYTHON"]
+	if !filepath.IsAbs(python) {
+		return nil, fmt.Errorf("AGENT_PYTHON=%q must be an absolute path", python)
+	}
+
+	var argv []string
+	mode, exec := env["AGENT_GATEWAY_MODE"], env["AGENT_PROFILE_EXEC"]
+	switch mode {
+	case "cli":
+		if exec != "" {
+			return nil, fmt.Errorf("AGENT_PROFILE_EXEC=%q is set but AGENT_GATEWAY_MODE is cli", exec)
+		}
+		argv = []string{python, "-m", "agent_cli.main", "gateway", "run", "--replace"}
+	case "script":
+		if exec == "" {
+			return nil, fmt.Errorf("AGENT_GATEWAY_MODE is script but AGENT_PROFILE_EXEC is empty")
+		}
+		clean := path.Clean(exec)
+		if path.IsAbs(clean) || clean == ".." || strings.HasPrefix(clean, "../") {
+			return nil, fmt.Errorf("AGENT_PROFILE_EXEC=%q must be a path inside the release", exec)
+		}
+		script := filepath.Join(runtime, filepath.FromSlash(clean))
+		if st, err := os.Stat(script); err != nil || !st.Mode().IsRegular() {
+			return nil, fmt.Errorf("AGENT_PROFILE_EXEC=%q: no such script in release %s", exec, runtime)
+		}
+		argv = []string{python, script}
+	default:
+		return nil, fmt.Errorf("AGENT_GATEWAY_MODE=%q: want cli or script", mode)
+	}
+
+	banner := fmt.Sprintf("agent-gateway: pid=%d profile=%s mode=%s release=%s sha256=%s cwd=%s pythonpath=%s runtime=%s python=%s",
+		pid, env["AGENT_PROFILE"], mode, label, sha, runtime, pythonPath, runtime, python)
+	return &Plan{Argv: argv, Dir: runtime, Banner: banner}, nil
+}
+
+// Command renders argv as one shell-quoted line, for the dry run.
+func Command(argv []string) string {
+	q := make([]string, len(argv))
+	for i, a := range argv {
+		q[i] = strconv.Quote(a)
+	}
+	return strings.Join(q, " ")
+}

@@ -1,0 +1,89 @@
+// Package layout names every file and folder the node agent owns on a host. All paths exist in
+// two forms: the path inside the host (what units and the launcher see, e.g.
+// /opt/agent/gateways/core/env) and the same path under the agent's root prefix (what the agent
+// opens; the prefix is "/" on a real host and a sandbox's root folder in tests).
+package layout
+
+import (
+	"fmt"
+	"path"
+	"path/filepath"
+
+	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
+)
+
+// Paths inside a host.
+const (
+	AgentDir     = "/opt/agent"
+	ReleasesDir  = AgentDir + "/releases"
+	GatewaysDir  = AgentDir + "/gateways"
+	LauncherPath = AgentDir + "/_lib/launch"
+	UnitDir      = "/etc/systemd/system"
+	// TemplateUnit is the one template every profile is an instance of.
+	TemplateUnit = "agent-gateway@.service"
+	// BareUnit is the instance-less name; the agent masks it so it can never run.
+	BareUnit = "agent-gateway.service"
+	// UnitPattern matches every instance, for listing siblings.
+	UnitPattern = "agent-gateway@*.service"
+	// DropInName is the agent's drop-in file inside an instance's .d folder.
+	DropInName = "50-gateway-operator.conf"
+)
+
+// Host resolves host paths under a root prefix.
+type Host struct {
+	// Root is the prefix under which the host's filesystem is reached: "/" on a real host.
+	Root string
+}
+
+// On returns the path under the root prefix of a path inside the host.
+func (h Host) On(hostPath string) string {
+	return filepath.Join(h.Root, filepath.FromSlash(hostPath))
+}
+
+// Unit is the systemd unit name of a profile's instance.
+func Unit(profile string) string { return "agent-gateway@" + profile + ".service" }
+
+// ReleaseDir is a staged release's folder inside the host.
+func ReleaseDir(sha256, label string) string {
+	return path.Join(ReleasesDir, sha256+"-"+label)
+}
+
+// Profile holds the paths of one profile inside the host. Build it with ForProfile, which
+// validates the name first.
+type Profile struct {
+	Name    string
+	Dir     string // /opt/agent/gateways/<p>
+	Current string // <Dir>/current, the link to this profile's release
+	Env     string // <Dir>/env, the EnvironmentFile
+	Home    string // <Dir>/home, AGENT_HOME
+	Logs    string // <Dir>/logs
+	// StatusSocket is where the gateway serves its status endpoint.
+	StatusSocket string
+	Unit         string // agent-gateway@<p>.service
+	DropInDir    string // /etc/systemd/system/agent-gateway@<p>.service.d
+	DropIn       string // <DropInDir>/50-gateway-operator.conf
+	User         string // agent-<p>, the Production-isolation user
+}
+
+// ForProfile returns the paths of a profile, refusing a name that is not a valid profile name:
+// the name becomes a folder, a unit instance and a user name.
+func ForProfile(name string) (Profile, error) {
+	if err := v1.ValidateProfileName(name); err != nil {
+		return Profile{}, fmt.Errorf("refusing profile: %w", err)
+	}
+	dir := path.Join(GatewaysDir, name)
+	unit := Unit(name)
+	return Profile{
+		Name:         name,
+		Dir:          dir,
+		Current:      path.Join(dir, "current"),
+		Env:          path.Join(dir, "env"),
+		Home:         path.Join(dir, "home"),
+		Logs:         path.Join(dir, "logs"),
+		StatusSocket: path.Join(dir, "home", "run", "status.sock"),
+		Unit:         unit,
+		DropInDir:    path.Join(UnitDir, unit+".d"),
+		DropIn:       path.Join(UnitDir, unit+".d", DropInName),
+		User:         v1.ProfileUserPrefix + name,
+	}, nil
+}

@@ -1,0 +1,135 @@
+package unit
+
+import (
+	"strings"
+	"testing"
+
+	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
+	"github.com/agent-gateway/gateway-operator/nodeagent/layout"
+)
+
+func settings(t *testing.T) Settings {
+	t.Helper()
+	p, err := layout.ForProfile("core")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return Settings{Profile: p, Mode: v1.EntrypointCLI, Isolation: v1.IsolationProduction,
+		ReleaseSHA256: strings.Repeat("a", 64), ReleaseLabel: "1.0.0"}
+}
+
+func count(text, key string) int {
+	n := 0
+	for _, l := range strings.Split(text, "\n") {
+		if strings.HasPrefix(l, key+"=") {
+			n++
+		}
+	}
+	return n
+}
+
+func TestEnvFileDeclaresRuntimeOnceThroughCurrent(t *testing.T) {
+	s := settings(t)
+	s.Env = []v1.EnvVar{{Name: "TZ", Value: "UTC"}}
+	env, err := EnvFile(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{EnvRoot, EnvPythonPath, EnvHome, EnvProfile, EnvMode, EnvExec, EnvReleaseSHA, EnvReleaseLabel, "TZ"} {
+		if n := count(env, k); n != 1 {
+			t.Errorf("%s declared %d times in:\n%s", k, n, env)
+		}
+	}
+	for _, want := range []string{
+		`PYTHONPATH="/opt/agent/gateways/core/current"`,
+		`AGENT_ROOT="/opt/agent/gateways/core/current"`,
+		`AGENT_HOME="/opt/agent/gateways/core/home"`,
+		`AGENT_RELEASE_SHA256="` + strings.Repeat("a", 64) + `"`,
+	} {
+		if !strings.Contains(env, want+"\n") {
+			t.Errorf("env file lacks %s:\n%s", want, env)
+		}
+	}
+}
+
+func TestEnvFileRefusesOverridesAndContradictions(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		mut  func(*Settings)
+		want string
+	}{
+		{"PYTHONPATH", func(s *Settings) { s.Env = []v1.EnvVar{{Name: "PYTHONPATH", Value: "/tmp"}} }, "reserved"},
+		{"AGENT_ROOT", func(s *Settings) { s.Env = []v1.EnvVar{{Name: "AGENT_ROOT", Value: "/tmp"}} }, "reserved"},
+		{"PYTHONHOME", func(s *Settings) { s.Env = []v1.EnvVar{{Name: "PYTHONHOME", Value: "/tmp"}} }, "reserved"},
+		{"LD_PRELOAD", func(s *Settings) { s.Env = []v1.EnvVar{{Name: "LD_PRELOAD", Value: "/x.so"}} }, "reserved"},
+		{"twice", func(s *Settings) { s.Env = []v1.EnvVar{{Name: "A", Value: "1"}, {Name: "A", Value: "2"}} }, "twice"},
+		{"newline", func(s *Settings) { s.Env = []v1.EnvVar{{Name: "A", Value: "1\nPYTHONPATH=/tmp"}} }, "one line"},
+		{"bad name", func(s *Settings) { s.Env = []v1.EnvVar{{Name: "A-B", Value: "1"}} }, "not a valid"},
+		{"cli with exec", func(s *Settings) { s.Exec = "x.py" }, "mode is cli"},
+		{"script without exec", func(s *Settings) { s.Mode = v1.EntrypointScript }, "exec is empty"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := settings(t)
+			tc.mut(&s)
+			_, err := EnvFile(s)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("EnvFile error = %v, want one mentioning %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestEnvFileQuoting(t *testing.T) {
+	s := settings(t)
+	s.Env = []v1.EnvVar{{Name: "GREETING", Value: `say "hi" $HOME \ ok`}}
+	env, err := EnvFile(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(env, `GREETING="say \"hi\" \$HOME \\ ok"`) {
+		t.Errorf("quoting:\n%s", env)
+	}
+}
+
+func TestUnitsSetNoPythonPathAndNoDependencies(t *testing.T) {
+	s := settings(t)
+	s.Egress = []string{"10.0.0.0/8", "localhost"}
+	for name, text := range map[string]string{"template": Template(), "production": DropIn(s), "convenience": DropIn(Settings{Profile: s.Profile, Isolation: v1.IsolationConvenience})} {
+		if SetsPythonPath(text) {
+			t.Errorf("%s sets PYTHONPATH:\n%s", name, text)
+		}
+		for _, dep := range []string{"Requires=", "PartOf=", "BindsTo=", "Requisite="} {
+			if strings.Contains(text, dep) {
+				t.Errorf("%s has %s, tying instances together", name, dep)
+			}
+		}
+	}
+	if !strings.Contains(Template(), "Type=exec") || !strings.Contains(Template(), "EnvironmentFile=/opt/agent/gateways/%i/env") {
+		t.Errorf("template:\n%s", Template())
+	}
+	prod := DropIn(s)
+	for _, want := range []string{"User=agent-core", "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes",
+		"NoNewPrivileges=yes", "CapabilityBoundingSet=\n", "IPAddressDeny=any", "IPAddressAllow=10.0.0.0/8 localhost",
+		"ReadWritePaths=/opt/agent/gateways/core/home /opt/agent/gateways/core/logs"} {
+		if !strings.Contains(prod, want) {
+			t.Errorf("production drop-in lacks %q:\n%s", want, prod)
+		}
+	}
+	if conv := DropIn(Settings{Profile: s.Profile, Isolation: v1.IsolationConvenience}); !strings.Contains(conv, "User="+SharedUser) || strings.Contains(conv, "ProtectSystem") {
+		t.Errorf("convenience drop-in:\n%s", conv)
+	}
+}
+
+func TestSetsPythonPath(t *testing.T) {
+	for text, want := range map[string]bool{
+		"[Service]\nEnvironment=PYTHONPATH=/x\n":       true,
+		"[Service]\nEnvironment=\"A=1\" PYTHONPATH=/x": true,
+		"[Service]\nPassEnvironment=PYTHONPATH\n":      true,
+		"# PYTHONPATH is set by the env file\n":        false,
+		"[Service]\nEnvironment=A=1\n":                 false,
+	} {
+		if got := SetsPythonPath(text); got != want {
+			t.Errorf("SetsPythonPath(%q) = %v, want %v", text, got, want)
+		}
+	}
+}

@@ -1,0 +1,179 @@
+// Package agentruntime builds release tarballs of a tiny Python agent runtime for tests. The
+// runtime honours the gateway contract: `python -m agent_cli.main gateway run --replace` serves
+// GET /status on $AGENT_HOME/run/status.sock with its pid, profile, release sha, PYTHONPATH and
+// tools, plus what its sandbox allowed it to do (write /etc, read a sibling's home, connect out).
+package agentruntime
+
+import (
+	"archive/tar"
+	"bytes"
+	"compress/gzip"
+	"context"
+	"crypto/sha256"
+	"embed"
+	"encoding/hex"
+	"encoding/json"
+	"io/fs"
+	"net/http"
+	"net/http/httptest"
+	"sort"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/agent-gateway/gateway-operator/nodeagent/proof"
+)
+
+//go:embed python
+var sources embed.FS
+
+// Options vary one build.
+type Options struct {
+	// Version is reported in /status and makes each build's sha256 distinct.
+	Version string
+	// Tools are the tool names the runtime reports as loaded.
+	Tools []string
+	// CrashAtStart builds a broken release: the runtime exits 3 as soon as it starts.
+	CrashAtStart bool
+}
+
+// Tarball is one built release.
+type Tarball struct {
+	Options
+	Data   []byte
+	SHA256 string
+	// Label is a release label derived from the version.
+	Label string
+}
+
+// Build makes a .tar.gz of the runtime. The same options always give the same bytes.
+func Build(o Options) (*Tarball, error) {
+	if o.Tools == nil {
+		o.Tools = []string{"search", "summarize"}
+	}
+	info, err := json.Marshal(map[string]any{"version": o.Version, "tools": o.Tools, "crash_at_start": o.CrashAtStart})
+	if err != nil {
+		return nil, err
+	}
+	files := map[string][]byte{"agent_cli/release.json": info}
+	err = fs.WalkDir(sources, "python", func(p string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		b, err := sources.ReadFile(p)
+		files[p[len("python/"):]] = b
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	names := make([]string, 0, len(files))
+	for n := range files {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+
+	var buf bytes.Buffer
+	gz := gzip.NewWriter(&buf)
+	tw := tar.NewWriter(gz)
+	mtime := time.Unix(1700000000, 0)
+	for _, dir := range []string{"agent_cli/", "gateways/"} {
+		if err := tw.WriteHeader(&tar.Header{Typeflag: tar.TypeDir, Name: dir, Mode: 0o755, ModTime: mtime}); err != nil {
+			return nil, err
+		}
+	}
+	for _, n := range names {
+		h := &tar.Header{Typeflag: tar.TypeReg, Name: n, Mode: 0o644, Size: int64(len(files[n])), ModTime: mtime}
+		if err := tw.WriteHeader(h); err != nil {
+			return nil, err
+		}
+		if _, err := tw.Write(files[n]); err != nil {
+			return nil, err
+		}
+	}
+	if err := tw.Close(); err != nil {
+		return nil, err
+	}
+	if err := gz.Close(); err != nil {
+		return nil, err
+	}
+	sum := sha256.Sum256(buf.Bytes())
+	return &Tarball{Options: o, Data: buf.Bytes(), SHA256: hex.EncodeToString(sum[:]), Label: o.Version}, nil
+}
+
+// MustBuild is Build for tests.
+func MustBuild(t testing.TB, o Options) *Tarball {
+	t.Helper()
+	tb, err := Build(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tb
+}
+
+// Server serves tarballs over HTTP and counts the requests for each.
+type Server struct {
+	*httptest.Server
+	mu       sync.Mutex
+	files    map[string][]byte
+	requests map[string]int
+}
+
+// Serve starts an HTTP server for release tarballs, closed at cleanup.
+func Serve(t testing.TB) *Server {
+	s := &Server{files: map[string][]byte{}, requests: map[string]int{}}
+	s.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		s.mu.Lock()
+		data, ok := s.files[r.URL.Path]
+		s.requests[r.URL.Path]++
+		s.mu.Unlock()
+		if !ok {
+			http.NotFound(w, r)
+			return
+		}
+		_, _ = w.Write(data)
+	}))
+	t.Cleanup(s.Close)
+	return s
+}
+
+// Add publishes data at /<name> and returns its URL.
+func (s *Server) Add(name string, data []byte) string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.files["/"+name] = data
+	return s.URL + "/" + name
+}
+
+// Requests returns how often /<name> was fetched.
+func (s *Server) Requests(name string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.requests["/"+name]
+}
+
+// Status is what the runtime's status endpoint reports.
+type Status struct {
+	PID         int               `json:"pid"`
+	Profile     string            `json:"profile"`
+	ReleaseSHA  string            `json:"release_sha"`
+	PythonPath  string            `json:"pythonpath"`
+	Version     string            `json:"version"`
+	Tools       []string          `json:"tools"`
+	ReleaseRoot string            `json:"release_root"`
+	Cwd         string            `json:"cwd"`
+	UID         int               `json:"uid"`
+	Mode        string            `json:"mode"`
+	Probes      map[string]string `json:"probes"`
+}
+
+// GetStatus asks a runtime for its status over its unix socket (a path the caller can reach),
+// with the node agent's own client.
+func GetStatus(ctx context.Context, socket string) (*Status, error) {
+	_, raw, err := proof.ReadStatus(ctx, socket)
+	if err != nil {
+		return nil, err
+	}
+	var st Status
+	return &st, json.Unmarshal(raw, &st)
+}

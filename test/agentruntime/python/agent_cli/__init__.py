@@ -1,0 +1,1 @@
+"""A tiny agent runtime for tests: it honours the gateway runtime contract and nothing more."""

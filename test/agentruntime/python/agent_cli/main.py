@@ -1,0 +1,141 @@
+"""Test runtime entry point: `python -m agent_cli.main gateway run --replace`.
+
+Serves GET /status as JSON over HTTP on the unix socket $AGENT_HOME/run/status.sock (mode 0600),
+reporting who it is, which release it was imported from, and what its sandbox let it do.
+"""
+import http.server
+import json
+import os
+import signal
+import socket
+import socketserver
+import sys
+
+HERE = os.path.dirname(os.path.realpath(__file__))
+
+
+def release_info():
+    with open(os.path.join(HERE, "release.json")) as f:
+        return json.load(f)
+
+
+def probe(fn):
+    try:
+        fn()
+        return "allowed"
+    except Exception as e:  # the probe reports what the sandbox did, whatever it was
+        return "denied: %s" % type(e).__name__
+
+
+def write_etc():
+    with open("/etc/agent-probe", "w") as f:
+        f.write("x")
+    os.unlink("/etc/agent-probe")
+
+
+def read_siblings(home):
+    gateways = os.path.dirname(os.path.dirname(home))
+    found = []
+    for name in sorted(os.listdir(gateways)):
+        other = os.path.join(gateways, name, "home")
+        if other != home and os.path.isdir(other):
+            found.append(other)
+    if not found:
+        raise FileNotFoundError("no sibling")
+    for other in found:
+        os.listdir(other)
+
+
+def connect_out(target):
+    host, port = target.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=2)
+    s.close()
+
+
+def probes(home):
+    result = {
+        "write_etc": probe(write_etc),
+        "read_sibling_home": probe(lambda: read_siblings(home)),
+    }
+    target = os.environ.get("PROBE_CONNECT")
+    if target:
+        result["connect"] = probe(lambda: connect_out(target))
+    return result
+
+
+def status(home):
+    info = release_info()
+    return {
+        "pid": os.getpid(),
+        "profile": os.environ.get("AGENT_PROFILE", ""),
+        "release_sha": os.environ.get("AGENT_RELEASE_SHA256", ""),
+        "pythonpath": os.environ.get("PYTHONPATH", ""),
+        "version": info["version"],
+        "tools": info["tools"],
+        "release_root": os.path.dirname(HERE),
+        "cwd": os.getcwd(),
+        "uid": os.getuid(),
+        "probes": probes(home),
+    }
+
+
+class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+def serve(mode):
+    info = release_info()
+    if info.get("crash_at_start"):
+        print("agent_cli: this release is broken on purpose", file=sys.stderr)
+        sys.exit(3)
+    home = os.environ["AGENT_HOME"]
+    run = os.path.join(home, "run")
+    os.makedirs(run, mode=0o700, exist_ok=True)
+    path = os.path.join(run, "status.sock")
+    try:
+        os.unlink(path)  # --replace: a previous instance's socket is taken over
+    except FileNotFoundError:
+        pass
+    snapshot = status(home)
+    snapshot["mode"] = mode
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path != "/status":
+                self.send_error(404)
+                return
+            body = json.dumps(snapshot).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    old = os.umask(0o177)
+    server = Server(path, Handler)
+    os.umask(old)
+    os.chmod(path, 0o600)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print("agent_cli %s serving %s" % (info["version"], path), flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def main(argv):
+    if argv[:2] != ["gateway", "run"]:
+        print("usage: python -m agent_cli.main gateway run [--replace]", file=sys.stderr)
+        return 2
+    serve("cli")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
