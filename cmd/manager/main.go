@@ -1,0 +1,77 @@
+// Command manager runs the gateway-operator controller manager: it plans which release runs on
+// which host and sums up what the hosts' agents report.
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"time"
+
+	"k8s.io/apimachinery/pkg/runtime"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/healthz"
+	"sigs.k8s.io/controller-runtime/pkg/log/zap"
+	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
+
+	gatewayv1alpha1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
+	"github.com/agent-gateway/gateway-operator/controllers"
+)
+
+func main() {
+	var metricsAddr, probeAddr, leaderNS string
+	var leaderElect bool
+	var o controllers.Options
+	flag.StringVar(&metricsAddr, "metrics-bind-address", ":8080", "metrics listen address; 0 turns metrics off")
+	flag.StringVar(&probeAddr, "health-probe-bind-address", ":8081", "health probe listen address; 0 turns probes off")
+	flag.BoolVar(&leaderElect, "leader-elect", false, "elect a leader, so that only one of several replicas acts")
+	flag.StringVar(&leaderNS, "leader-election-namespace", "", "namespace of the leader election lease (default: the pod's namespace)")
+	flag.DurationVar(&o.HostGracePeriod, "host-grace-period", 40*time.Second, "heartbeat age after which a host counts as unreachable")
+	zopts := zap.Options{}
+	zopts.BindFlags(flag.CommandLine)
+	flag.Parse()
+	log := zap.New(zap.UseFlagOptions(&zopts))
+	ctrl.SetLogger(log)
+
+	cfg, err := ctrl.GetConfig()
+	if err != nil {
+		fail(err)
+	}
+	scheme := runtime.NewScheme()
+	if err := errors.Join(clientgoscheme.AddToScheme(scheme), gatewayv1alpha1.AddToScheme(scheme)); err != nil {
+		fail(err)
+	}
+	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
+		Scheme:                  scheme,
+		Metrics:                 metricsserver.Options{BindAddress: metricsAddr},
+		HealthProbeBindAddress:  probeAddr,
+		LeaderElection:          leaderElect,
+		LeaderElectionID:        "gateway-operator.gateway.agent.dev",
+		LeaderElectionNamespace: leaderNS,
+		// A new leader does not wait for the old lease to expire when the old one stops cleanly.
+		LeaderElectionReleaseOnCancel: true,
+	})
+	if err != nil {
+		fail(err)
+	}
+	if err := controllers.Setup(mgr, o); err != nil {
+		fail(err)
+	}
+	if err := mgr.AddHealthzCheck("ping", healthz.Ping); err != nil {
+		fail(err)
+	}
+	if err := mgr.AddReadyzCheck("ping", healthz.Ping); err != nil {
+		fail(err)
+	}
+	log.Info("starting controller manager", "hostGracePeriod", o.HostGracePeriod, "leaderElect", leaderElect)
+	if err := mgr.Start(ctrl.SetupSignalHandler()); err != nil {
+		fail(err)
+	}
+}
+
+func fail(err error) {
+	fmt.Fprintln(os.Stderr, "manager:", err)
+	os.Exit(1)
+}

@@ -1,0 +1,242 @@
+package controllers
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"strings"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
+	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+	"sigs.k8s.io/controller-runtime/pkg/recorder"
+
+	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
+)
+
+// FinalizerProfileInstances keeps a GatewayProfile until every host removed its unit.
+const FinalizerProfileInstances = "gateway.agent.dev/instances"
+
+// GatewayProfileReconciler writes one GatewayInstance per (profile, selected host) and sums
+// up the instances' status in the profile's.
+type GatewayProfileReconciler struct {
+	Client   client.Client
+	Recorder recorder.EventRecorder
+}
+
+// SetupWithManager registers the reconciler: a profile is reconciled when it, one of its
+// instances, any host, or its release changes.
+func (r *GatewayProfileReconciler) SetupWithManager(mgr ctrl.Manager) error {
+	return ctrl.NewControllerManagedBy(mgr).
+		For(&v1.GatewayProfile{}).
+		Owns(&v1.GatewayInstance{}).
+		Watches(&v1.GatewayHost{}, handler.EnqueueRequestsFromMapFunc(r.allProfiles)).
+		Watches(&v1.Release{}, handler.EnqueueRequestsFromMapFunc(r.profilesOfRelease)).
+		Complete(r)
+}
+
+func (r *GatewayProfileReconciler) allProfiles(ctx context.Context, _ client.Object) []reconcile.Request {
+	var list v1.GatewayProfileList
+	if err := r.Client.List(ctx, &list); err != nil {
+		return nil
+	}
+	reqs := make([]reconcile.Request, 0, len(list.Items))
+	for _, p := range list.Items {
+		reqs = append(reqs, reconcile.Request{NamespacedName: client.ObjectKeyFromObject(&p)})
+	}
+	return reqs
+}
+
+func (r *GatewayProfileReconciler) profilesOfRelease(ctx context.Context, o client.Object) []reconcile.Request {
+	var list v1.GatewayProfileList
+	if err := r.Client.List(ctx, &list); err != nil {
+		return nil
+	}
+	var reqs []reconcile.Request
+	for _, p := range list.Items {
+		if p.Spec.Release == o.GetName() {
+			reqs = append(reqs, reconcile.Request{NamespacedName: client.ObjectKeyFromObject(&p)})
+		}
+	}
+	return reqs
+}
+
+// Reconcile brings a profile's instances in line with its spec and reports their state.
+func (r *GatewayProfileReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
+	var p v1.GatewayProfile
+	if err := r.Client.Get(ctx, req.NamespacedName, &p); err != nil {
+		return ctrl.Result{}, client.IgnoreNotFound(err)
+	}
+	instances, err := r.instancesOf(ctx, p.Name)
+	if err != nil {
+		return ctrl.Result{}, err
+	}
+	if !p.DeletionTimestamp.IsZero() {
+		return ctrl.Result{}, r.reconcileDelete(ctx, &p, instances)
+	}
+	if controllerutil.AddFinalizer(&p, FinalizerProfileInstances) {
+		if err := r.Client.Update(ctx, &p); err != nil {
+			return ctrl.Result{}, err
+		}
+	}
+	base := p.DeepCopy()
+	err = r.reconcileNormal(ctx, &p, instances)
+	if perr := r.patchStatus(ctx, base, &p); perr != nil && err == nil {
+		err = perr
+	}
+	return ctrl.Result{}, err
+}
+
+func (r *GatewayProfileReconciler) instancesOf(ctx context.Context, profile string) (map[string]*v1.GatewayInstance, error) {
+	var list v1.GatewayInstanceList
+	if err := r.Client.List(ctx, &list, client.MatchingLabels{v1.LabelProfile: profile}); err != nil {
+		return nil, err
+	}
+	byHost := make(map[string]*v1.GatewayInstance, len(list.Items))
+	for i := range list.Items {
+		byHost[list.Items[i].Spec.Host] = &list.Items[i]
+	}
+	return byHost, nil
+}
+
+// reconcileNormal creates, updates and deletes instances, then computes the status.
+func (r *GatewayProfileReconciler) reconcileNormal(ctx context.Context, p *v1.GatewayProfile, instances map[string]*v1.GatewayInstance) error {
+	p.Status.ObservedGeneration = p.Generation
+	var rel v1.Release
+	if err := r.Client.Get(ctx, client.ObjectKey{Name: p.Spec.Release}, &rel); err != nil {
+		if !apierrors.IsNotFound(err) {
+			return err
+		}
+		msg := fmt.Sprintf("Release %q does not exist; hosts keep what they run", p.Spec.Release)
+		r.setCondition(p, v1.ConditionReady, metav1.ConditionFalse, "ReleaseNotFound", msg)
+		r.Recorder.Eventf(p, nil, corev1.EventTypeWarning, "ReleaseNotFound", "Plan", "%s", msg)
+		summarize(p, instances, nil)
+		return nil
+	}
+	if !rel.DeletionTimestamp.IsZero() {
+		msg := fmt.Sprintf("Release %q is being deleted; hosts keep what they run", rel.Name)
+		r.setCondition(p, v1.ConditionReady, metav1.ConditionFalse, "ReleaseDeleting", msg)
+		summarize(p, instances, &rel)
+		return nil
+	}
+
+	hosts, err := r.selectedHosts(ctx, p)
+	if err != nil {
+		r.setCondition(p, v1.ConditionReady, metav1.ConditionFalse, "InvalidSelector", err.Error())
+		return nil
+	}
+	for _, h := range hosts {
+		want := desiredInstanceSpec(p, h.Name, &rel)
+		gi, exists := instances[h.Name]
+		switch {
+		case !exists:
+			if h.Spec.Unschedulable {
+				continue
+			}
+			gi = newInstance(p, want)
+			if err := r.Client.Create(ctx, gi); err != nil {
+				return fmt.Errorf("create instance %s: %w", gi.Name, err)
+			}
+			instances[h.Name] = gi
+			r.Recorder.Eventf(p, gi, corev1.EventTypeNormal, "InstanceCreated", "Plan",
+				"host %s selected: created %s on release %s", h.Name, gi.Name, rel.Spec.Label)
+		case !gi.DeletionTimestamp.IsZero(), h.Spec.Unschedulable:
+			// Going away, or cordoned: leave it as it is.
+		case !equality.Semantic.DeepEqual(gi.Spec, want):
+			from := gi.Spec.Release.Label
+			base := gi.DeepCopy()
+			gi.Spec = want
+			if err := r.Client.Patch(ctx, gi, client.MergeFrom(base)); err != nil {
+				return fmt.Errorf("update instance %s: %w", gi.Name, err)
+			}
+			r.Recorder.Eventf(p, gi, corev1.EventTypeNormal, "InstanceUpdated", "Plan",
+				"%s: release %s -> %s (config %s)", gi.Name, from, rel.Spec.Label, want.ConfigHash)
+		}
+	}
+	selected := map[string]bool{}
+	for _, h := range hosts {
+		selected[h.Name] = true
+	}
+	for host, gi := range instances {
+		if selected[host] || !gi.DeletionTimestamp.IsZero() {
+			continue
+		}
+		if err := r.Client.Delete(ctx, gi); client.IgnoreNotFound(err) != nil {
+			return fmt.Errorf("delete instance %s: %w", gi.Name, err)
+		}
+		r.Recorder.Eventf(p, gi, corev1.EventTypeNormal, "InstanceDeleted", "Plan",
+			"host %s no longer selected: removing %s", host, gi.Name)
+	}
+	for host := range instances {
+		if !selected[host] {
+			delete(instances, host)
+		}
+	}
+	failed := summarize(p, instances, &rel)
+	p.Status.Desired = int32(len(hosts))
+	setSummaryConditions(p, failed)
+	return nil
+}
+
+// selectedHosts lists the GatewayHosts the profile's nodeSelector matches, by name.
+func (r *GatewayProfileReconciler) selectedHosts(ctx context.Context, p *v1.GatewayProfile) ([]v1.GatewayHost, error) {
+	sel, err := metav1.LabelSelectorAsSelector(&p.Spec.NodeSelector)
+	if err != nil {
+		return nil, fmt.Errorf("nodeSelector: %w", err)
+	}
+	var list v1.GatewayHostList
+	if err := r.Client.List(ctx, &list, client.MatchingLabelsSelector{Selector: sel}); err != nil {
+		return nil, err
+	}
+	hosts := list.Items
+	sort.Slice(hosts, func(i, j int) bool { return hosts[i].Name < hosts[j].Name })
+	return hosts, nil
+}
+
+// reconcileDelete removes every instance of a deleted profile and lets the profile go once
+// every host has removed its unit (each agent removes its instance's finalizer).
+func (r *GatewayProfileReconciler) reconcileDelete(ctx context.Context, p *v1.GatewayProfile, instances map[string]*v1.GatewayInstance) error {
+	for _, gi := range instances {
+		if gi.DeletionTimestamp.IsZero() {
+			if err := r.Client.Delete(ctx, gi); client.IgnoreNotFound(err) != nil {
+				return err
+			}
+			r.Recorder.Eventf(p, gi, corev1.EventTypeNormal, "InstanceDeleted", "Delete",
+				"profile deleted: removing %s from host %s", gi.Name, gi.Spec.Host)
+		}
+	}
+	if len(instances) > 0 {
+		return nil // the instances' deletion wakes this profile again
+	}
+	if controllerutil.RemoveFinalizer(p, FinalizerProfileInstances) {
+		return r.Client.Update(ctx, p)
+	}
+	return nil
+}
+
+func (r *GatewayProfileReconciler) setCondition(p *v1.GatewayProfile, t string, s metav1.ConditionStatus, reason, msg string) {
+	meta.SetStatusCondition(&p.Status.Conditions, metav1.Condition{Type: t, Status: s, Reason: reason, Message: msg, ObservedGeneration: p.Generation})
+}
+
+func (r *GatewayProfileReconciler) patchStatus(ctx context.Context, base, p *v1.GatewayProfile) error {
+	if equality.Semantic.DeepEqual(base.Status, p.Status) {
+		return nil
+	}
+	return client.IgnoreNotFound(r.Client.Status().Patch(ctx, p, client.MergeFrom(base)))
+}
+
+// hostList renders up to five names for a message.
+func hostList(names []string) string {
+	sort.Strings(names)
+	if len(names) > 5 {
+		return strings.Join(names[:5], ", ") + fmt.Sprintf(" and %d more", len(names)-5)
+	}
+	return strings.Join(names, ", ")
+}

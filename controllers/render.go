@@ -1,0 +1,51 @@
+package controllers
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
+)
+
+// desiredInstanceSpec is what a profile asks of one host, given the release it runs there.
+// It is pure: the same inputs always give the same spec and the same config hash.
+func desiredInstanceSpec(p *v1.GatewayProfile, host string, rel *v1.Release) v1.GatewayInstanceSpec {
+	spec := v1.GatewayInstanceSpec{
+		Profile: p.Name,
+		Host:    host,
+		Release: v1.ReleaseArtifact{
+			Name:   rel.Name,
+			URL:    rel.Spec.Source.URL,
+			SHA256: rel.Spec.SHA256,
+			Label:  rel.Spec.Label,
+		},
+		GatewaySettings: *p.Spec.GatewaySettings.DeepCopy(),
+	}
+	spec.ConfigHash = configHash(spec)
+	return spec
+}
+
+// configHash digests everything in an instance spec but the hash itself.
+func configHash(spec v1.GatewayInstanceSpec) string {
+	spec.ConfigHash = ""
+	b, _ := json.Marshal(spec) // a struct of strings and lists: cannot fail
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:])[:16]
+}
+
+// newInstance builds the GatewayInstance of a profile on a host.
+func newInstance(p *v1.GatewayProfile, spec v1.GatewayInstanceSpec) *v1.GatewayInstance {
+	return &v1.GatewayInstance{
+		ObjectMeta: metav1.ObjectMeta{
+			Name:       v1.InstanceName(p.Name, spec.Host),
+			Labels:     map[string]string{v1.LabelProfile: p.Name, v1.LabelHost: spec.Host},
+			Finalizers: []string{v1.FinalizerInstanceUnits},
+			OwnerReferences: []metav1.OwnerReference{*metav1.NewControllerRef(p,
+				v1.GroupVersion.WithKind("GatewayProfile"))},
+		},
+		Spec: spec,
+	}
+}

@@ -1,0 +1,158 @@
+package controllers_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"testing"
+	"time"
+
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/log/zap"
+	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
+
+	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
+	"github.com/agent-gateway/gateway-operator/controllers"
+	"github.com/agent-gateway/gateway-operator/test/controlplane"
+)
+
+// The controllers run in this test binary against a real kube-apiserver and etcd. No host
+// agents run here: tests that need instance status write it as an agent would, and their names
+// say "SimulatedAgent".
+
+var (
+	cp *controlplane.Env
+	c  client.Client
+)
+
+const grace = 3 * time.Second
+
+func TestMain(m *testing.M) {
+	os.Exit(run(m))
+}
+
+func run(m *testing.M) int {
+	var err error
+	cp, err = controlplane.Start()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer cp.Stop()
+	c = cp.Client
+	mgr, err := ctrl.NewManager(cp.Config, ctrl.Options{
+		Scheme:  cp.Scheme,
+		Metrics: metricsserver.Options{BindAddress: "0"},
+		Logger:  zap.New(zap.WriteTo(logSink())),
+	})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	if err := controllers.Setup(mgr, controllers.Options{HostGracePeriod: grace}); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- mgr.Start(ctx) }()
+	code := m.Run()
+	cancel()
+	if err := <-done; err != nil {
+		fmt.Fprintln(os.Stderr, "manager:", err)
+		return 1
+	}
+	return code
+}
+
+// logSink shows the manager's logs when GATEWAY_TEST_LOGS is set.
+func logSink() io.Writer {
+	if os.Getenv("GATEWAY_TEST_LOGS") != "" {
+		return os.Stderr
+	}
+	return io.Discard
+}
+
+func eventually(t *testing.T, what string, cond func() (bool, string)) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	last := ""
+	for time.Now().Before(deadline) {
+		ok, msg := cond()
+		if ok {
+			return
+		}
+		last = msg
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Fatalf("timed out waiting for %s: %s", what, last)
+}
+
+func mustCreate(t *testing.T, o client.Object) {
+	t.Helper()
+	if err := c.Create(context.Background(), o); err != nil {
+		t.Fatalf("create %s: %v", o.GetName(), err)
+	}
+}
+
+func host(name string, labels map[string]string) *v1.GatewayHost {
+	return &v1.GatewayHost{ObjectMeta: metav1.ObjectMeta{Name: name, Labels: labels}}
+}
+
+func rel(name, label, sha string) *v1.Release {
+	return &v1.Release{ObjectMeta: metav1.ObjectMeta{Name: name}, Spec: v1.ReleaseSpec{
+		Source: v1.ReleaseSource{URL: "https://releases.example.com/" + name + ".tar.gz"}, SHA256: sha, Label: label}}
+}
+
+func profile(name, release string, selector map[string]string) *v1.GatewayProfile {
+	return &v1.GatewayProfile{ObjectMeta: metav1.ObjectMeta{Name: name}, Spec: v1.GatewayProfileSpec{
+		Release: release, NodeSelector: metav1.LabelSelector{MatchLabels: selector}}}
+}
+
+// simulatedAgentReports writes an instance's status the way a host's agent does after an apply.
+func simulatedAgentReports(t *testing.T, name string, aligned bool, reason string) {
+	t.Helper()
+	ctx := context.Background()
+	var gi v1.GatewayInstance
+	if err := c.Get(ctx, client.ObjectKey{Name: name}, &gi); err != nil {
+		t.Fatal(err)
+	}
+	base := gi.DeepCopy()
+	gen := gi.Generation
+	gi.Status.ObservedGeneration = gen
+	gi.Status.ConfigHash = gi.Spec.ConfigHash
+	set := func(typ string, s metav1.ConditionStatus, why string) {
+		meta.SetStatusCondition(&gi.Status.Conditions, metav1.Condition{Type: typ, Status: s, Reason: why, Message: why, ObservedGeneration: gen})
+	}
+	if aligned {
+		gi.Status.CurrentRelease = &v1.ReleaseSummary{Name: gi.Spec.Release.Name, Label: gi.Spec.Release.Label, SHA256: gi.Spec.Release.SHA256}
+		gi.Status.MainPID = 4242
+		set(v1.ConditionAligned, metav1.ConditionTrue, "Proven")
+		set(v1.ConditionDegraded, metav1.ConditionFalse, "Applied")
+	} else {
+		set(v1.ConditionAligned, metav1.ConditionFalse, "ProofFailed")
+		set(v1.ConditionDegraded, metav1.ConditionTrue, reason)
+	}
+	if err := c.Status().Patch(ctx, &gi, client.MergeFrom(base)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// simulatedAgentRemovesUnit drops the finalizer, as an agent does once the unit is gone.
+func simulatedAgentRemovesUnit(t *testing.T, name string) {
+	t.Helper()
+	ctx := context.Background()
+	var gi v1.GatewayInstance
+	if err := c.Get(ctx, client.ObjectKey{Name: name}, &gi); err != nil {
+		t.Fatal(err)
+	}
+	base := gi.DeepCopy()
+	gi.Finalizers = nil
+	if err := c.Patch(ctx, &gi, client.MergeFrom(base)); err != nil {
+		t.Fatal(err)
+	}
+}
