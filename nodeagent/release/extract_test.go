@@ -214,6 +214,23 @@ func TestRejectedErrorMessageNamesEntry(t *testing.T) {
 	}
 }
 
+// TestEntryRejectsNUL covers the NUL rule below archive/tar, which already refuses such names
+// in the formats it parses (see the "NUL in name" hostile case).
+func TestEntryRejectsNUL(t *testing.T) {
+	x := &extractor{lim: DefaultLimits(), src: &errReader{}, tree: &node{path: ".", kind: kindDir}}
+	for _, h := range []*tar.Header{
+		{Typeflag: tar.TypeReg, Name: "a\x00/../../b"},
+		{Typeflag: tar.TypeDir, Name: "d\x00/"},
+		{Typeflag: tar.TypeSymlink, Name: "s", Linkname: "t\x00"},
+		{Typeflag: tar.TypeLink, Name: "h", Linkname: "f\x00"},
+	} {
+		err := x.entry(h, strings.NewReader(""))
+		if rej, ok := asRejected(err); !ok || rej.Reason != ReasonUnsafeArchive || !strings.Contains(rej.Message, "NUL") {
+			t.Errorf("%q -> %q: %v; want UnsafeArchive about NUL", h.Name, h.Linkname, err)
+		}
+	}
+}
+
 func TestClimbsOut(t *testing.T) {
 	for _, c := range []struct {
 		dir, target string

@@ -21,8 +21,8 @@ import (
 
 var testTime = time.Date(2024, 5, 6, 7, 8, 9, 0, time.UTC)
 
-// longName needs a PAX header.
-var longName = strings.Repeat("long/", 30) + "name.txt"
+// longName is too long for a plain ustar header.
+var longName = strings.Repeat("n", 120) + "/long-name.txt"
 
 // ent is one tar entry of a test archive.
 type ent struct {

@@ -107,7 +107,8 @@ const tmpSuffix = ".tmp"
 // downloadPrefix starts the name of every temporary download inside Dir.
 const downloadPrefix = ".download-"
 
-// Path is where an artifact lives once staged: Dir/<sha256>-<label>.
+// Path is where an artifact lives once staged: Dir/<sha256>-<label>. It does not validate a;
+// Ensure does before using the path.
 func (s *Store) Path(a Artifact) string {
 	return filepath.Join(s.Dir, a.SHA256+"-"+a.Label)
 }
