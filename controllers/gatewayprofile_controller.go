@@ -87,11 +87,11 @@ func (r *GatewayProfileReconciler) Reconcile(ctx context.Context, req ctrl.Reque
 		}
 	}
 	base := p.DeepCopy()
-	err = r.reconcileNormal(ctx, &p, instances)
+	res, err := r.reconcileNormal(ctx, &p, instances)
 	if perr := r.patchStatus(ctx, base, &p); perr != nil && err == nil {
 		err = perr
 	}
-	return ctrl.Result{}, err
+	return res, err
 }
 
 func (r *GatewayProfileReconciler) instancesOf(ctx context.Context, profile string) (map[string]*v1.GatewayInstance, error) {
@@ -106,83 +106,59 @@ func (r *GatewayProfileReconciler) instancesOf(ctx context.Context, profile stri
 	return byHost, nil
 }
 
-// reconcileNormal creates, updates and deletes instances, then computes the status.
-func (r *GatewayProfileReconciler) reconcileNormal(ctx context.Context, p *v1.GatewayProfile, instances map[string]*v1.GatewayInstance) error {
+// reconcileNormal rolls the profile's target out over its selected hosts, removes instances
+// from hosts no longer selected, then computes the status.
+func (r *GatewayProfileReconciler) reconcileNormal(ctx context.Context, p *v1.GatewayProfile, instances map[string]*v1.GatewayInstance) (ctrl.Result, error) {
 	p.Status.ObservedGeneration = p.Generation
 	var rel v1.Release
 	if err := r.Client.Get(ctx, client.ObjectKey{Name: p.Spec.Release}, &rel); err != nil {
 		if !apierrors.IsNotFound(err) {
-			return err
+			return ctrl.Result{}, err
 		}
 		msg := fmt.Sprintf("Release %q does not exist; hosts keep what they run", p.Spec.Release)
 		r.setCondition(p, v1.ConditionReady, metav1.ConditionFalse, "ReleaseNotFound", msg)
 		r.Recorder.Eventf(p, nil, corev1.EventTypeWarning, "ReleaseNotFound", "Plan", "%s", msg)
 		summarize(p, instances, nil)
-		return nil
+		return ctrl.Result{}, nil
 	}
 	if !rel.DeletionTimestamp.IsZero() {
 		msg := fmt.Sprintf("Release %q is being deleted; hosts keep what they run", rel.Name)
 		r.setCondition(p, v1.ConditionReady, metav1.ConditionFalse, "ReleaseDeleting", msg)
 		summarize(p, instances, &rel)
-		return nil
+		return ctrl.Result{}, nil
 	}
 
 	hosts, err := r.selectedHosts(ctx, p)
 	if err != nil {
 		r.setCondition(p, v1.ConditionReady, metav1.ConditionFalse, "InvalidSelector", err.Error())
-		return nil
-	}
-	for _, h := range hosts {
-		want := desiredInstanceSpec(p, h.Name, &rel)
-		gi, exists := instances[h.Name]
-		switch {
-		case !exists:
-			if h.Spec.Unschedulable {
-				continue
-			}
-			gi = newInstance(p, want)
-			if err := r.Client.Create(ctx, gi); err != nil {
-				return fmt.Errorf("create instance %s: %w", gi.Name, err)
-			}
-			instances[h.Name] = gi
-			r.Recorder.Eventf(p, gi, corev1.EventTypeNormal, "InstanceCreated", "Plan",
-				"host %s selected: created %s on release %s", h.Name, gi.Name, rel.Spec.Label)
-		case !gi.DeletionTimestamp.IsZero(), h.Spec.Unschedulable:
-			// Going away, or cordoned: leave it as it is.
-		case !equality.Semantic.DeepEqual(gi.Spec, want):
-			from := gi.Spec.Release.Label
-			base := gi.DeepCopy()
-			gi.Spec = want
-			if err := r.Client.Patch(ctx, gi, client.MergeFrom(base)); err != nil {
-				return fmt.Errorf("update instance %s: %w", gi.Name, err)
-			}
-			r.Recorder.Eventf(p, gi, corev1.EventTypeNormal, "InstanceUpdated", "Plan",
-				"%s: release %s -> %s (config %s)", gi.Name, from, rel.Spec.Label, want.ConfigHash)
-		}
+		return ctrl.Result{}, nil
 	}
 	selected := map[string]bool{}
 	for _, h := range hosts {
 		selected[h.Name] = true
 	}
 	for host, gi := range instances {
-		if selected[host] || !gi.DeletionTimestamp.IsZero() {
+		if selected[host] {
 			continue
 		}
-		if err := r.Client.Delete(ctx, gi); client.IgnoreNotFound(err) != nil {
-			return fmt.Errorf("delete instance %s: %w", gi.Name, err)
+		if gi.DeletionTimestamp.IsZero() {
+			if err := r.Client.Delete(ctx, gi); client.IgnoreNotFound(err) != nil {
+				return ctrl.Result{}, fmt.Errorf("delete instance %s: %w", gi.Name, err)
+			}
+			r.Recorder.Eventf(p, gi, corev1.EventTypeNormal, "InstanceDeleted", "Plan",
+				"host %s no longer selected: removing %s", host, gi.Name)
 		}
-		r.Recorder.Eventf(p, gi, corev1.EventTypeNormal, "InstanceDeleted", "Plan",
-			"host %s no longer selected: removing %s", host, gi.Name)
+		delete(instances, host)
 	}
-	for host := range instances {
-		if !selected[host] {
-			delete(instances, host)
-		}
+
+	res, err := r.rollout(ctx, p, &rel, hosts, instances)
+	if err != nil {
+		return ctrl.Result{}, err
 	}
 	failed := summarize(p, instances, &rel)
 	p.Status.Desired = int32(len(hosts))
 	setSummaryConditions(p, failed)
-	return nil
+	return res, nil
 }
 
 // selectedHosts lists the GatewayHosts the profile's nodeSelector matches, by name.

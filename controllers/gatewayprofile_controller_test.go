@@ -10,6 +10,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
@@ -44,12 +45,15 @@ func TestProfileLifecycleSimulatedAgents(t *testing.T) {
 	mustCreate(t, host("lc-1", map[string]string{"pool": "lc"}))
 	mustCreate(t, host("lc-2", map[string]string{"pool": "lc"}))
 	mustCreate(t, host("lc-3", map[string]string{"pool": "other"}))
+	simulatedAgentHeartbeats(t, "lc-1", "lc-2", "lc-3")
 	mustCreate(t, rel("lc-r1", "1.0.0", shaA))
 	mustCreate(t, rel("lc-r2", "2.0.0", shaB))
 	p := profile("lc", "lc-r1", map[string]string{"pool": "lc"})
 	p.Spec.Env = []v1.EnvVar{{Name: "TZ", Value: "UTC"}}
 	p.Spec.EgressAllowlist = []v1.EgressRule{"10.0.0.0/8"}
 	p.Spec.DeniedTools = []string{"shell"}
+	all := intstr.FromString("100%") // pacing is tested in the rollout tests
+	p.Spec.Rollout.MaxUnavailable = &all
 	mustCreate(t, p)
 
 	eventually(t, "instances on lc-1 and lc-2", func() (bool, string) {

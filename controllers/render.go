@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
 )
@@ -49,3 +50,8 @@ func newInstance(p *v1.GatewayProfile, spec v1.GatewayInstanceSpec) *v1.GatewayI
 		Spec: spec,
 	}
 }
+
+// labelsSelector matches a host's labels.
+type labelsSelector = labels.Selector
+
+func labelSet(l map[string]string) labels.Set { return labels.Set(l) }

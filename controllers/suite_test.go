@@ -44,10 +44,10 @@ func run(m *testing.M) int {
 	}
 	defer cp.Stop()
 	c = cp.Client
+	ctrl.SetLogger(zap.New(zap.WriteTo(logSink())))
 	mgr, err := ctrl.NewManager(cp.Config, ctrl.Options{
 		Scheme:  cp.Scheme,
 		Metrics: metricsserver.Options{BindAddress: "0"},
-		Logger:  zap.New(zap.WriteTo(logSink())),
 	})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -155,4 +155,39 @@ func simulatedAgentRemovesUnit(t *testing.T, name string) {
 	if err := c.Patch(ctx, &gi, client.MergeFrom(base)); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// simulatedAgentHeartbeats keeps hosts' heartbeats fresh, as their agents would, until the
+// test ends.
+func simulatedAgentHeartbeats(t *testing.T, names ...string) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	beat := func() {
+		for _, n := range names {
+			var h v1.GatewayHost
+			if err := c.Get(ctx, client.ObjectKey{Name: n}, &h); err != nil {
+				continue
+			}
+			base := h.DeepCopy()
+			now := metav1.Now()
+			h.Status.LastHeartbeatTime = &now
+			_ = c.Status().Patch(ctx, &h, client.MergeFromWithOptions(base, client.MergeFromWithOptimisticLock{}))
+		}
+	}
+	beat()
+	go func() {
+		defer close(done)
+		tick := time.NewTicker(grace / 3)
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+				beat()
+			}
+		}
+	}()
+	t.Cleanup(func() { cancel(); <-done })
 }

@@ -2,6 +2,7 @@ package v1alpha1
 
 import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 )
 
 // GatewaySettings is how one profile's gateway process runs on a host. A GatewayProfile states
@@ -75,6 +76,136 @@ type GatewayProfileSpec struct {
 	NodeSelector metav1.LabelSelector `json:"nodeSelector"`
 
 	GatewaySettings `json:",inline"`
+
+	// Rollout says how a new release or setting moves across the selected hosts.
+	// +kubebuilder:default={}
+	// +optional
+	Rollout RolloutStrategy `json:"rollout,omitempty"`
+}
+
+// RolloutStrategy paces a change across the fleet. Hosts move in a stable order (a hash of host,
+// profile and target release), at most maxUnavailable at a time, optionally after a canary step.
+// Operator actions are annotations on the profile: gateway.agent.dev/promote (end a canary
+// pause), gateway.agent.dev/resume (continue after a halt), gateway.agent.dev/abort (return every
+// moved host to the previous release).
+// +kubebuilder:validation:XValidation:rule="!has(self.maxUnavailable) || (type(self.maxUnavailable) == int ? self.maxUnavailable > 0 : self.maxUnavailable.matches('^([1-9][0-9]?|100)%$'))",message="maxUnavailable must be a positive number of hosts or a percentage from 1% to 100%",fieldPath=".maxUnavailable"
+type RolloutStrategy struct {
+	// MaxUnavailable is how many selected hosts may be moving, unreachable or failing at once: a
+	// number, or a percentage of the selected hosts (rounded down, at least 1). Default 1.
+	// +kubebuilder:validation:XIntOrString
+	// +kubebuilder:default=1
+	// +optional
+	MaxUnavailable *intstr.IntOrString `json:"maxUnavailable,omitempty"`
+
+	// Canary moves some hosts first, then pauses.
+	// +optional
+	Canary *CanaryStep `json:"canary,omitempty"`
+
+	// Paused stops the rollout where it is: no further host is moved until it is false again.
+	// +optional
+	Paused bool `json:"paused,omitempty"`
+
+	// ProgressDeadlineSeconds is how long one host may take to become aligned after it was
+	// moved; past it the host counts as failed and the rollout halts. Default 600.
+	// +kubebuilder:validation:Minimum=10
+	// +kubebuilder:default=600
+	// +optional
+	ProgressDeadlineSeconds int32 `json:"progressDeadlineSeconds,omitempty"`
+
+	// MinReadySeconds is how long a host must stay aligned before it counts as available.
+	// +kubebuilder:validation:Minimum=0
+	// +optional
+	MinReadySeconds int32 `json:"minReadySeconds,omitempty"`
+
+	// AutoRollback returns a failed host to its last good release (the agent does it on the
+	// host). Default true.
+	// +kubebuilder:default=true
+	// +optional
+	AutoRollback *bool `json:"autoRollback,omitempty"`
+}
+
+// CanaryStep is the first step of a rollout: some hosts move, then the rollout pauses.
+// +kubebuilder:validation:XValidation:rule="has(self.hosts) != has(self.selector)",message="set exactly one of hosts and selector"
+// +kubebuilder:validation:XValidation:rule="!has(self.hosts) || (type(self.hosts) == int ? self.hosts > 0 : self.hosts.matches('^([1-9][0-9]?|100)%$'))",message="canary hosts must be a positive number or a percentage from 1% to 100%",fieldPath=".hosts"
+type CanaryStep struct {
+	// Hosts is how many selected hosts move first: a number or a percentage (rounded down, at
+	// least 1).
+	// +kubebuilder:validation:XIntOrString
+	// +optional
+	Hosts *intstr.IntOrString `json:"hosts,omitempty"`
+
+	// Selector picks the canary hosts by label instead.
+	// +optional
+	Selector *metav1.LabelSelector `json:"selector,omitempty"`
+
+	// PauseSeconds is how long to wait after the canary hosts are aligned before the rest
+	// moves. Unset: wait until a person promotes (annotation gateway.agent.dev/promote).
+	// +kubebuilder:validation:Minimum=0
+	// +optional
+	PauseSeconds *int32 `json:"pauseSeconds,omitempty"`
+}
+
+// RolloutPhase is where a rollout stands.
+// +kubebuilder:validation:Enum=Progressing;Paused;Halted;Complete;Aborted
+type RolloutPhase string
+
+// Rollout phases.
+const (
+	RolloutProgressing RolloutPhase = "Progressing"
+	RolloutPaused      RolloutPhase = "Paused"
+	RolloutHalted      RolloutPhase = "Halted"
+	RolloutComplete    RolloutPhase = "Complete"
+	RolloutAborted     RolloutPhase = "Aborted"
+)
+
+// RolloutStatus is the state of the current rollout.
+type RolloutStatus struct {
+	// Phase of the rollout.
+	// +optional
+	Phase RolloutPhase `json:"phase,omitempty"`
+	// Step says in words where the rollout is, e.g. "canary: 2 of 2 hosts aligned, paused".
+	// +optional
+	Step string `json:"step,omitempty"`
+	// From is the release the rollout moves away from.
+	// +optional
+	From *ReleaseSummary `json:"from,omitempty"`
+	// To is the release the rollout moves to.
+	// +optional
+	To *ReleaseSummary `json:"to,omitempty"`
+	// StartTime is when the rollout began.
+	// +optional
+	StartTime *metav1.Time `json:"startTime,omitempty"`
+	// PauseTime is when the canary pause began.
+	// +optional
+	PauseTime *metav1.Time `json:"pauseTime,omitempty"`
+	// Promoted is true once the canary pause has ended (by time or by a person).
+	// +optional
+	Promoted bool `json:"promoted,omitempty"`
+	// Key identifies the target of this rollout: a digest of the release and settings.
+	// +optional
+	Key string `json:"key,omitempty"`
+	// UpdatedHosts, PendingHosts and FailedHosts count the selected hosts by state.
+	// +optional
+	UpdatedHosts int32 `json:"updatedHosts"`
+	// +optional
+	PendingHosts int32 `json:"pendingHosts"`
+	// +optional
+	FailedHosts int32 `json:"failedHosts"`
+	// Failed names up to ten failed hosts and why.
+	// +optional
+	Failed []string `json:"failed,omitempty"`
+}
+
+// RolloutRecord is one finished rollout.
+type RolloutRecord struct {
+	From *ReleaseSummary `json:"from,omitempty"`
+	To   *ReleaseSummary `json:"to,omitempty"`
+	// +optional
+	StartTime *metav1.Time `json:"startTime,omitempty"`
+	// +optional
+	EndTime *metav1.Time `json:"endTime,omitempty"`
+	// Result is Complete, Aborted or Superseded.
+	Result string `json:"result"`
 }
 
 // ReleaseSummary names a release in a status.
@@ -120,12 +251,29 @@ type GatewayProfileStatus struct {
 	// +optional
 	TargetRelease *ReleaseSummary `json:"targetRelease,omitempty"`
 
-	// Conditions: Ready, Progressing, Degraded.
+	// Rollout is the state of the current rollout.
+	// +optional
+	Rollout *RolloutStatus `json:"rollout,omitempty"`
+
+	// History lists the last rollouts, newest first (at most 10).
+	// +kubebuilder:validation:MaxItems=10
+	// +optional
+	History []RolloutRecord `json:"history,omitempty"`
+
+	// Conditions: Ready, Progressing, Degraded, Paused.
 	// +listType=map
 	// +listMapKey=type
 	// +optional
 	Conditions []metav1.Condition `json:"conditions,omitempty"`
 }
+
+// Annotations a person sets on a GatewayProfile to act on its rollout; the controller removes
+// them once acted upon.
+const (
+	AnnotationPromote = "gateway.agent.dev/promote"
+	AnnotationResume  = "gateway.agent.dev/resume"
+	AnnotationAbort   = "gateway.agent.dev/abort"
+)
 
 // GatewayProfile runs one agent runtime profile (a channel gateway, an HTTP API, an MCP
 // endpoint ...) on every selected host as its own systemd instance `agent-gateway@<name>`.
@@ -142,6 +290,7 @@ type GatewayProfileStatus struct {
 // +kubebuilder:printcolumn:name="Updated",type=integer,JSONPath=`.status.updated`
 // +kubebuilder:printcolumn:name="Aligned",type=integer,JSONPath=`.status.aligned`
 // +kubebuilder:printcolumn:name="Degraded",type=integer,JSONPath=`.status.degraded`
+// +kubebuilder:printcolumn:name="Rollout",type=string,JSONPath=`.status.rollout.phase`,priority=1
 // +kubebuilder:printcolumn:name="Isolation",type=string,JSONPath=`.spec.isolation`,priority=1
 // +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
 type GatewayProfile struct {

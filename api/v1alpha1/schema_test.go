@@ -13,6 +13,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
@@ -277,4 +278,34 @@ func kubectl(t *testing.T, args ...string) string {
 		t.Fatalf("kubectl %s: %v\n%s", strings.Join(args, " "), err, out)
 	}
 	return string(out)
+}
+
+func TestRolloutValidation(t *testing.T) {
+	mu := func(name string, v intstr.IntOrString) *v1.GatewayProfile {
+		p := profile(name)
+		p.Spec.Rollout.MaxUnavailable = &v
+		return p
+	}
+	mustReject(t, mu("ro1", intstr.FromInt32(0)), "maxUnavailable must be a positive number")
+	mustReject(t, mu("ro2", intstr.FromString("0%")), "spec.rollout.maxUnavailable")
+	mustReject(t, mu("ro3", intstr.FromString("150%")), "spec.rollout.maxUnavailable")
+	mustReject(t, mu("ro4", intstr.FromString("ten")), "spec.rollout.maxUnavailable")
+	mustCreate(t, mu("ro5", intstr.FromString("10%")))
+	mustCreate(t, mu("ro6", intstr.FromInt32(3)))
+
+	both := profile("ro7")
+	two := intstr.FromInt32(2)
+	both.Spec.Rollout.Canary = &v1.CanaryStep{Hosts: &two, Selector: &metav1.LabelSelector{}}
+	mustReject(t, both, "set exactly one of hosts and selector")
+	zero := profile("ro8")
+	z := intstr.FromString("0%")
+	zero.Spec.Rollout.Canary = &v1.CanaryStep{Hosts: &z}
+	mustReject(t, zero, "canary hosts must be a positive number")
+
+	d := profile("ro9")
+	mustCreate(t, d)
+	if d.Spec.Rollout.MaxUnavailable == nil || d.Spec.Rollout.MaxUnavailable.IntValue() != 1 ||
+		d.Spec.Rollout.ProgressDeadlineSeconds != 600 || d.Spec.Rollout.AutoRollback == nil || !*d.Spec.Rollout.AutoRollback {
+		t.Errorf("rollout defaults: %+v", d.Spec.Rollout)
+	}
 }

@@ -43,8 +43,9 @@ type InstanceReconciler struct {
 func (r *InstanceReconciler) SetupWithManager(mgr ctrl.Manager) error {
 	return ctrl.NewControllerManagedBy(mgr).
 		Named("gatewayinstance-"+r.Host).
-		// Spec changes and deletion only: the agent's own status writes must not wake it.
-		For(&v1.GatewayInstance{}, builder.WithPredicates(predicate.Or(predicate.GenerationChangedPredicate{}, deletionStarted))).
+		// Spec and annotation changes (a retry) and deletion only: the agent's own status writes
+		// must not wake it.
+		For(&v1.GatewayInstance{}, builder.WithPredicates(predicate.Or(predicate.GenerationChangedPredicate{}, predicate.AnnotationChangedPredicate{}, deletionStarted))).
 		WithOptions(controller.Options{MaxConcurrentReconciles: 1}).
 		Complete(r)
 }

@@ -1,0 +1,288 @@
+package controllers
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
+	"github.com/agent-gateway/gateway-operator/controllers/rollout"
+)
+
+// Annotations the controller keeps on instances.
+const (
+	// annotationMovedAt is when the instance's spec was moved to its current target; the
+	// progress deadline counts from it.
+	annotationMovedAt = "gateway.agent.dev/moved-at"
+	// annotationRetry asks the host's agent to apply the instance again (after a resume).
+	annotationRetry = "gateway.agent.dev/retry"
+	historyLength   = 10
+)
+
+// rollout moves hosts to the profile's target as the planner decides, and records the rollout's
+// state in the profile's status.
+func (r *GatewayProfileReconciler) rollout(ctx context.Context, p *v1.GatewayProfile, rel *v1.Release, hosts []v1.GatewayHost, instances map[string]*v1.GatewayInstance) (ctrl.Result, error) {
+	now := time.Now()
+	key := configHash(desiredInstanceSpec(p, "", rel))
+	st := r.beginRollout(p, rel, key, now)
+
+	if _, ok := p.Annotations[v1.AnnotationAbort]; ok {
+		if err := r.abort(ctx, p, instances); err != nil {
+			return ctrl.Result{}, err
+		}
+		return ctrl.Result{}, r.dropAnnotations(ctx, p, v1.AnnotationAbort)
+	}
+	if st.Phase == v1.RolloutAborted {
+		return ctrl.Result{}, nil // nothing moves until the spec names a new target
+	}
+	_, promote := p.Annotations[v1.AnnotationPromote]
+	_, resume := p.Annotations[v1.AnnotationResume]
+
+	in := rollout.Input{Profile: p.Name, Key: key, Strategy: p.Spec.Rollout, Now: now,
+		Instances: map[string]rollout.Instance{}, Promoted: st.Promoted, Promote: promote}
+	if st.PauseTime != nil {
+		t := st.PauseTime.Time
+		in.PauseTime = &t
+	}
+	var canarySel labelsSelector
+	if c := p.Spec.Rollout.Canary; c != nil && c.Selector != nil {
+		sel, err := metav1.LabelSelectorAsSelector(c.Selector)
+		if err != nil {
+			r.setCondition(p, v1.ConditionReady, metav1.ConditionFalse, "InvalidSelector", "canary selector: "+err.Error())
+			return ctrl.Result{}, nil
+		}
+		canarySel = sel
+	}
+	desired := map[string]v1.GatewayInstanceSpec{}
+	for _, h := range hosts {
+		want := desiredInstanceSpec(p, h.Name, rel)
+		desired[h.Name] = want
+		reach := meta.FindStatusCondition(h.Status.Conditions, v1.ConditionReachable)
+		in.Hosts = append(in.Hosts, rollout.Host{Name: h.Name, Unschedulable: h.Spec.Unschedulable,
+			Reachable: reach == nil || reach.Status != metav1.ConditionFalse,
+			Canary:    canarySel != nil && canarySel.Matches(labelSet(h.Labels))})
+		if gi, ok := instances[h.Name]; ok {
+			in.Instances[h.Name] = instanceFacts(gi, want.ConfigHash)
+		}
+	}
+
+	if resume {
+		if err := r.retryFailed(ctx, p, instances, in, now); err != nil {
+			return ctrl.Result{}, err
+		}
+		if err := r.dropAnnotations(ctx, p, v1.AnnotationResume); err != nil {
+			return ctrl.Result{}, err
+		}
+		return ctrl.Result{Requeue: true}, nil
+	}
+
+	d := rollout.Plan(in)
+	for _, host := range d.Move {
+		if err := r.move(ctx, p, instances, host, desired[host], now); err != nil {
+			return ctrl.Result{}, err
+		}
+	}
+	r.record(p, st, d, now)
+	if promote {
+		if err := r.dropAnnotations(ctx, p, v1.AnnotationPromote); err != nil {
+			return ctrl.Result{}, err
+		}
+	}
+	return ctrl.Result{RequeueAfter: d.RequeueAfter}, nil
+}
+
+// beginRollout returns the status of the rollout toward key, starting a new one (and filing
+// the previous one in the history) when the target changed.
+func (r *GatewayProfileReconciler) beginRollout(p *v1.GatewayProfile, rel *v1.Release, key string, now time.Time) *v1.RolloutStatus {
+	st := p.Status.Rollout
+	if st != nil && st.Key == key {
+		return st
+	}
+	to := &v1.ReleaseSummary{Name: rel.Name, Label: rel.Spec.Label, SHA256: rel.Spec.SHA256}
+	var from *v1.ReleaseSummary
+	if st != nil {
+		result := "Superseded"
+		if st.Phase == v1.RolloutComplete || st.Phase == v1.RolloutAborted {
+			result = string(st.Phase)
+		}
+		if st.To != nil {
+			from = st.To.DeepCopy()
+		}
+		if st.Phase == v1.RolloutAborted && st.From != nil {
+			from = st.From.DeepCopy()
+		}
+		end := metav1.NewTime(now)
+		p.Status.History = append([]v1.RolloutRecord{{From: st.From, To: st.To, StartTime: st.StartTime, EndTime: &end, Result: result}}, p.Status.History...)
+		if len(p.Status.History) > historyLength {
+			p.Status.History = p.Status.History[:historyLength]
+		}
+	}
+	start := metav1.NewTime(now)
+	p.Status.Rollout = &v1.RolloutStatus{Key: key, From: from, To: to, StartTime: &start, Phase: v1.RolloutProgressing}
+	r.Recorder.Eventf(p, nil, corev1.EventTypeNormal, "RolloutStarted", "Rollout", "rolling out release %s (config %s)%s",
+		rel.Spec.Label, key, fromText(from))
+	return p.Status.Rollout
+}
+
+func fromText(from *v1.ReleaseSummary) string {
+	if from == nil {
+		return ""
+	}
+	return " from " + from.Label
+}
+
+// instanceFacts is what the planner needs of one instance.
+func instanceFacts(gi *v1.GatewayInstance, targetHash string) rollout.Instance {
+	fresh := gi.Status.ObservedGeneration == gi.Generation
+	f := rollout.Instance{OnTarget: gi.Spec.ConfigHash == targetHash}
+	if t, err := time.Parse(time.RFC3339, gi.Annotations[annotationMovedAt]); err == nil {
+		f.MovedAt = t
+	}
+	if d := meta.FindStatusCondition(gi.Status.Conditions, v1.ConditionDegraded); d != nil && d.Status == metav1.ConditionTrue && fresh {
+		f.Degraded, f.Reason = true, d.Reason+": "+d.Message
+	}
+	if a := meta.FindStatusCondition(gi.Status.Conditions, v1.ConditionAligned); a != nil && a.Status == metav1.ConditionTrue && fresh &&
+		gi.Status.ConfigHash == gi.Spec.ConfigHash {
+		f.Aligned, f.AlignedAt = true, a.LastTransitionTime.Time
+	}
+	return f
+}
+
+// move points one host's instance at the target, creating it if needed.
+func (r *GatewayProfileReconciler) move(ctx context.Context, p *v1.GatewayProfile, instances map[string]*v1.GatewayInstance, host string, want v1.GatewayInstanceSpec, now time.Time) error {
+	stamp := now.UTC().Format(time.RFC3339)
+	gi, exists := instances[host]
+	if !exists {
+		gi = newInstance(p, want)
+		gi.Annotations = map[string]string{annotationMovedAt: stamp}
+		if err := r.Client.Create(ctx, gi); err != nil {
+			return fmt.Errorf("create instance %s: %w", gi.Name, err)
+		}
+		instances[host] = gi
+		r.Recorder.Eventf(p, gi, corev1.EventTypeNormal, "InstanceCreated", "Rollout",
+			"host %s selected: created %s on release %s", host, gi.Name, want.Release.Label)
+		return nil
+	}
+	if !gi.DeletionTimestamp.IsZero() || equality.Semantic.DeepEqual(gi.Spec, want) {
+		return nil
+	}
+	from := gi.Spec.Release.Label
+	base := gi.DeepCopy()
+	gi.Spec = want
+	if gi.Annotations == nil {
+		gi.Annotations = map[string]string{}
+	}
+	gi.Annotations[annotationMovedAt] = stamp
+	if err := r.Client.Patch(ctx, gi, client.MergeFrom(base)); err != nil {
+		return fmt.Errorf("update instance %s: %w", gi.Name, err)
+	}
+	r.Recorder.Eventf(p, gi, corev1.EventTypeNormal, "InstanceUpdated", "Rollout",
+		"%s: release %s -> %s (config %s)", gi.Name, from, want.Release.Label, want.ConfigHash)
+	return nil
+}
+
+// record writes the planner's decision into the profile's status, with an event for each
+// change of phase.
+func (r *GatewayProfileReconciler) record(p *v1.GatewayProfile, st *v1.RolloutStatus, d rollout.Decision, now time.Time) {
+	was := st.Phase
+	st.Phase, st.Step = d.Phase, d.Step
+	st.UpdatedHosts, st.PendingHosts, st.FailedHosts = int32(d.Updated), int32(d.Pending), int32(d.Failed)
+	st.Failed = d.FailedHosts
+	if len(st.Failed) > 10 {
+		st.Failed = st.Failed[:10]
+	}
+	if d.StartPause {
+		t := metav1.NewTime(now)
+		st.PauseTime = &t
+	}
+	if d.EndPause {
+		st.Promoted = true
+		r.Recorder.Eventf(p, nil, corev1.EventTypeNormal, "CanaryPromoted", "Rollout", "canary promoted; the rest of the hosts follow")
+	}
+	paused := metav1.ConditionFalse
+	if st.Phase == v1.RolloutPaused {
+		paused = metav1.ConditionTrue
+	}
+	r.setCondition(p, v1.ConditionPaused, paused, string(st.Phase), st.Step)
+	if was == st.Phase {
+		return
+	}
+	switch st.Phase {
+	case v1.RolloutHalted:
+		r.Recorder.Eventf(p, nil, corev1.EventTypeWarning, "RolloutHalted", "Rollout",
+			"rollout of %s halted: %s", st.To.Label, hostList(d.FailedHosts))
+	case v1.RolloutPaused:
+		r.Recorder.Eventf(p, nil, corev1.EventTypeNormal, "RolloutPaused", "Rollout", "%s", st.Step)
+	case v1.RolloutComplete:
+		r.Recorder.Eventf(p, nil, corev1.EventTypeNormal, "RolloutComplete", "Rollout", "release %s runs on every selected host", st.To.Label)
+	}
+}
+
+// retryFailed asks the agents of failed hosts to apply again, and restarts their deadline.
+func (r *GatewayProfileReconciler) retryFailed(ctx context.Context, p *v1.GatewayProfile, instances map[string]*v1.GatewayInstance, in rollout.Input, now time.Time) error {
+	stamp := now.UTC().Format(time.RFC3339Nano)
+	for host, f := range in.Instances {
+		gi := instances[host]
+		deadline := time.Duration(p.Spec.Rollout.ProgressDeadlineSeconds) * time.Second
+		late := f.OnTarget && !f.Aligned && !f.MovedAt.IsZero() && deadline > 0 && now.Sub(f.MovedAt) > deadline
+		if !f.OnTarget || !(f.Degraded || late) {
+			continue
+		}
+		base := gi.DeepCopy()
+		gi.Annotations[annotationRetry] = stamp
+		gi.Annotations[annotationMovedAt] = now.UTC().Format(time.RFC3339)
+		if err := r.Client.Patch(ctx, gi, client.MergeFrom(base)); err != nil {
+			return err
+		}
+		r.Recorder.Eventf(p, gi, corev1.EventTypeNormal, "Retry", "Resume", "resumed: %s applies release %s again", host, gi.Spec.Release.Label)
+	}
+	return nil
+}
+
+// abort returns every host already moved to the target to the release the rollout started
+// from, at once, and stops the rollout until the spec names a new target.
+func (r *GatewayProfileReconciler) abort(ctx context.Context, p *v1.GatewayProfile, instances map[string]*v1.GatewayInstance) error {
+	st := p.Status.Rollout
+	if st.From == nil {
+		r.Recorder.Eventf(p, nil, corev1.EventTypeWarning, "AbortRefused", "Abort", "nothing to return to: this is the profile's first rollout")
+		return nil
+	}
+	var prev v1.Release
+	if err := r.Client.Get(ctx, client.ObjectKey{Name: st.From.Name}, &prev); err != nil {
+		return fmt.Errorf("abort: the previous release %s: %w", st.From.Name, err)
+	}
+	now := time.Now()
+	for host, gi := range instances {
+		if gi.Spec.Release.SHA256 == prev.Spec.SHA256 {
+			continue
+		}
+		if err := r.move(ctx, p, instances, host, desiredInstanceSpec(p, host, &prev), now); err != nil {
+			return err
+		}
+	}
+	st.Phase = v1.RolloutAborted
+	st.Step = fmt.Sprintf("aborted: every host returns to %s; set spec.release to roll out again", st.From.Label)
+	r.setCondition(p, v1.ConditionPaused, metav1.ConditionFalse, "Aborted", st.Step)
+	r.Recorder.Eventf(p, nil, corev1.EventTypeWarning, "RolloutAborted", "Abort", "%s", st.Step)
+	return nil
+}
+
+// dropAnnotations removes operator-action annotations once acted upon.
+func (r *GatewayProfileReconciler) dropAnnotations(ctx context.Context, p *v1.GatewayProfile, keys ...string) error {
+	var cur v1.GatewayProfile
+	if err := r.Client.Get(ctx, client.ObjectKeyFromObject(p), &cur); err != nil {
+		return err
+	}
+	base := cur.DeepCopy()
+	for _, k := range keys {
+		delete(cur.Annotations, k)
+	}
+	return r.Client.Patch(ctx, &cur, client.MergeFrom(base))
+}

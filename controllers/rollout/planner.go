@@ -1,0 +1,315 @@
+// Package rollout decides, as a pure function of what the cluster says now, which hosts move to
+// a profile's target next. Nothing is remembered between calls but what the caller passes in,
+// all of which lives in the API server (instances' specs and status, the profile's status), so
+// a restarted controller continues exactly where the last one stopped, with the same number of
+// hosts in flight.
+package rollout
+
+import (
+	"crypto/sha256"
+	"encoding/binary"
+	"fmt"
+	"math"
+	"sort"
+	"strings"
+	"time"
+
+	"k8s.io/apimachinery/pkg/util/intstr"
+
+	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
+)
+
+// Host is one selected host.
+type Host struct {
+	Name string
+	// Reachable is false when the host's heartbeat is stale: it counts as unavailable.
+	Reachable bool
+	// Unschedulable hosts are never moved.
+	Unschedulable bool
+	// Canary marks a host picked by the canary selector.
+	Canary bool
+}
+
+// Instance is what the controller read of one host's instance.
+type Instance struct {
+	// OnTarget is true when the instance's spec already asks for the target.
+	OnTarget bool
+	// MovedAt is when its spec was moved to the target (zero if unknown).
+	MovedAt time.Time
+	// Aligned is true when the agent proved the instance's current spec.
+	Aligned bool
+	// AlignedAt is when it became aligned.
+	AlignedAt time.Time
+	// Degraded is true when the agent reports a failure; Reason says what.
+	Degraded bool
+	Reason   string
+}
+
+// Input is everything a decision depends on.
+type Input struct {
+	Profile string
+	// Key identifies the target (release and settings).
+	Key      string
+	Strategy v1.RolloutStrategy
+	// Hosts are the selected hosts; Instances their instances by host name (absent: none yet).
+	Hosts     []Host
+	Instances map[string]Instance
+	Now       time.Time
+	// PauseTime is when the canary pause began; Promoted whether it ended.
+	PauseTime *time.Time
+	Promoted  bool
+	// Promote is true when a person asked to end the canary pause now.
+	Promote bool
+}
+
+// Decision is what to do next and how to report it.
+type Decision struct {
+	// Move lists the hosts whose instance moves to the target now, in rollout order.
+	Move []string
+	// Retry lists failed hosts to apply again (after a person resumed).
+	Phase v1.RolloutPhase
+	Step  string
+	// Updated, Pending and Failed count hosts; FailedHosts says which failed and why.
+	Updated, Pending, Failed int
+	FailedHosts              []string
+	// StartPause is true when the canary pause begins now; EndPause when it ends now.
+	StartPause, EndPause bool
+	// RequeueAfter asks to be called again (a pause or a deadline runs out), 0 for never.
+	RequeueAfter time.Duration
+}
+
+// Scaled resolves a number-or-percentage against a total: percentages round down, the result is
+// at least 1 (a rollout always makes progress) and at most total.
+func Scaled(v *intstr.IntOrString, total int, def int) int {
+	n := def
+	if v != nil {
+		if v.Type == intstr.String {
+			var pct int
+			if _, err := fmt.Sscanf(strings.TrimSuffix(v.StrVal, "%"), "%d", &pct); err == nil {
+				n = int(math.Floor(float64(total) * float64(pct) / 100))
+			}
+		} else {
+			n = v.IntValue()
+		}
+	}
+	if n < 1 {
+		n = 1
+	}
+	if total > 0 && n > total {
+		n = total
+	}
+	return n
+}
+
+// Order sorts hosts for a rollout: canary hosts first, then by a hash of host, profile and
+// target, so the order is stable while a rollout runs and differs between profiles and targets
+// (no host is always first).
+func Order(hosts []Host, profile, key string) []Host {
+	out := append([]Host(nil), hosts...)
+	rank := func(h Host) uint64 {
+		sum := sha256.Sum256([]byte(h.Name + "/" + profile + "/" + key))
+		return binary.BigEndian.Uint64(sum[:8])
+	}
+	sort.SliceStable(out, func(i, j int) bool {
+		if out[i].Canary != out[j].Canary {
+			return out[i].Canary
+		}
+		ri, rj := rank(out[i]), rank(out[j])
+		if ri != rj {
+			return ri < rj
+		}
+		return out[i].Name < out[j].Name
+	})
+	return out
+}
+
+type state int
+
+const (
+	pending  state = iota // not on the target yet
+	inFlight              // moved, not yet aligned long enough
+	done                  // moved and available
+	failed                // moved and failed, or past its deadline
+)
+
+// Plan decides the next step of a rollout.
+func Plan(in Input) Decision {
+	s := in.Strategy
+	deadline := time.Duration(s.ProgressDeadlineSeconds) * time.Second
+	if deadline == 0 {
+		deadline = 600 * time.Second
+	}
+	minReady := time.Duration(s.MinReadySeconds) * time.Second
+	hosts := Order(in.Hosts, in.Profile, in.Key)
+
+	// Canary hosts: those the selector picked, or the first N of the order.
+	if s.Canary != nil && s.Canary.Selector == nil {
+		n := Scaled(s.Canary.Hosts, len(hosts), 1)
+		for i := range hosts {
+			hosts[i].Canary = i < n
+		}
+	}
+
+	var d Decision
+	var requeue []time.Duration
+	states := make(map[string]state, len(hosts))
+	unavailable := 0
+	for _, h := range hosts {
+		inst, exists := in.Instances[h.Name]
+		st := pending
+		switch {
+		case exists && inst.OnTarget && inst.Degraded:
+			st = failed
+			d.FailedHosts = append(d.FailedHosts, h.Name+": "+inst.Reason)
+		case exists && inst.OnTarget && inst.Aligned:
+			if ready := inst.AlignedAt.Add(minReady); in.Now.Before(ready) {
+				st = inFlight
+				requeue = append(requeue, ready.Sub(in.Now))
+			} else {
+				st = done
+			}
+		case exists && inst.OnTarget:
+			if !inst.MovedAt.IsZero() && in.Now.Sub(inst.MovedAt) > deadline {
+				st = failed
+				d.FailedHosts = append(d.FailedHosts, fmt.Sprintf("%s: not aligned within %s", h.Name, deadline))
+			} else {
+				st = inFlight
+				if !inst.MovedAt.IsZero() {
+					requeue = append(requeue, inst.MovedAt.Add(deadline).Sub(in.Now)+time.Second)
+				}
+			}
+		}
+		states[h.Name] = st
+		switch st {
+		case done:
+			d.Updated++
+			if !h.Reachable {
+				unavailable++
+			}
+		case inFlight:
+			d.Updated++
+			unavailable++
+		case failed:
+			d.Updated++
+			d.Failed++
+			unavailable++
+		case pending:
+			d.Pending++
+			// A host not serving the old release either (never started, failing, unreachable)
+			// is already unavailable.
+			if !h.Reachable || !exists || !inst.Aligned || inst.Degraded {
+				unavailable++
+			}
+		}
+	}
+	if len(requeue) > 0 {
+		d.RequeueAfter = requeue[0]
+		for _, r := range requeue {
+			d.RequeueAfter = min(d.RequeueAfter, r)
+		}
+	}
+	capacity := Scaled(s.MaxUnavailable, len(hosts), 1) - unavailable
+
+	// move takes pending hosts in order while capacity lasts. A host that never ran the profile
+	// serves nothing, so it is started at once (the way a DaemonSet places new pods).
+	move := func(canaryOnly bool) {
+		for _, h := range hosts {
+			if states[h.Name] != pending || h.Unschedulable || (canaryOnly && !h.Canary) {
+				continue
+			}
+			if _, exists := in.Instances[h.Name]; !exists {
+				d.Move = append(d.Move, h.Name)
+				continue
+			}
+			if capacity <= 0 || !h.Reachable {
+				continue
+			}
+			d.Move = append(d.Move, h.Name)
+			capacity--
+		}
+	}
+	movable := 0
+	for _, h := range hosts {
+		if states[h.Name] == pending && !h.Unschedulable {
+			movable++
+		}
+	}
+
+	switch {
+	case d.Failed > 0:
+		d.Phase = v1.RolloutHalted
+		d.Step = fmt.Sprintf("halted: %d host(s) failed; no further host is moved", d.Failed)
+		d.Move = nil
+	case movable == 0 && d.Updated-d.Failed == countDone(states):
+		d.Phase = v1.RolloutComplete
+		d.Step = fmt.Sprintf("%d of %d hosts updated and available", d.Updated, len(hosts))
+	case s.Paused:
+		d.Phase = v1.RolloutPaused
+		d.Step = "paused by spec.rollout.paused"
+	case s.Canary != nil && !in.Promoted && !canaryDone(hosts, states):
+		move(true)
+		d.Phase = v1.RolloutProgressing
+		d.Step = fmt.Sprintf("canary: %d of %d canary hosts available", countCanary(hosts, states, done), countCanary(hosts, states, -1))
+	case s.Canary != nil && !in.Promoted:
+		// The canary hosts are available: pause, until promoted or until the pause runs out.
+		switch {
+		case in.Promote:
+			d.EndPause = true
+		case in.PauseTime == nil:
+			d.StartPause = true
+		case s.Canary.PauseSeconds != nil:
+			end := in.PauseTime.Add(time.Duration(*s.Canary.PauseSeconds) * time.Second)
+			if !in.Now.Before(end) {
+				d.EndPause = true
+			} else {
+				d.RequeueAfter = end.Sub(in.Now)
+			}
+		}
+		if !d.EndPause {
+			d.Phase = v1.RolloutPaused
+			if s.Canary.PauseSeconds == nil {
+				d.Step = "canary available; paused until promoted (annotate gateway.agent.dev/promote)"
+			} else {
+				d.Step = fmt.Sprintf("canary available; paused for %ds", *s.Canary.PauseSeconds)
+			}
+			break
+		}
+		fallthrough
+	default:
+		move(false)
+		d.Phase = v1.RolloutProgressing
+		d.Step = fmt.Sprintf("%d of %d hosts updated, %d moving now", d.Updated, len(hosts), len(d.Move))
+	}
+	sort.Strings(d.FailedHosts)
+	return d
+}
+
+func countDone(states map[string]state) int {
+	n := 0
+	for _, s := range states {
+		if s == done {
+			n++
+		}
+	}
+	return n
+}
+
+func canaryDone(hosts []Host, states map[string]state) bool {
+	for _, h := range hosts {
+		if h.Canary && !h.Unschedulable && states[h.Name] != done {
+			return false
+		}
+	}
+	return true
+}
+
+// countCanary counts canary hosts in a state, or all of them for want < 0.
+func countCanary(hosts []Host, states map[string]state, want state) int {
+	n := 0
+	for _, h := range hosts {
+		if h.Canary && (want < 0 || states[h.Name] == want) {
+			n++
+		}
+	}
+	return n
+}
