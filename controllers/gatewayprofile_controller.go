@@ -89,6 +89,10 @@ func (r *GatewayProfileReconciler) Reconcile(ctx context.Context, req ctrl.Reque
 	base := p.DeepCopy()
 	res, err := r.reconcileNormal(ctx, &p, instances)
 	if perr := r.patchStatus(ctx, base, &p); perr != nil && err == nil {
+		if apierrors.IsConflict(perr) {
+			// Decided on a stale copy: decide again on the fresh one.
+			return ctrl.Result{Requeue: true}, nil
+		}
 		err = perr
 	}
 	return res, err
@@ -201,11 +205,13 @@ func (r *GatewayProfileReconciler) setCondition(p *v1.GatewayProfile, t string, 
 	meta.SetStatusCondition(&p.Status.Conditions, metav1.Condition{Type: t, Status: s, Reason: reason, Message: msg, ObservedGeneration: p.Generation})
 }
 
+// patchStatus writes the status with an optimistic lock: the rollout's state lives in it, and a
+// decision taken on a stale copy must not overwrite a newer one.
 func (r *GatewayProfileReconciler) patchStatus(ctx context.Context, base, p *v1.GatewayProfile) error {
 	if equality.Semantic.DeepEqual(base.Status, p.Status) {
 		return nil
 	}
-	return client.IgnoreNotFound(r.Client.Status().Patch(ctx, p, client.MergeFrom(base)))
+	return client.IgnoreNotFound(r.Client.Status().Patch(ctx, p, client.MergeFromWithOptions(base, client.MergeFromWithOptimisticLock{})))
 }
 
 // hostList renders up to five names for a message.

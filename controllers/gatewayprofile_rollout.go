@@ -91,6 +91,11 @@ func (r *GatewayProfileReconciler) rollout(ctx context.Context, p *v1.GatewayPro
 	}
 	r.record(p, st, d, now)
 	if promote {
+		// The promotion is in the status before the annotation goes: any copy without the
+		// annotation carries it.
+		if err := r.commitStatus(ctx, p); err != nil {
+			return ctrl.Result{}, err
+		}
 		if err := r.dropAnnotations(ctx, p, v1.AnnotationPromote); err != nil {
 			return ctrl.Result{}, err
 		}
@@ -258,6 +263,16 @@ func (r *GatewayProfileReconciler) abort(ctx context.Context, p *v1.GatewayProfi
 	if err := r.Client.Get(ctx, client.ObjectKey{Name: st.From.Name}, &prev); err != nil {
 		return fmt.Errorf("abort: the previous release %s: %w", st.From.Name, err)
 	}
+	if st.Phase != v1.RolloutAborted {
+		st.Phase = v1.RolloutAborted
+		st.Step = fmt.Sprintf("aborted: every host returns to %s; set spec.release to roll out again", st.From.Label)
+		r.setCondition(p, v1.ConditionPaused, metav1.ConditionFalse, "Aborted", st.Step)
+		// Recorded before anything moves, so no later decision can undo the abort.
+		if err := r.commitStatus(ctx, p); err != nil {
+			return err
+		}
+		r.Recorder.Eventf(p, nil, corev1.EventTypeWarning, "RolloutAborted", "Abort", "%s", st.Step)
+	}
 	now := time.Now()
 	for host, gi := range instances {
 		if gi.Spec.Release.SHA256 == prev.Spec.SHA256 {
@@ -267,11 +282,13 @@ func (r *GatewayProfileReconciler) abort(ctx context.Context, p *v1.GatewayProfi
 			return err
 		}
 	}
-	st.Phase = v1.RolloutAborted
-	st.Step = fmt.Sprintf("aborted: every host returns to %s; set spec.release to roll out again", st.From.Label)
-	r.setCondition(p, v1.ConditionPaused, metav1.ConditionFalse, "Aborted", st.Step)
-	r.Recorder.Eventf(p, nil, corev1.EventTypeWarning, "RolloutAborted", "Abort", "%s", st.Step)
 	return nil
+}
+
+// commitStatus writes the status now, failing on a conflict (the decision was taken on a stale
+// copy and is retried).
+func (r *GatewayProfileReconciler) commitStatus(ctx context.Context, p *v1.GatewayProfile) error {
+	return r.Client.Status().Update(ctx, p)
 }
 
 // dropAnnotations removes operator-action annotations once acted upon.

@@ -12,6 +12,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/config"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
@@ -45,29 +46,43 @@ func run(m *testing.M) int {
 	defer cp.Stop()
 	c = cp.Client
 	ctrl.SetLogger(zap.New(zap.WriteTo(logSink())))
-	mgr, err := ctrl.NewManager(cp.Config, ctrl.Options{
-		Scheme:  cp.Scheme,
-		Metrics: metricsserver.Options{BindAddress: "0"},
-	})
-	if err != nil {
+	if err := startManager(); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	if err := controllers.Setup(mgr, controllers.Options{HostGracePeriod: grace}); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- mgr.Start(ctx) }()
 	code := m.Run()
-	cancel()
-	if err := <-done; err != nil {
+	if err := stopManager(); err != nil {
 		fmt.Fprintln(os.Stderr, "manager:", err)
 		return 1
 	}
 	return code
 }
+
+// stopManager stops the running controller manager; startManager starts a new one, as a
+// restarted controller process would.
+var stopManager func() error
+
+func startManager() error {
+	mgr, err := ctrl.NewManager(cp.Config, ctrl.Options{
+		Scheme:  cp.Scheme,
+		Metrics: metricsserver.Options{BindAddress: "0"},
+		// Every manager of this binary registers the same controller names.
+		Controller: config.Controller{SkipNameValidation: ptr(true)},
+	})
+	if err != nil {
+		return err
+	}
+	if err := controllers.Setup(mgr, controllers.Options{HostGracePeriod: grace}); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- mgr.Start(ctx) }()
+	stopManager = func() error { cancel(); return <-done }
+	return nil
+}
+
+func ptr[T any](v T) *T { return &v }
 
 // logSink shows the manager's logs when GATEWAY_TEST_LOGS is set.
 func logSink() io.Writer {
