@@ -9,6 +9,7 @@ package controllers
 // +kubebuilder:rbac:groups=gateway.agent.dev,resources=releases/status;gatewayhosts/status;gatewayprofiles/status;toolruns/status,verbs=get;update;patch
 // +kubebuilder:rbac:groups=gateway.agent.dev,resources=releases/finalizers;gatewayprofiles/finalizers;toolruns/finalizers,verbs=update
 // +kubebuilder:rbac:groups="",resources=pods,verbs=get;list;watch;create;delete
+// +kubebuilder:rbac:groups="",resources=configmaps,verbs=get;list;watch;create;delete
 // +kubebuilder:rbac:groups="",resources=events,verbs=create;patch
 // +kubebuilder:rbac:groups=events.k8s.io,resources=events,verbs=create;patch
 // +kubebuilder:rbac:groups=networking.k8s.io,resources=networkpolicies,verbs=get;list;watch;create;delete

@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 
+	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 
@@ -55,3 +56,8 @@ func newInstance(p *v1.GatewayProfile, spec v1.GatewayInstanceSpec) *v1.GatewayI
 type labelsSelector = labels.Selector
 
 func labelSet(l map[string]string) labels.Set { return labels.Set(l) }
+
+func ptrQuantity(s string) *resource.Quantity {
+	q := resource.MustParse(s)
+	return &q
+}

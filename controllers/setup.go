@@ -10,6 +10,10 @@ import (
 type Options struct {
 	// HostGracePeriod is how old a host's heartbeat may be before it counts as unreachable.
 	HostGracePeriod time.Duration
+	// ToolRunRuntimeClass is the Kata RuntimeClass of tool-run Pods.
+	ToolRunRuntimeClass string
+	// ToolRunTTL is how long a finished tool run is kept.
+	ToolRunTTL time.Duration
 }
 
 // Setup registers every reconciler with the manager.
@@ -19,6 +23,16 @@ func Setup(mgr ctrl.Manager, o Options) error {
 	}
 	if err := (&GatewayHostReconciler{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorder("gatewayhost-controller"),
 		GracePeriod: o.HostGracePeriod}).SetupWithManager(mgr); err != nil {
+		return err
+	}
+	if o.ToolRunRuntimeClass == "" {
+		o.ToolRunRuntimeClass = "kata"
+	}
+	if o.ToolRunTTL == 0 {
+		o.ToolRunTTL = time.Hour
+	}
+	if err := (&ToolRunReconciler{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorder("toolrun-controller"),
+		RuntimeClass: o.ToolRunRuntimeClass, TTL: o.ToolRunTTL}).SetupWithManager(mgr); err != nil {
 		return err
 	}
 	return (&GatewayProfileReconciler{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorder("gatewayprofile-controller")}).SetupWithManager(mgr)

@@ -1,0 +1,309 @@
+package controllers
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	nodev1 "k8s.io/api/node/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/recorder"
+
+	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
+)
+
+// Labels on everything a tool run makes; the tool-run admission policy matches pods by the
+// first.
+const (
+	LabelToolRun = "gateway.agent.dev/toolrun"
+	// maxOutput bounds what a run's status carries, well under a termination message's 4 KiB
+	// per container limit times what a kubelet may keep (12 KiB total) plus headroom.
+	maxOutput = 16 * 1024
+	stdinPath = "/run/toolrun/stdin"
+)
+
+// ToolRunReconciler runs each ToolRun as one Pod with the Kata RuntimeClass: untrusted code
+// gets a microVM of its own, never a gateway's process or a runc container.
+type ToolRunReconciler struct {
+	Client   client.Client
+	Recorder recorder.EventRecorder
+	// RuntimeClass is the Kata RuntimeClass every tool run uses.
+	RuntimeClass string
+	// TTL is how long a finished run is kept.
+	TTL time.Duration
+	// Now is the clock; time.Now when nil.
+	Now func() time.Time
+}
+
+// SetupWithManager registers the reconciler; a run's Pod wakes its run.
+func (r *ToolRunReconciler) SetupWithManager(mgr ctrl.Manager) error {
+	return ctrl.NewControllerManagedBy(mgr).
+		For(&v1.ToolRun{}).
+		Owns(&corev1.Pod{}).
+		Complete(r)
+}
+
+func (r *ToolRunReconciler) now() time.Time {
+	if r.Now != nil {
+		return r.Now()
+	}
+	return time.Now()
+}
+
+// Reconcile drives one run from creation to cleanup.
+func (r *ToolRunReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
+	var tr v1.ToolRun
+	if err := r.Client.Get(ctx, req.NamespacedName, &tr); err != nil {
+		return ctrl.Result{}, client.IgnoreNotFound(err)
+	}
+	if !tr.DeletionTimestamp.IsZero() {
+		return ctrl.Result{}, nil
+	}
+	base := tr.DeepCopy()
+	tr.Status.ObservedGeneration = tr.Generation
+	res, err := r.reconcileRun(ctx, &tr)
+	if !equality.Semantic.DeepEqual(base.Status, tr.Status) {
+		if perr := r.Client.Status().Patch(ctx, &tr, client.MergeFrom(base)); perr != nil && err == nil {
+			err = client.IgnoreNotFound(perr)
+		}
+	}
+	return res, err
+}
+
+func terminal(p v1.ToolRunPhase) bool {
+	switch p {
+	case v1.ToolRunSucceeded, v1.ToolRunFailed, v1.ToolRunTimedOut, v1.ToolRunRejected:
+		return true
+	}
+	return false
+}
+
+func (r *ToolRunReconciler) reconcileRun(ctx context.Context, tr *v1.ToolRun) (ctrl.Result, error) {
+	if terminal(tr.Status.Phase) {
+		return r.expire(ctx, tr)
+	}
+	var rc nodev1.RuntimeClass
+	if err := r.Client.Get(ctx, client.ObjectKey{Name: r.RuntimeClass}, &rc); err != nil {
+		if !apierrors.IsNotFound(err) {
+			return ctrl.Result{}, err
+		}
+		msg := fmt.Sprintf("RuntimeClass %q does not exist: untrusted tool code runs only in a Kata microVM, never in a plain container", r.RuntimeClass)
+		r.finish(tr, v1.ToolRunRejected, "RuntimeClassMissing", msg)
+		r.Recorder.Eventf(tr, nil, corev1.EventTypeWarning, "Rejected", "Admit", "%s", msg)
+		return ctrl.Result{}, nil
+	}
+	if err := r.ensureNetworkPolicy(ctx, tr); err != nil {
+		return ctrl.Result{}, err
+	}
+	if tr.Spec.Stdin != "" {
+		if err := r.ensureStdin(ctx, tr); err != nil {
+			return ctrl.Result{}, err
+		}
+	}
+	var pod corev1.Pod
+	err := r.Client.Get(ctx, client.ObjectKey{Namespace: tr.Namespace, Name: podName(tr)}, &pod)
+	if apierrors.IsNotFound(err) {
+		pod = *r.pod(tr)
+		if err := ctrl.SetControllerReference(tr, &pod, r.Client.Scheme()); err != nil {
+			return ctrl.Result{}, err
+		}
+		if err := r.Client.Create(ctx, &pod); err != nil {
+			return ctrl.Result{}, fmt.Errorf("create pod: %w", err)
+		}
+		tr.Status.Phase, tr.Status.PodName = v1.ToolRunPending, pod.Name
+		r.setCondition(tr, v1.ConditionReady, metav1.ConditionFalse, "PodCreated", "pod "+pod.Name+" created with RuntimeClass "+r.RuntimeClass)
+		r.Recorder.Eventf(tr, &pod, corev1.EventTypeNormal, "PodCreated", "Run", "created pod %s (RuntimeClass %s)", pod.Name, r.RuntimeClass)
+		return ctrl.Result{}, nil
+	}
+	if err != nil {
+		return ctrl.Result{}, err
+	}
+	r.observe(tr, &pod)
+	if terminal(tr.Status.Phase) {
+		r.Recorder.Eventf(tr, &pod, corev1.EventTypeNormal, string(tr.Status.Phase), "Run", "tool run finished: %s", tr.Status.Phase)
+		return ctrl.Result{RequeueAfter: r.TTL}, nil
+	}
+	return ctrl.Result{}, nil
+}
+
+// observe copies what the kubelet reported into the run's status.
+func (r *ToolRunReconciler) observe(tr *v1.ToolRun, pod *corev1.Pod) {
+	st := &tr.Status
+	st.PodName = pod.Name
+	if pod.Status.StartTime != nil && st.StartTime == nil {
+		st.StartTime = pod.Status.StartTime.DeepCopy()
+	}
+	if pod.Status.Phase == corev1.PodFailed && pod.Status.Reason == "DeadlineExceeded" {
+		r.finish(tr, v1.ToolRunTimedOut, "DeadlineExceeded", fmt.Sprintf("killed after %ds", tr.Spec.TimeoutSeconds))
+		return
+	}
+	for _, cs := range pod.Status.ContainerStatuses {
+		if cs.Name != "tool" {
+			continue
+		}
+		switch {
+		case cs.State.Terminated != nil:
+			t := cs.State.Terminated
+			code := t.ExitCode
+			st.ExitCode = &code
+			st.Output, st.OutputTruncated = t.Message, false
+			if len(st.Output) > maxOutput {
+				st.Output, st.OutputTruncated = st.Output[:maxOutput], true
+			}
+			if code == 0 {
+				r.finish(tr, v1.ToolRunSucceeded, "Succeeded", "the tool exited 0")
+			} else {
+				r.finish(tr, v1.ToolRunFailed, "NonZeroExit", fmt.Sprintf("the tool exited %d (%s)", code, t.Reason))
+			}
+			return
+		case cs.State.Running != nil:
+			st.Phase = v1.ToolRunRunning
+			r.setCondition(tr, v1.ConditionReady, metav1.ConditionFalse, "Running", "the tool runs in pod "+pod.Name)
+			return
+		}
+	}
+	if pod.Status.Phase == corev1.PodFailed {
+		r.finish(tr, v1.ToolRunFailed, "PodFailed", pod.Status.Reason+": "+pod.Status.Message)
+	}
+}
+
+func (r *ToolRunReconciler) finish(tr *v1.ToolRun, phase v1.ToolRunPhase, reason, msg string) {
+	tr.Status.Phase = phase
+	now := metav1.NewTime(r.now())
+	tr.Status.CompletionTime = &now
+	r.setCondition(tr, v1.ConditionReady, metav1.ConditionTrue, reason, msg)
+	degraded := metav1.ConditionFalse
+	if phase != v1.ToolRunSucceeded {
+		degraded = metav1.ConditionTrue
+	}
+	r.setCondition(tr, v1.ConditionDegraded, degraded, reason, msg)
+}
+
+func (r *ToolRunReconciler) setCondition(tr *v1.ToolRun, t string, s metav1.ConditionStatus, reason, msg string) {
+	meta.SetStatusCondition(&tr.Status.Conditions, metav1.Condition{Type: t, Status: s, Reason: reason, Message: msg, ObservedGeneration: tr.Generation})
+}
+
+// expire deletes a finished run (and what it made) once its TTL has passed.
+func (r *ToolRunReconciler) expire(ctx context.Context, tr *v1.ToolRun) (ctrl.Result, error) {
+	if tr.Status.CompletionTime == nil {
+		return ctrl.Result{}, nil
+	}
+	left := tr.Status.CompletionTime.Add(r.TTL).Sub(r.now())
+	if left > 0 {
+		return ctrl.Result{RequeueAfter: left}, nil
+	}
+	// Owner references let the garbage collector remove the rest; delete them here too, so
+	// nothing lingers on clusters (or tests) without one.
+	for _, o := range []client.Object{
+		&corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: tr.Namespace, Name: podName(tr)}},
+		&networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: tr.Namespace, Name: podName(tr)}},
+		&corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Namespace: tr.Namespace, Name: podName(tr) + "-stdin"}},
+	} {
+		if err := r.Client.Delete(ctx, o); client.IgnoreNotFound(err) != nil {
+			return ctrl.Result{}, err
+		}
+	}
+	return ctrl.Result{}, client.IgnoreNotFound(r.Client.Delete(ctx, tr))
+}
+
+func podName(tr *v1.ToolRun) string { return "trun-" + tr.Name }
+
+// pod is the run's Pod: a Kata microVM, no service-account token, no service links, non-root,
+// no privilege escalation, no capabilities, read-only root, RuntimeDefault seccomp, limits
+// always set, a deadline, and its output through the termination message.
+func (r *ToolRunReconciler) pod(tr *v1.ToolRun) *corev1.Pod {
+	no, yes := false, true
+	uid := int64(65532)
+	deadline := int64(tr.Spec.TimeoutSeconds)
+	resources := *tr.Spec.Resources.DeepCopy()
+	if resources.Requests == nil {
+		resources.Requests = resources.Limits.DeepCopy()
+	}
+	c := corev1.Container{
+		Name: "tool", Image: tr.Spec.Image, Command: tr.Spec.Command, Args: tr.Spec.Args,
+		Resources:                resources,
+		TerminationMessagePolicy: corev1.TerminationMessageFallbackToLogsOnError,
+		SecurityContext: &corev1.SecurityContext{
+			AllowPrivilegeEscalation: &no, ReadOnlyRootFilesystem: &yes, RunAsNonRoot: &yes, RunAsUser: &uid,
+			Privileged:     &no,
+			Capabilities:   &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}},
+			SeccompProfile: &corev1.SeccompProfile{Type: corev1.SeccompProfileTypeRuntimeDefault},
+		},
+		VolumeMounts: []corev1.VolumeMount{{Name: "tmp", MountPath: "/tmp"}},
+	}
+	volumes := []corev1.Volume{{Name: "tmp", VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{SizeLimit: ptrQuantity("64Mi")}}}}
+	if tr.Spec.Stdin != "" {
+		c.VolumeMounts = append(c.VolumeMounts, corev1.VolumeMount{Name: "stdin", MountPath: "/run/toolrun", ReadOnly: true})
+		c.Env = append(c.Env, corev1.EnvVar{Name: "TOOLRUN_STDIN", Value: stdinPath})
+		volumes = append(volumes, corev1.Volume{Name: "stdin", VolumeSource: corev1.VolumeSource{ConfigMap: &corev1.ConfigMapVolumeSource{
+			LocalObjectReference: corev1.LocalObjectReference{Name: podName(tr) + "-stdin"}}}})
+	}
+	rc := r.RuntimeClass
+	return &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{
+			Name: podName(tr), Namespace: tr.Namespace,
+			Labels: map[string]string{LabelToolRun: tr.Name, v1.LabelProfile: tr.Spec.Profile},
+		},
+		Spec: corev1.PodSpec{
+			RuntimeClassName:             &rc,
+			RestartPolicy:                corev1.RestartPolicyNever,
+			ActiveDeadlineSeconds:        &deadline,
+			AutomountServiceAccountToken: &no,
+			EnableServiceLinks:           &no,
+			HostNetwork:                  false,
+			SecurityContext: &corev1.PodSecurityContext{
+				RunAsNonRoot: &yes, RunAsUser: &uid,
+				SeccompProfile: &corev1.SeccompProfile{Type: corev1.SeccompProfileTypeRuntimeDefault},
+			},
+			Containers: []corev1.Container{c},
+			Volumes:    volumes,
+		},
+	}
+}
+
+// ensureNetworkPolicy denies all traffic of the run's Pod, but egress to its allowlist.
+func (r *ToolRunReconciler) ensureNetworkPolicy(ctx context.Context, tr *v1.ToolRun) error {
+	np := &networkingv1.NetworkPolicy{
+		ObjectMeta: metav1.ObjectMeta{Name: podName(tr), Namespace: tr.Namespace, Labels: map[string]string{LabelToolRun: tr.Name}},
+		Spec: networkingv1.NetworkPolicySpec{
+			PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{LabelToolRun: tr.Name}},
+			PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeIngress, networkingv1.PolicyTypeEgress},
+		},
+	}
+	if tr.Spec.Network.Mode == v1.ToolRunNetworkAllowlist {
+		var peers []networkingv1.NetworkPolicyPeer
+		for _, cidr := range tr.Spec.Network.Allow {
+			peers = append(peers, networkingv1.NetworkPolicyPeer{IPBlock: &networkingv1.IPBlock{CIDR: cidr}})
+		}
+		np.Spec.Egress = []networkingv1.NetworkPolicyEgressRule{{To: peers}}
+	}
+	if err := ctrl.SetControllerReference(tr, np, r.Client.Scheme()); err != nil {
+		return err
+	}
+	if err := r.Client.Create(ctx, np); err != nil && !apierrors.IsAlreadyExists(err) {
+		return fmt.Errorf("create network policy: %w", err)
+	}
+	return nil
+}
+
+// ensureStdin stores the run's stdin where its Pod reads it.
+func (r *ToolRunReconciler) ensureStdin(ctx context.Context, tr *v1.ToolRun) error {
+	cm := &corev1.ConfigMap{
+		ObjectMeta: metav1.ObjectMeta{Name: podName(tr) + "-stdin", Namespace: tr.Namespace, Labels: map[string]string{LabelToolRun: tr.Name}},
+		Data:       map[string]string{"stdin": tr.Spec.Stdin},
+	}
+	if err := ctrl.SetControllerReference(tr, cm, r.Client.Scheme()); err != nil {
+		return err
+	}
+	if err := r.Client.Create(ctx, cm); err != nil && !apierrors.IsAlreadyExists(err) {
+		return fmt.Errorf("create stdin: %w", err)
+	}
+	return nil
+}
