@@ -53,7 +53,7 @@ build: ## Build the binaries into ./bin.
 .PHONY: test-deps
 test-deps: ## Install and build what the tests need (idempotent; cached outside the repo).
 	hack/host-deps.sh
-	hack/control-plane.sh >/dev/null
+	@hack/control-plane.sh >/dev/null
 	hack/systemd-rootfs.sh >/dev/null
 
 .PHONY: test
@@ -83,12 +83,18 @@ bench: test-deps ## Run the benchmarks and print their numbers.
 ##@ Run
 
 .PHONY: run
-run: ## Run the controller manager against the current kubeconfig.
-	@echo "not yet: the controller manager lands with the controller issue"; exit 1
+run: ## Run the controller manager against the current kubeconfig (CRDs must be installed).
+	go run ./cmd/manager --metrics-bind-address=0 --health-probe-bind-address=:8081
 
 .PHONY: demo
-demo: ## Bring up a local control plane, the operator and a sandboxed host, and apply the samples.
-	@echo "not yet: the embedded demo lands with the controller issue; run 'make test' to see the harnesses work"
+demo: test-deps ## Bring up a local control plane, the operator and a sandboxed host, and apply the samples.
+	go build -o $(LOCALBIN)/demo ./hack/demo
+	$(LOCALBIN)/demo up
+
+.PHONY: demo-down
+demo-down: ## Stop the demo and remove everything it made.
+	go build -o $(LOCALBIN)/demo ./hack/demo
+	$(LOCALBIN)/demo down
 
 ##@ Tools
 

@@ -30,7 +30,10 @@ flock 9
 if ready; then echo "$dest"; exit 0; fi
 
 work=$(mktemp -d "$cache/control-plane/build.XXXXXX")
-trap 'rm -rf "$work"' EXIT
+# A build of many minutes must not look like a hang.
+(while sleep 30; do log "still building ($SECONDS s so far)"; done) &
+ticker=$!
+trap 'kill $ticker 2>/dev/null; rm -rf "$work"' EXIT
 export GOFLAGS=-mod=mod CGO_ENABLED=0 GOWORK=off
 
 log "building kube-apiserver and kubectl $KUBERNETES_VERSION and etcd $ETCD_VERSION from the Go module proxy."

@@ -228,18 +228,22 @@ type GatewayProfileStatus struct {
 	ObservedGeneration int64 `json:"observedGeneration,omitempty"`
 
 	// Desired is the number of hosts selected by the profile.
+	// +kubebuilder:default=0
 	// +optional
 	Desired int32 `json:"desired"`
 
 	// Updated is the number of hosts whose instance asks for the target release.
+	// +kubebuilder:default=0
 	// +optional
 	Updated int32 `json:"updated"`
 
 	// Aligned is the number of hosts proven to run the target release.
+	// +kubebuilder:default=0
 	// +optional
 	Aligned int32 `json:"aligned"`
 
 	// Degraded is the number of hosts whose instance reports Degraded.
+	// +kubebuilder:default=0
 	// +optional
 	Degraded int32 `json:"degraded"`
 

@@ -8,6 +8,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/util/retry"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
@@ -43,7 +44,13 @@ func (h *Heartbeat) Start(ctx context.Context) error {
 	}
 }
 
+// beat registers the host if needed and writes one heartbeat. A write that raced with the
+// controller manager's (which owns the Reachable condition) is retried on the fresh copy.
 func (h *Heartbeat) beat(ctx context.Context) error {
+	return retry.RetryOnConflict(retry.DefaultBackoff, func() error { return h.beatOnce(ctx) })
+}
+
+func (h *Heartbeat) beatOnce(ctx context.Context) error {
 	var gh v1.GatewayHost
 	err := h.Client.Get(ctx, client.ObjectKey{Name: h.Host}, &gh)
 	if apierrors.IsNotFound(err) {

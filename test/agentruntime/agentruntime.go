@@ -16,6 +16,8 @@ import (
 	"io/fs"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"sort"
 	"sync"
 	"testing"
@@ -176,4 +178,23 @@ func GetStatus(ctx context.Context, socket string) (*Status, error) {
 	}
 	var st Status
 	return &st, json.Unmarshal(raw, &st)
+}
+
+// SampleDir and SampleFile are where config/samples/release.yaml expects the runtime's 1.0.0
+// build on each host.
+const (
+	SampleDir  = "/var/lib/gateway-operator/releases"
+	SampleFile = "agent-runtime-1.0.0.tar.gz"
+)
+
+// PlaceSample writes the 1.0.0 build where the sample Release points.
+func PlaceSample() error {
+	tb, err := Build(Options{Version: "1.0.0"})
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(SampleDir, 0o755); err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(SampleDir, SampleFile), tb.Data, 0o644)
 }

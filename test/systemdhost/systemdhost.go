@@ -44,6 +44,8 @@ type Options struct {
 	PrivateNetwork bool
 	// BootTimeout bounds the wait for systemd to finish booting; defaults to 60s.
 	BootTimeout time.Duration
+	// Dir is the folder the host's root folder is made in; Start uses the test's temp folder.
+	Dir string
 }
 
 // Host is one running sandboxed systemd.
@@ -76,7 +78,10 @@ func Start(t testing.TB, opts Options) *Host {
 		}
 		t.Skip("systemd test hosts need root; run make test as root")
 	}
-	h, err := start(t, opts)
+	if opts.Dir == "" {
+		opts.Dir = t.TempDir()
+	}
+	h, err := Boot(opts)
 	if h != nil {
 		t.Cleanup(func() {
 			if err := h.Stop(); err != nil {
@@ -93,7 +98,9 @@ func Start(t testing.TB, opts Options) *Host {
 	return h
 }
 
-func start(t testing.TB, opts Options) (*Host, error) {
+// Boot boots a host outside a test (the demo uses it). The caller must Stop it; a host whose
+// boot failed is returned too, so that it can be stopped.
+func Boot(opts Options) (*Host, error) {
 	template, err := templateRoot()
 	if err != nil {
 		return nil, err
@@ -106,7 +113,7 @@ func start(t testing.TB, opts Options) (*Host, error) {
 		opts.BootTimeout = 60 * time.Second
 	}
 	// The folder name marks every mount point as ours, so leftovers are easy to find.
-	dir := filepath.Join(t.TempDir(), "gateway-sandbox-"+opts.Name)
+	dir := filepath.Join(opts.Dir, "gateway-sandbox-"+opts.Name)
 	root := filepath.Join(dir, "root")
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, err

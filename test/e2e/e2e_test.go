@@ -1,0 +1,221 @@
+// Package e2e runs the whole system: the real API server, the manager binary, and two node agent
+// binaries on two real systemd hosts, driven with the real kubectl.
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"k8s.io/apimachinery/pkg/api/meta"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
+	"github.com/agent-gateway/gateway-operator/test/agentruntime"
+	"github.com/agent-gateway/gateway-operator/test/stack"
+	"github.com/agent-gateway/gateway-operator/test/systemdhost"
+)
+
+func TestMain(m *testing.M) { os.Exit(systemdhost.RunWithLeakCheck(m)) }
+
+func up(t *testing.T, hosts ...string) *stack.Stack {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Fatal("the end-to-end tests boot systemd hosts and need root")
+	}
+	bin := t.TempDir()
+	if err := stack.Build(bin); err != nil {
+		t.Fatal(err)
+	}
+	s, err := stack.Up(stack.Options{Hosts: hosts, Dir: t.TempDir(), BinDir: bin, Progress: func(m string) { t.Log(m) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			for _, name := range append([]string{"manager"}, prefixed("agent-", hosts)...) {
+				t.Logf("--- %s log (tail):\n%s", name, tail(s.Log(name), 40))
+			}
+		}
+		if err := s.Down(); err != nil {
+			t.Errorf("stack down: %v", err)
+		}
+	})
+	return s
+}
+
+func prefixed(p string, names []string) []string {
+	out := make([]string, len(names))
+	for i, n := range names {
+		out[i] = p + n
+	}
+	return out
+}
+
+func tail(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+func eventually(t *testing.T, what string, timeout time.Duration, cond func() (bool, string)) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	last := ""
+	for time.Now().Before(deadline) {
+		ok, msg := cond()
+		if ok {
+			return
+		}
+		last = msg
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Fatalf("timed out waiting for %s: %s", what, last)
+}
+
+func kubectl(t *testing.T, s *stack.Stack, args ...string) string {
+	t.Helper()
+	out, err := s.Kubectl(args...)
+	if err != nil {
+		t.Fatalf("kubectl %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return out
+}
+
+// mainPIDs reads, from each host's systemd, the main PID of a profile's unit.
+func mainPIDs(t *testing.T, s *stack.Stack, profile string) map[string]uint32 {
+	t.Helper()
+	pids := map[string]uint32{}
+	for name, h := range s.Hosts {
+		sd := h.Dial(t)
+		pid, err := sd.MainPID(context.Background(), "agent-gateway@"+profile+".service")
+		if err != nil {
+			t.Fatal(err)
+		}
+		pids[name] = pid
+	}
+	return pids
+}
+
+func profileAligned(s *stack.Stack, name, label string, hosts int32) func() (bool, string) {
+	return func() (bool, string) {
+		var p v1.GatewayProfile
+		if err := s.CP.Client.Get(context.Background(), client.ObjectKey{Name: name}, &p); err != nil {
+			return false, err.Error()
+		}
+		ok := p.Status.Desired == hosts && p.Status.Aligned == hosts && p.Status.TargetRelease != nil &&
+			p.Status.TargetRelease.Label == label && meta.IsStatusConditionTrue(p.Status.Conditions, v1.ConditionReady)
+		return ok, fmt.Sprintf("%+v", p.Status)
+	}
+}
+
+// TestSamplesReachTwoHosts: kubectl apply -f config/samples/ makes both hosts run core and
+// api, aligned; a release change of core restarts only core, on both hosts; deleting api
+// removes its units from both hosts and leaves core alone.
+func TestSamplesReachTwoHosts(t *testing.T) {
+	s := up(t, "node-a", "node-b")
+	ctx := context.Background()
+
+	for name := range s.Hosts {
+		eventually(t, name+" registered, Ready and Reachable", time.Minute, func() (bool, string) {
+			var h v1.GatewayHost
+			if err := s.CP.Client.Get(ctx, client.ObjectKey{Name: name}, &h); err != nil {
+				return false, err.Error()
+			}
+			return meta.IsStatusConditionTrue(h.Status.Conditions, v1.ConditionReady) &&
+				meta.IsStatusConditionTrue(h.Status.Conditions, v1.ConditionReachable), fmt.Sprintf("%+v", h.Status)
+		})
+	}
+	kubectl(t, s, "apply", "-f", "config/samples/")
+	for _, p := range []string{"core", "api"} {
+		eventually(t, p+" aligned on both hosts", 3*time.Minute, profileAligned(s, p, "1.0.0", 2))
+	}
+	out := kubectl(t, s, "get", "gwp")
+	header := strings.Fields(strings.SplitN(out, "\n", 2)[0])
+	if strings.Join(header, " ") != "NAME RELEASE HOSTS UPDATED ALIGNED DEGRADED AGE" {
+		t.Errorf("kubectl get gwp columns: %v\n%s", header, out)
+	}
+	for _, line := range strings.Split(strings.TrimSpace(out), "\n")[1:] {
+		f := strings.Fields(line)
+		if len(f) != 7 || f[1] != "agent-runtime-1.0.0" || strings.Join(f[2:6], " ") != "2 2 2 0" {
+			t.Errorf("kubectl get gwp row %q, want RELEASE agent-runtime-1.0.0 and 2 2 2 0", line)
+		}
+	}
+	t.Logf("kubectl get gwh,grel,gwp,gwi:\n%s", kubectl(t, s, "get", "gwh,grel,gwp,gwi"))
+
+	var gi v1.GatewayInstance
+	if err := s.CP.Client.Get(ctx, client.ObjectKey{Name: "core.node-a"}, &gi); err != nil {
+		t.Fatal(err)
+	}
+	if !meta.IsStatusConditionTrue(gi.Status.Conditions, v1.ConditionIsolated) || gi.Status.Isolation == nil || gi.Status.Isolation.ExposureScore == "" {
+		t.Errorf("core.node-a isolation: %+v", gi.Status.Isolation)
+	}
+	if err := s.CP.Client.Get(ctx, client.ObjectKey{Name: "api.node-b"}, &gi); err != nil {
+		t.Fatal(err)
+	}
+	if iso := meta.FindStatusCondition(gi.Status.Conditions, v1.ConditionIsolated); iso == nil || iso.Status != "False" {
+		t.Errorf("api.node-b (Convenience) Isolated: %+v", iso)
+	}
+
+	// A second release, for core only.
+	tb := agentruntime.MustBuild(t, agentruntime.Options{Version: "2.0.0"})
+	tarball := filepath.Join(t.TempDir(), "agent-runtime-2.0.0.tar.gz")
+	if err := os.WriteFile(tarball, tb.Data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	manifest := filepath.Join(t.TempDir(), "release-2.yaml")
+	if err := os.WriteFile(manifest, []byte(fmt.Sprintf(`apiVersion: gateway.agent.dev/v1alpha1
+kind: Release
+metadata:
+  name: agent-runtime-2.0.0
+spec:
+  source:
+    url: file://%s
+  sha256: %s
+  label: 2.0.0
+`, tarball, tb.SHA256)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	kubectl(t, s, "apply", "-f", manifest)
+	coreBefore, apiBefore := mainPIDs(t, s, "core"), mainPIDs(t, s, "api")
+	kubectl(t, s, "patch", "gwp", "core", "--type=merge", "-p", `{"spec":{"release":"agent-runtime-2.0.0"}}`)
+	eventually(t, "core on 2.0.0 on both hosts", 3*time.Minute, profileAligned(s, "core", "2.0.0", 2))
+	coreAfter, apiAfter := mainPIDs(t, s, "core"), mainPIDs(t, s, "api")
+	for host := range s.Hosts {
+		if coreAfter[host] == coreBefore[host] || coreAfter[host] == 0 {
+			t.Errorf("core on %s was not restarted (pid %d -> %d)", host, coreBefore[host], coreAfter[host])
+		}
+		if apiAfter[host] != apiBefore[host] {
+			t.Errorf("changing core's release restarted api on %s (pid %d -> %d)", host, apiBefore[host], apiAfter[host])
+		}
+	}
+
+	kubectl(t, s, "delete", "gwp", "api", "--wait=true", "--timeout=120s")
+	for name, h := range s.Hosts {
+		for _, gone := range []string{"opt/agent/gateways/api/env", "opt/agent/gateways/api/current",
+			"etc/systemd/system/agent-gateway@api.service.d"} {
+			if _, err := os.Lstat(filepath.Join(h.Root, gone)); err == nil {
+				t.Errorf("%s: %s survived the deletion of api", name, gone)
+			}
+		}
+	}
+	for host, pid := range mainPIDs(t, s, "api") {
+		if pid != 0 {
+			t.Errorf("api still runs on %s as %d", host, pid)
+		}
+	}
+	for host, pid := range mainPIDs(t, s, "core") {
+		if pid != coreAfter[host] {
+			t.Errorf("deleting api restarted core on %s (%d -> %d)", host, coreAfter[host], pid)
+		}
+	}
+	if out, err := s.Kubectl("get", "gwi", "-l", "gateway.agent.dev/profile=api", "--no-headers"); err != nil || strings.TrimSpace(out) != "No resources found" && strings.TrimSpace(out) != "" {
+		t.Errorf("api instances left: %q %v", out, err)
+	}
+}
