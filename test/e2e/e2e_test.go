@@ -219,3 +219,107 @@ spec:
 		t.Errorf("api instances left: %q %v", out, err)
 	}
 }
+
+// TestCanaryCatchesBrokenRelease rolls releases over three real hosts with a one-host canary:
+// a good release goes canary, pause, promote, everywhere; a broken one (the runtime exits at
+// start) fails on the canary host, whose agent returns it to the good release, and the other
+// two hosts are never touched.
+func TestCanaryCatchesBrokenRelease(t *testing.T) {
+	s := up(t, "edge-a", "edge-b", "edge-c")
+	ctx := context.Background()
+	dir := t.TempDir()
+	publish := func(o agentruntime.Options) string {
+		tb := agentruntime.MustBuild(t, o)
+		tarball := filepath.Join(dir, tb.Label+".tar.gz")
+		if err := os.WriteFile(tarball, tb.Data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		name := "rt-" + strings.ReplaceAll(tb.Label, ".", "-")
+		manifest := filepath.Join(dir, name+".yaml")
+		if err := os.WriteFile(manifest, []byte(fmt.Sprintf("apiVersion: gateway.agent.dev/v1alpha1\nkind: Release\nmetadata:\n  name: %s\nspec:\n  source:\n    url: file://%s\n  sha256: %s\n  label: %s\n",
+			name, tarball, tb.SHA256, tb.Label)), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		kubectl(t, s, "apply", "-f", manifest)
+		return name
+	}
+	good1 := publish(agentruntime.Options{Version: "1.0.0"})
+	good2 := publish(agentruntime.Options{Version: "2.0.0"})
+	broken := publish(agentruntime.Options{Version: "3.0.0-broken", CrashAtStart: true})
+
+	profile := filepath.Join(dir, "edge.yaml")
+	write := func(release string) {
+		if err := os.WriteFile(profile, []byte(fmt.Sprintf(`apiVersion: gateway.agent.dev/v1alpha1
+kind: GatewayProfile
+metadata:
+  name: edge
+spec:
+  release: %s
+  nodeSelector: {}
+  rollout:
+    maxUnavailable: 1
+    progressDeadlineSeconds: 60
+    canary:
+      hosts: 1
+`, release)), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		kubectl(t, s, "apply", "-f", profile)
+	}
+	phase := func(want v1.RolloutPhase) func() (bool, string) {
+		return func() (bool, string) {
+			var p v1.GatewayProfile
+			if err := s.CP.Client.Get(ctx, client.ObjectKey{Name: "edge"}, &p); err != nil || p.Status.Rollout == nil {
+				return false, fmt.Sprint(err)
+			}
+			return p.Status.Rollout.Phase == want, string(p.Status.Rollout.Phase) + ": " + p.Status.Rollout.Step
+		}
+	}
+	write(good1)
+	// The first rollout: a canary host, then a pause until promoted.
+	eventually(t, "the canary pause on 1.0.0", 2*time.Minute, phase(v1.RolloutPaused))
+	kubectl(t, s, "annotate", "gwp", "edge", "gateway.agent.dev/promote=now")
+	eventually(t, "1.0.0 everywhere", 2*time.Minute, profileAligned(s, "edge", "1.0.0", 3))
+
+	write(good2)
+	eventually(t, "the canary pause on 2.0.0", 2*time.Minute, phase(v1.RolloutPaused))
+	kubectl(t, s, "annotate", "gwp", "edge", "gateway.agent.dev/promote=now")
+	eventually(t, "2.0.0 everywhere", 2*time.Minute, profileAligned(s, "edge", "2.0.0", 3))
+	before := mainPIDs(t, s, "edge")
+
+	write(broken)
+	eventually(t, "the halt", 2*time.Minute, phase(v1.RolloutHalted))
+	var p v1.GatewayProfile
+	if err := s.CP.Client.Get(ctx, client.ObjectKey{Name: "edge"}, &p); err != nil {
+		t.Fatal(err)
+	}
+	if len(p.Status.Rollout.Failed) != 1 {
+		t.Fatalf("failed hosts: %v", p.Status.Rollout.Failed)
+	}
+	canary := strings.SplitN(p.Status.Rollout.Failed[0], ":", 2)[0]
+	d := meta.FindStatusCondition(p.Status.Conditions, v1.ConditionDegraded)
+	if d == nil || !strings.Contains(d.Message, canary) {
+		t.Errorf("Degraded condition does not name %s: %+v", canary, d)
+	}
+	time.Sleep(3 * time.Second) // a halted rollout stays halted
+	after := mainPIDs(t, s, "edge")
+	for name, h := range s.Hosts {
+		var gi v1.GatewayInstance
+		if err := s.CP.Client.Get(ctx, client.ObjectKey{Name: "edge." + name}, &gi); err != nil {
+			t.Fatal(err)
+		}
+		st, err := agentruntime.GetStatus(ctx, filepath.Join(h.Root, "opt/agent/gateways/edge/home/run/status.sock"))
+		if err != nil || st.Version != "2.0.0" {
+			t.Errorf("%s does not serve 2.0.0 after the broken rollout: %+v %v", name, st, err)
+		}
+		if name == canary {
+			if gi.Spec.Release.Label != "3.0.0-broken" {
+				t.Errorf("the canary %s was not the one moved", name)
+			}
+			continue
+		}
+		if gi.Spec.Release.Label != "2.0.0" || after[name] != before[name] {
+			t.Errorf("%s was touched: asks for %s, pid %d -> %d", name, gi.Spec.Release.Label, before[name], after[name])
+		}
+	}
+}
