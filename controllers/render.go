@@ -25,6 +25,7 @@ func desiredInstanceSpec(p *v1.GatewayProfile, host string, rel *v1.Release) v1.
 			Label:  rel.Spec.Label,
 		},
 		GatewaySettings: *p.Spec.GatewaySettings.DeepCopy(),
+		AutoRollback:    ptrBool(p.Spec.Rollout.AutoRollback == nil || *p.Spec.Rollout.AutoRollback),
 	}
 	spec.ConfigHash = configHash(spec)
 	return spec
@@ -61,3 +62,5 @@ func ptrQuantity(s string) *resource.Quantity {
 	q := resource.MustParse(s)
 	return &q
 }
+
+func ptrBool(b bool) *bool { return &b }

@@ -26,6 +26,13 @@ type GatewayInstanceSpec struct {
 	// Release is the build this instance must run.
 	Release ReleaseArtifact `json:"release"`
 
+	// AutoRollback returns the host to its last good release when an apply fails (the
+	// profile's spec.rollout.autoRollback). When false the host stays on the failed release,
+	// for inspection.
+	// +kubebuilder:default=true
+	// +optional
+	AutoRollback *bool `json:"autoRollback,omitempty"`
+
 	// ConfigHash is a digest of everything rendered for this instance (release, settings). The
 	// agent reports it back in status once applied, so a reader can tell stale from current.
 	// +kubebuilder:validation:MaxLength=128

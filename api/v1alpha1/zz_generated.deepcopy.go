@@ -238,6 +238,11 @@ func (in *GatewayInstanceList) DeepCopyObject() runtime.Object {
 func (in *GatewayInstanceSpec) DeepCopyInto(out *GatewayInstanceSpec) {
 	*out = *in
 	out.Release = in.Release
+	if in.AutoRollback != nil {
+		in, out := &in.AutoRollback, &out.AutoRollback
+		*out = new(bool)
+		**out = **in
+	}
 	in.GatewaySettings.DeepCopyInto(&out.GatewaySettings)
 }
 

@@ -69,6 +69,7 @@ func (r *InstanceReconciler) Reconcile(ctx context.Context, req ctrl.Request) (c
 		Release: release.Artifact{URL: gi.Spec.Release.URL, SHA256: gi.Spec.Release.SHA256, Label: gi.Spec.Release.Label},
 		Mode:    gi.Spec.Mode, Exec: gi.Spec.Exec, Isolation: gi.Spec.Isolation, Env: gi.Spec.Env,
 		DeniedTools: gi.Spec.DeniedTools,
+		KeepFailed:  gi.Spec.AutoRollback != nil && !*gi.Spec.AutoRollback,
 	}
 	for _, e := range gi.Spec.EgressAllowlist {
 		in.Egress = append(in.Egress, string(e))

@@ -56,6 +56,9 @@ type Instance struct {
 	Env         []v1.EnvVar
 	Egress      []string
 	DeniedTools []string
+	// KeepFailed leaves a host on a release that failed to apply instead of returning it to
+	// its last good release (autoRollback off).
+	KeepFailed bool
 }
 
 // Ref names a release on the host.

@@ -342,3 +342,22 @@ func TestRefusesInvalidNames(t *testing.T) {
 		}
 	}
 }
+
+// TestAutoRollbackOff: with autoRollback off a failed release stays on the host, for
+// inspection, and the report says so.
+func TestAutoRollbackOff(t *testing.T) {
+	f := newFixture(t, systemdhost.Options{})
+	r1 := f.publish(agentruntime.Options{Version: "1.0.0"})
+	broken := f.publish(agentruntime.Options{Version: "2.0.0-broken", CrashAtStart: true})
+	f.mustApply(instance("core", r1))
+	in := instance("core", broken)
+	in.KeepFailed = true
+	_, err := f.applier.Apply(context.Background(), in)
+	var fail *apply.Failure
+	if !errors.As(err, &fail) || fail.RolledBack || !strings.Contains(fail.Message, "autoRollback is off") {
+		t.Fatalf("apply: %v", err)
+	}
+	if got := f.current("core"); got != broken.SHA256+"-"+broken.Label {
+		t.Errorf("current -> %s, want the failed release kept", got)
+	}
+}

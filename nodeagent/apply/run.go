@@ -181,6 +181,11 @@ func (a *Applier) prove(ctx context.Context, p layout.Profile, e expectation, de
 // failure to report. With no good release to return to, the unit is stopped rather than left
 // crash-looping.
 func (a *Applier) rollback(ctx context.Context, log logr.Logger, p layout.Profile, in Instance, u *users.User, lastGood *Ref, before *rendered, f *Failure) error {
+	if in.KeepFailed {
+		log.Info("apply failed; autoRollback is off, so the host stays on this release", "step", f.Step, "reason", f.Message)
+		f.Message += "; autoRollback is off: the host stays on this release for inspection"
+		return f
+	}
 	if lastGood == nil {
 		log.Info("apply failed and there is no good release to return to; stopping the unit", "step", f.Step, "reason", f.Message)
 		_ = a.Systemd.Stop(ctx, p.Unit)
