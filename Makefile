@@ -8,6 +8,8 @@ SHELL := /usr/bin/env bash -o pipefail
 CONTROLLER_GEN_VERSION ?= v0.23.0
 LOCALBIN ?= $(CURDIR)/bin
 CONTROLLER_GEN ?= $(LOCALBIN)/controller-gen-$(CONTROLLER_GEN_VERSION)
+HELM_VERSION ?= v3.22.0
+HELM ?= $(LOCALBIN)/helm-$(HELM_VERSION)
 
 # Heavy test dependencies (kube-apiserver, etcd, kubectl, the systemd host template) are built
 # once per machine and cached here, outside the repository.
@@ -30,10 +32,12 @@ generate: $(CONTROLLER_GEN) ## Generate the deepcopy code of the API types.
 manifests: $(CONTROLLER_GEN) ## Generate the CRD and RBAC manifests under config/.
 	$(CONTROLLER_GEN) crd rbac:roleName=gateway-operator-manager paths="./api/..." paths="./controllers/..." \
 		output:crd:artifacts:config=config/crd/bases output:rbac:artifacts:config=config/rbac
+	hack/sync-chart.sh
 
 .PHONY: verify-generated
-verify-generated: $(CONTROLLER_GEN) ## Fail if generated code or manifests are stale.
+verify-generated: $(CONTROLLER_GEN) ## Fail if generated code, manifests or the chart's copies are stale.
 	CONTROLLER_GEN=$(CONTROLLER_GEN) hack/verify-generated.sh
+	hack/sync-chart.sh --check
 
 .PHONY: fmt
 fmt: ## Run gofmt on the tree (fails in CI if a file is not formatted).
@@ -57,8 +61,9 @@ test-deps: ## Install and build what the tests need (idempotent; cached outside 
 	hack/systemd-rootfs.sh >/dev/null
 
 .PHONY: test
-test: fmt vet verify-generated test-deps ## Run every test against a real API server and real systemd hosts.
+test: fmt vet verify-generated test-deps $(HELM) ## Run every test against a real API server and real systemd hosts.
 	KUBEBUILDER_ASSETS="$$(hack/control-plane.sh)" \
+	HELM=$(HELM) \
 	GATEWAY_SYSTEMD_ROOTFS="$$(hack/systemd-rootfs.sh)" \
 	GATEWAY_TEST_REQUIRE_ALL=1 \
 	CONTROLLER_GEN=$(CONTROLLER_GEN) \
@@ -77,7 +82,7 @@ test-e2e: test-deps ## Run the end-to-end tests only.
 bench: test-deps ## Run the benchmarks and print their numbers.
 	KUBEBUILDER_ASSETS="$$(hack/control-plane.sh)" \
 	GATEWAY_SYSTEMD_ROOTFS="$$(hack/systemd-rootfs.sh)" \
-		go test -run '^$$' -bench . -benchmem -count=1 ./...
+		go test -run '^$$' -bench . -benchtime=1x -count=1 -timeout 30m ./...
 	hack/leftovers.sh
 
 ##@ Run
@@ -97,6 +102,11 @@ demo-down: ## Stop the demo and remove everything it made.
 	$(LOCALBIN)/demo down
 
 ##@ Tools
+
+$(HELM):
+	mkdir -p $(LOCALBIN)
+	GOBIN=$(LOCALBIN) go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
+	mv $(LOCALBIN)/helm $(HELM)
 
 $(CONTROLLER_GEN):
 	mkdir -p $(LOCALBIN)

@@ -40,6 +40,8 @@ type Options struct {
 	HostGracePeriod time.Duration
 	// Progress, if set, is told what is happening.
 	Progress func(string)
+	// ManagerMetricsAddr is the manager's metrics listen address; off when empty.
+	ManagerMetricsAddr string
 }
 
 // Stack is a running system.
@@ -49,8 +51,10 @@ type Stack struct {
 	Hosts map[string]*systemdhost.Host
 	// AdminKubeconfig is a kubeconfig for an administrator.
 	AdminKubeconfig string
-	opts            Options
-	procs           []*exec.Cmd
+	// ManagerPID is the controller manager's process.
+	ManagerPID int
+	opts       Options
+	procs      []*exec.Cmd
 }
 
 // Build compiles the binaries the stack runs into dir.
@@ -114,11 +118,16 @@ func Up(o Options) (s *Stack, err error) {
 	if grace == 0 {
 		grace = 40 * time.Second
 	}
+	metrics := o.ManagerMetricsAddr
+	if metrics == "" {
+		metrics = "0"
+	}
 	if err := s.start("manager", filepath.Join(o.BinDir, "manager"), "--kubeconfig="+mkc,
 		"--leader-elect", "--leader-election-namespace=gateway-operator-system",
-		"--metrics-bind-address=0", "--health-probe-bind-address=0", "--host-grace-period="+grace.String()); err != nil {
+		"--metrics-bind-address="+metrics, "--health-probe-bind-address=0", "--host-grace-period="+grace.String()); err != nil {
 		return s, err
 	}
+	s.ManagerPID = s.procs[len(s.procs)-1].Process.Pid
 	for _, name := range o.Hosts {
 		say("booting sandboxed systemd host " + name)
 		h, err := systemdhost.Boot(systemdhost.Options{Name: name, Dir: o.Dir})
