@@ -100,7 +100,9 @@ func (r *GatewayProfileReconciler) Reconcile(ctx context.Context, req ctrl.Reque
 
 func (r *GatewayProfileReconciler) instancesOf(ctx context.Context, profile string) (map[string]*v1.GatewayInstance, error) {
 	var list v1.GatewayInstanceList
-	if err := r.Client.List(ctx, &list, client.MatchingLabels{v1.LabelProfile: profile}); err != nil {
+	// Read-only views of the cache's objects (no copy of thousands of instances per reconcile);
+	// whoever changes one copies it first.
+	if err := r.Client.List(ctx, &list, client.MatchingLabels{v1.LabelProfile: profile}, client.UnsafeDisableDeepCopy); err != nil {
 		return nil, err
 	}
 	byHost := make(map[string]*v1.GatewayInstance, len(list.Items))
@@ -172,7 +174,7 @@ func (r *GatewayProfileReconciler) selectedHosts(ctx context.Context, p *v1.Gate
 		return nil, fmt.Errorf("nodeSelector: %w", err)
 	}
 	var list v1.GatewayHostList
-	if err := r.Client.List(ctx, &list, client.MatchingLabelsSelector{Selector: sel}); err != nil {
+	if err := r.Client.List(ctx, &list, client.MatchingLabelsSelector{Selector: sel}, client.UnsafeDisableDeepCopy); err != nil {
 		return nil, err
 	}
 	hosts := list.Items

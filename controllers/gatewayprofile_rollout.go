@@ -2,7 +2,9 @@ package controllers
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -30,7 +32,8 @@ const (
 // state in the profile's status.
 func (r *GatewayProfileReconciler) rollout(ctx context.Context, p *v1.GatewayProfile, rel *v1.Release, hosts []v1.GatewayHost, instances map[string]*v1.GatewayInstance) (ctrl.Result, error) {
 	now := time.Now()
-	key := configHash(desiredInstanceSpec(p, "", rel))
+	tmpl := profileSpec(p, rel)
+	key := tmpl.key
 	st := r.beginRollout(p, rel, key, now)
 
 	if _, ok := p.Annotations[v1.AnnotationAbort]; ok {
@@ -62,7 +65,7 @@ func (r *GatewayProfileReconciler) rollout(ctx context.Context, p *v1.GatewayPro
 	}
 	desired := map[string]v1.GatewayInstanceSpec{}
 	for _, h := range hosts {
-		want := desiredInstanceSpec(p, h.Name, rel)
+		want := tmpl.forHost(h.Name)
 		desired[h.Name] = want
 		reach := meta.FindStatusCondition(h.Status.Conditions, v1.ConditionReachable)
 		in.Hosts = append(in.Hosts, rollout.Host{Name: h.Name, Unschedulable: h.Spec.Unschedulable,
@@ -84,10 +87,8 @@ func (r *GatewayProfileReconciler) rollout(ctx context.Context, p *v1.GatewayPro
 	}
 
 	d := rollout.Plan(in)
-	for _, host := range d.Move {
-		if err := r.move(ctx, p, instances, host, desired[host], now); err != nil {
-			return ctrl.Result{}, err
-		}
+	if err := r.moveAll(ctx, p, instances, d.Move, desired, now); err != nil {
+		return ctrl.Result{}, err
 	}
 	r.record(p, st, d, now)
 	if promote {
@@ -160,37 +161,67 @@ func instanceFacts(gi *v1.GatewayInstance, targetHash string) rollout.Instance {
 	return f
 }
 
-// move points one host's instance at the target, creating it if needed.
-func (r *GatewayProfileReconciler) move(ctx context.Context, p *v1.GatewayProfile, instances map[string]*v1.GatewayInstance, host string, want v1.GatewayInstanceSpec, now time.Time) error {
+// moveAll points the instances of hosts at their desired specs, creating missing ones. The
+// writes go out a few at a time in parallel: a wave of a large rollout is hundreds of hosts.
+func (r *GatewayProfileReconciler) moveAll(ctx context.Context, p *v1.GatewayProfile, instances map[string]*v1.GatewayInstance, hosts []string, desired map[string]v1.GatewayInstanceSpec, now time.Time) error {
+	type job struct {
+		host     string
+		gi, base *v1.GatewayInstance // base is nil for a new instance
+	}
 	stamp := now.UTC().Format(time.RFC3339)
-	gi, exists := instances[host]
-	if !exists {
-		gi = newInstance(p, want)
-		gi.Annotations = map[string]string{annotationMovedAt: stamp}
-		if err := r.Client.Create(ctx, gi); err != nil {
-			return fmt.Errorf("create instance %s: %w", gi.Name, err)
+	var jobs []job
+	for _, host := range hosts {
+		want := desired[host]
+		cur, exists := instances[host]
+		switch {
+		case !exists:
+			gi := newInstance(p, want)
+			gi.Annotations = map[string]string{annotationMovedAt: stamp}
+			jobs = append(jobs, job{host: host, gi: gi})
+		case !cur.DeletionTimestamp.IsZero() || equality.Semantic.DeepEqual(cur.Spec, want):
+		default:
+			// The listed instance is the cache's own copy: change a copy.
+			gi := cur.DeepCopy()
+			if gi.Annotations == nil {
+				gi.Annotations = map[string]string{}
+			}
+			gi.Annotations[annotationMovedAt] = stamp
+			gi.Spec = want
+			jobs = append(jobs, job{host: host, gi: gi, base: cur})
 		}
-		instances[host] = gi
-		r.Recorder.Eventf(p, gi, corev1.EventTypeNormal, "InstanceCreated", "Rollout",
-			"host %s selected: created %s on release %s", host, gi.Name, want.Release.Label)
-		return nil
 	}
-	if !gi.DeletionTimestamp.IsZero() || equality.Semantic.DeepEqual(gi.Spec, want) {
-		return nil
+	errs := make([]error, len(jobs))
+	sem := make(chan struct{}, 16)
+	var wg sync.WaitGroup
+	for i, j := range jobs {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			if j.base == nil {
+				if err := r.Client.Create(ctx, j.gi); err != nil {
+					errs[i] = fmt.Errorf("create instance %s: %w", j.gi.Name, err)
+					return
+				}
+				r.Recorder.Eventf(p, j.gi, corev1.EventTypeNormal, "InstanceCreated", "Rollout",
+					"host %s selected: created %s on release %s", j.host, j.gi.Name, j.gi.Spec.Release.Label)
+				return
+			}
+			if err := r.Client.Patch(ctx, j.gi, client.MergeFrom(j.base)); err != nil {
+				errs[i] = fmt.Errorf("update instance %s: %w", j.gi.Name, err)
+				return
+			}
+			r.Recorder.Eventf(p, j.gi, corev1.EventTypeNormal, "InstanceUpdated", "Rollout",
+				"%s: release %s -> %s (config %s)", j.gi.Name, j.base.Spec.Release.Label, j.gi.Spec.Release.Label, j.gi.Spec.ConfigHash)
+		}()
 	}
-	from := gi.Spec.Release.Label
-	base := gi.DeepCopy()
-	gi.Spec = want
-	if gi.Annotations == nil {
-		gi.Annotations = map[string]string{}
+	wg.Wait()
+	for i, j := range jobs {
+		if errs[i] == nil {
+			instances[j.host] = j.gi
+		}
 	}
-	gi.Annotations[annotationMovedAt] = stamp
-	if err := r.Client.Patch(ctx, gi, client.MergeFrom(base)); err != nil {
-		return fmt.Errorf("update instance %s: %w", gi.Name, err)
-	}
-	r.Recorder.Eventf(p, gi, corev1.EventTypeNormal, "InstanceUpdated", "Rollout",
-		"%s: release %s -> %s (config %s)", gi.Name, from, want.Release.Label, want.ConfigHash)
-	return nil
+	return errors.Join(errs...)
 }
 
 // record writes the planner's decision into the profile's status, with an event for each
@@ -234,7 +265,7 @@ func (r *GatewayProfileReconciler) record(p *v1.GatewayProfile, st *v1.RolloutSt
 func (r *GatewayProfileReconciler) retryFailed(ctx context.Context, p *v1.GatewayProfile, instances map[string]*v1.GatewayInstance, in rollout.Input, now time.Time) error {
 	stamp := now.UTC().Format(time.RFC3339Nano)
 	for host, f := range in.Instances {
-		gi := instances[host]
+		gi := instances[host].DeepCopy()
 		deadline := time.Duration(p.Spec.Rollout.ProgressDeadlineSeconds) * time.Second
 		late := f.OnTarget && !f.Aligned && !f.MovedAt.IsZero() && deadline > 0 && now.Sub(f.MovedAt) > deadline
 		if !f.OnTarget || !(f.Degraded || late) {
@@ -273,16 +304,16 @@ func (r *GatewayProfileReconciler) abort(ctx context.Context, p *v1.GatewayProfi
 		}
 		r.Recorder.Eventf(p, nil, corev1.EventTypeWarning, "RolloutAborted", "Abort", "%s", st.Step)
 	}
-	now := time.Now()
+	tmpl := profileSpec(p, &prev)
+	desired := map[string]v1.GatewayInstanceSpec{}
+	var back []string
 	for host, gi := range instances {
-		if gi.Spec.Release.SHA256 == prev.Spec.SHA256 {
-			continue
-		}
-		if err := r.move(ctx, p, instances, host, desiredInstanceSpec(p, host, &prev), now); err != nil {
-			return err
+		if gi.Spec.Release.SHA256 != prev.Spec.SHA256 {
+			desired[host] = tmpl.forHost(host)
+			back = append(back, host)
 		}
 	}
-	return nil
+	return r.moveAll(ctx, p, instances, back, desired, time.Now())
 }
 
 // commitStatus writes the status now, failing on a conflict (the decision was taken on a stale

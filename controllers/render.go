@@ -15,9 +15,33 @@ import (
 // desiredInstanceSpec is what a profile asks of one host, given the release it runs there.
 // It is pure: the same inputs always give the same spec and the same config hash.
 func desiredInstanceSpec(p *v1.GatewayProfile, host string, rel *v1.Release) v1.GatewayInstanceSpec {
+	return profileSpec(p, rel).forHost(host)
+}
+
+// templateSpec is a profile's instance spec before a host is filled in; its key digests
+// everything but the host, once per reconcile rather than once per host.
+type templateSpec struct {
+	spec v1.GatewayInstanceSpec
+	key  string
+}
+
+func profileSpec(p *v1.GatewayProfile, rel *v1.Release) templateSpec {
+	spec := baseSpec(p, rel)
+	return templateSpec{spec: spec, key: configHash(spec)}
+}
+
+// forHost is the spec of one host: the template plus the host, hashed with the host's name.
+func (t templateSpec) forHost(host string) v1.GatewayInstanceSpec {
+	spec := *t.spec.DeepCopy()
+	spec.Host = host
+	sum := sha256.Sum256([]byte(t.key + "/" + host))
+	spec.ConfigHash = hex.EncodeToString(sum[:])[:16]
+	return spec
+}
+
+func baseSpec(p *v1.GatewayProfile, rel *v1.Release) v1.GatewayInstanceSpec {
 	spec := v1.GatewayInstanceSpec{
 		Profile: p.Name,
-		Host:    host,
 		Release: v1.ReleaseArtifact{
 			Name:   rel.Name,
 			URL:    rel.Spec.Source.URL,
@@ -27,7 +51,6 @@ func desiredInstanceSpec(p *v1.GatewayProfile, host string, rel *v1.Release) v1.
 		GatewaySettings: *p.Spec.GatewaySettings.DeepCopy(),
 		AutoRollback:    ptrBool(p.Spec.Rollout.AutoRollback == nil || *p.Spec.Rollout.AutoRollback),
 	}
-	spec.ConfigHash = configHash(spec)
 	return spec
 }
 

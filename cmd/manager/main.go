@@ -6,6 +6,8 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"net/http"
+	"net/http/pprof"
 	"os"
 	"time"
 
@@ -26,11 +28,12 @@ import (
 
 func main() {
 	var metricsAddr, probeAddr, leaderNS string
-	var leaderElect bool
+	var leaderElect, pprofOn bool
 	var o controllers.Options
 	flag.StringVar(&metricsAddr, "metrics-bind-address", ":8080", "metrics listen address; 0 turns metrics off")
 	flag.StringVar(&probeAddr, "health-probe-bind-address", ":8081", "health probe listen address; 0 turns probes off")
 	flag.BoolVar(&leaderElect, "leader-elect", false, "elect a leader, so that only one of several replicas acts")
+	flag.BoolVar(&pprofOn, "pprof", false, "serve Go profiles at /debug/pprof/ on the metrics address")
 	flag.StringVar(&leaderNS, "leader-election-namespace", "", "namespace of the leader election lease (default: the pod's namespace)")
 	flag.DurationVar(&o.HostGracePeriod, "host-grace-period", 40*time.Second, "heartbeat age after which a host counts as unreachable")
 	flag.StringVar(&o.ToolRunRuntimeClass, "toolrun-runtime-class", "kata", "the Kata RuntimeClass every ToolRun pod runs with (never a fallback to runc)")
@@ -53,13 +56,21 @@ func main() {
 	if err := errors.Join(clientgoscheme.AddToScheme(scheme), gatewayv1alpha1.AddToScheme(scheme)); err != nil {
 		fail(err)
 	}
+	metrics := metricsserver.Options{BindAddress: metricsAddr}
+	if pprofOn {
+		metrics.ExtraHandlers = map[string]http.Handler{
+			"/debug/pprof/":        http.HandlerFunc(pprof.Index),
+			"/debug/pprof/profile": http.HandlerFunc(pprof.Profile),
+			"/debug/pprof/heap":    pprof.Handler("heap"),
+		}
+	}
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
 		Scheme: scheme,
 		// The manager reads only tool-run Pods: never cache every Pod of the cluster.
 		Cache: cache.Options{ByObject: map[client.Object]cache.ByObject{
 			&corev1.Pod{}: {Label: toolRunPods},
 		}},
-		Metrics:                 metricsserver.Options{BindAddress: metricsAddr},
+		Metrics:                 metrics,
 		HealthProbeBindAddress:  probeAddr,
 		LeaderElection:          leaderElect,
 		LeaderElectionID:        "gateway-operator.gateway.agent.dev",

@@ -105,21 +105,28 @@ func Scaled(v *intstr.IntOrString, total int, def int) int {
 // target, so the order is stable while a rollout runs and differs between profiles and targets
 // (no host is always first).
 func Order(hosts []Host, profile, key string) []Host {
-	out := append([]Host(nil), hosts...)
-	rank := func(h Host) uint64 {
-		sum := sha256.Sum256([]byte(h.Name + "/" + profile + "/" + key))
-		return binary.BigEndian.Uint64(sum[:8])
+	type ranked struct {
+		Host
+		rank uint64
 	}
-	sort.SliceStable(out, func(i, j int) bool {
-		if out[i].Canary != out[j].Canary {
-			return out[i].Canary
+	rs := make([]ranked, len(hosts))
+	for i, h := range hosts {
+		sum := sha256.Sum256([]byte(h.Name + "/" + profile + "/" + key))
+		rs[i] = ranked{h, binary.BigEndian.Uint64(sum[:8])}
+	}
+	sort.Slice(rs, func(i, j int) bool {
+		if rs[i].Canary != rs[j].Canary {
+			return rs[i].Canary
 		}
-		ri, rj := rank(out[i]), rank(out[j])
-		if ri != rj {
-			return ri < rj
+		if rs[i].rank != rs[j].rank {
+			return rs[i].rank < rs[j].rank
 		}
-		return out[i].Name < out[j].Name
+		return rs[i].Name < rs[j].Name
 	})
+	out := make([]Host, len(rs))
+	for i, r := range rs {
+		out[i] = r.Host
+	}
 	return out
 }
 

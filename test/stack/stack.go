@@ -124,7 +124,7 @@ func Up(o Options) (s *Stack, err error) {
 	}
 	if err := s.start("manager", filepath.Join(o.BinDir, "manager"), "--kubeconfig="+mkc,
 		"--leader-elect", "--leader-election-namespace=gateway-operator-system",
-		"--metrics-bind-address="+metrics, "--health-probe-bind-address=0", "--host-grace-period="+grace.String()); err != nil {
+		"--metrics-bind-address="+metrics, "--pprof="+fmt.Sprint(metrics != "0"), "--health-probe-bind-address=0", "--host-grace-period="+grace.String()); err != nil {
 		return s, err
 	}
 	s.ManagerPID = s.procs[len(s.procs)-1].Process.Pid
