@@ -5,15 +5,18 @@ import (
 	"fmt"
 	"sort"
 	"strings"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/util/workqueue"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
+	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 	"sigs.k8s.io/controller-runtime/pkg/recorder"
@@ -31,12 +34,39 @@ type GatewayProfileReconciler struct {
 	Recorder recorder.EventRecorder
 }
 
+// indexInstanceProfile indexes instances by profile, so a reconcile reads its own instances
+// without scanning every instance of the fleet.
+const indexInstanceProfile = "spec.profile"
+
+// instanceBatch is how long instance events are gathered before their profile is reconciled:
+// during a rollout hundreds of hosts report within moments, and one reconcile serves them all.
+const instanceBatch = 250 * time.Millisecond
+
 // SetupWithManager registers the reconciler: a profile is reconciled when it, one of its
 // instances, any host, or its release changes.
 func (r *GatewayProfileReconciler) SetupWithManager(mgr ctrl.Manager) error {
+	if err := mgr.GetFieldIndexer().IndexField(context.Background(), &v1.GatewayInstance{}, indexInstanceProfile,
+		func(o client.Object) []string { return []string{o.(*v1.GatewayInstance).Spec.Profile} }); err != nil {
+		return err
+	}
+	batch := func(o client.Object, q workqueue.TypedRateLimitingInterface[reconcile.Request]) {
+		if p := o.(*v1.GatewayInstance).Spec.Profile; p != "" {
+			q.AddAfter(reconcile.Request{NamespacedName: client.ObjectKey{Name: p}}, instanceBatch)
+		}
+	}
 	return ctrl.NewControllerManagedBy(mgr).
 		For(&v1.GatewayProfile{}).
-		Owns(&v1.GatewayInstance{}).
+		Watches(&v1.GatewayInstance{}, handler.Funcs{
+			CreateFunc: func(_ context.Context, e event.CreateEvent, q workqueue.TypedRateLimitingInterface[reconcile.Request]) {
+				batch(e.Object, q)
+			},
+			UpdateFunc: func(_ context.Context, e event.UpdateEvent, q workqueue.TypedRateLimitingInterface[reconcile.Request]) {
+				batch(e.ObjectNew, q)
+			},
+			DeleteFunc: func(_ context.Context, e event.DeleteEvent, q workqueue.TypedRateLimitingInterface[reconcile.Request]) {
+				batch(e.Object, q)
+			},
+		}).
 		Watches(&v1.GatewayHost{}, handler.EnqueueRequestsFromMapFunc(r.allProfiles)).
 		Watches(&v1.Release{}, handler.EnqueueRequestsFromMapFunc(r.profilesOfRelease)).
 		Complete(r)
@@ -102,7 +132,7 @@ func (r *GatewayProfileReconciler) instancesOf(ctx context.Context, profile stri
 	var list v1.GatewayInstanceList
 	// Read-only views of the cache's objects (no copy of thousands of instances per reconcile);
 	// whoever changes one copies it first.
-	if err := r.Client.List(ctx, &list, client.MatchingLabels{v1.LabelProfile: profile}, client.UnsafeDisableDeepCopy); err != nil {
+	if err := r.Client.List(ctx, &list, client.MatchingFields{indexInstanceProfile: profile}, client.UnsafeDisableDeepCopy); err != nil {
 		return nil, err
 	}
 	byHost := make(map[string]*v1.GatewayInstance, len(list.Items))
