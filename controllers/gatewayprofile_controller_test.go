@@ -11,6 +11,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/client-go/util/retry"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
@@ -90,11 +91,7 @@ func TestProfileLifecycleSimulatedAgents(t *testing.T) {
 	})
 
 	// A new release reaches every host.
-	p = getProfile(t, "lc")
-	p.Spec.Release = "lc-r2"
-	if err := c.Update(ctx, p); err != nil {
-		t.Fatal(err)
-	}
+	setRelease(t, "lc", "lc-r2", nil)
 	eventually(t, "instances to ask for 2.0.0", func() (bool, string) {
 		a, _ := getInstance("lc.lc-1")
 		b, _ := getInstance("lc.lc-2")
@@ -114,12 +111,15 @@ func TestProfileLifecycleSimulatedAgents(t *testing.T) {
 	})
 
 	// lc-2 stops matching: its instance is deleted; the simulated agent removes the unit.
-	var h v1.GatewayHost
-	if err := c.Get(ctx, client.ObjectKey{Name: "lc-2"}, &h); err != nil {
-		t.Fatal(err)
-	}
-	h.Labels = map[string]string{"pool": "elsewhere"}
-	if err := c.Update(ctx, &h); err != nil {
+	// The heartbeats write this host too: retry on a conflict, as any client would.
+	if err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		var h v1.GatewayHost
+		if err := c.Get(ctx, client.ObjectKey{Name: "lc-2"}, &h); err != nil {
+			return err
+		}
+		h.Labels = map[string]string{"pool": "elsewhere"}
+		return c.Update(ctx, &h)
+	}); err != nil {
 		t.Fatal(err)
 	}
 	eventually(t, "lc.lc-2 to be marked for deletion", func() (bool, string) {

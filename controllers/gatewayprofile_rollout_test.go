@@ -11,6 +11,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/client-go/util/retry"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
@@ -147,14 +148,18 @@ func annotate(t *testing.T, name, key string) {
 	}
 }
 
+// setRelease changes a profile's release (and strategy), retrying when the controller wrote the
+// profile in between.
 func setRelease(t *testing.T, name, release string, mutate func(*v1.RolloutStrategy)) {
 	t.Helper()
-	p := getProfile(t, name)
-	p.Spec.Release = release
-	if mutate != nil {
-		mutate(&p.Spec.Rollout)
-	}
-	if err := c.Update(context.Background(), p); err != nil {
+	if err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		p := getProfile(t, name)
+		p.Spec.Release = release
+		if mutate != nil {
+			mutate(&p.Spec.Rollout)
+		}
+		return c.Update(context.Background(), p)
+	}); err != nil {
 		t.Fatal(err)
 	}
 }

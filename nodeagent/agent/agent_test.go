@@ -166,8 +166,9 @@ func TestAgentAppliesItsOwnInstances(t *testing.T) {
 	}
 	firstPID := got.Status.MainPID
 
+	base := got.DeepCopy()
 	got.Spec.Release = v1.ReleaseArtifact{Name: "agent-2.0.0", URL: u2, SHA256: r2.SHA256, Label: r2.Label}
-	if err := c.Update(ctx, got); err != nil {
+	if err := c.Patch(ctx, got, client.MergeFrom(base)); err != nil {
 		t.Fatal(err)
 	}
 	got = waitAligned("2.0.0")
@@ -210,8 +211,9 @@ func TestAgentAppliesItsOwnInstances(t *testing.T) {
 		t.Error("core still runs after its instance was deleted")
 	}
 	// node-b's instance keeps its finalizer: only node-b's agent may remove it.
+	base = o.DeepCopy()
 	o.Finalizers = nil
-	_ = c.Update(ctx, &o)
+	_ = c.Patch(ctx, &o, client.MergeFrom(base))
 	_ = c.Delete(ctx, &o)
 }
 
@@ -238,9 +240,10 @@ func TestAgentReportsBadReleaseAndKeepsServing(t *testing.T) {
 		return meta.IsStatusConditionTrue(got.Status.Conditions, v1.ConditionAligned), fmt.Sprintf("%+v", got.Status.Conditions)
 	})
 	pid := got.Status.MainPID
+	base := got.DeepCopy()
 	got.Spec.Release.SHA256 = strings.Repeat("0", 64)
 	got.Spec.Release.Label = "1.0.1"
-	if err := c.Update(ctx, &got); err != nil {
+	if err := c.Patch(ctx, &got, client.MergeFrom(base)); err != nil {
 		t.Fatal(err)
 	}
 	eventually(t, "a Degraded condition", func() (bool, string) {
