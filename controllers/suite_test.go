@@ -20,6 +20,7 @@ import (
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
 	"github.com/agent-gateway/gateway-operator/controllers"
 	"github.com/agent-gateway/gateway-operator/test/controlplane"
+	"github.com/agent-gateway/gateway-operator/test/poll"
 )
 
 // The controllers run in this test binary against a real kube-apiserver and etcd. No host
@@ -95,17 +96,7 @@ func logSink() io.Writer {
 
 func eventually(t *testing.T, what string, cond func() (bool, string)) {
 	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	last := ""
-	for time.Now().Before(deadline) {
-		ok, msg := cond()
-		if ok {
-			return
-		}
-		last = msg
-		time.Sleep(50 * time.Millisecond)
-	}
-	t.Fatalf("timed out waiting for %s: %s", what, last)
+	poll.Until(t, what, 30*time.Second, cond)
 }
 
 func mustCreate(t *testing.T, o client.Object) {

@@ -3,9 +3,7 @@ package controllers_test
 import (
 	"context"
 	"fmt"
-	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -17,7 +15,6 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/controller-runtime/pkg/client"
-	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
 	"github.com/agent-gateway/gateway-operator/controllers"
@@ -233,23 +230,15 @@ func TestToolRunPolicyRejectsUnsafePod(t *testing.T) {
 
 func kubectlApply(t *testing.T, file string) {
 	t.Helper()
-	u, err := cp.AddUser(envtest.User{Name: "toolrun-admin", Groups: []string{"system:masters"}}, nil)
+	kc, err := cp.Kubeconfig(t.TempDir(), "toolrun-admin", "system:masters")
 	if err != nil {
-		t.Fatal(err)
-	}
-	kc, err := u.KubeConfig()
-	if err != nil {
-		t.Fatal(err)
-	}
-	path := filepath.Join(t.TempDir(), "kubeconfig")
-	if err := os.WriteFile(path, kc, 0o600); err != nil {
 		t.Fatal(err)
 	}
 	f, err := controlplane.RepoPath(file)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if out, err := exec.Command(cp.Kubectl(), "--kubeconfig", path, "apply", "-f", f).CombinedOutput(); err != nil {
+	if out, err := exec.Command(cp.Kubectl(), "--kubeconfig", kc, "apply", "-f", f).CombinedOutput(); err != nil {
 		t.Fatalf("kubectl apply %s: %v\n%s", file, err, out)
 	}
 }

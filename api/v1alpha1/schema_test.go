@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -15,7 +14,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
-	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
 	"github.com/agent-gateway/gateway-operator/test/controlplane"
@@ -261,19 +259,11 @@ func TestExplain(t *testing.T) {
 // kubectl runs the real kubectl against the test control plane as an administrator.
 func kubectl(t *testing.T, args ...string) string {
 	t.Helper()
-	user, err := cp.AddUser(envtest.User{Name: "schema-test-admin", Groups: []string{"system:masters"}}, nil)
+	kc, err := cp.Kubeconfig(t.TempDir(), "schema-test-admin", "system:masters")
 	if err != nil {
 		t.Fatal(err)
 	}
-	kc, err := user.KubeConfig()
-	if err != nil {
-		t.Fatal(err)
-	}
-	path := filepath.Join(t.TempDir(), "kubeconfig")
-	if err := os.WriteFile(path, kc, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	out, err := exec.Command(cp.Kubectl(), append([]string{"--kubeconfig", path}, args...)...).CombinedOutput()
+	out, err := exec.Command(cp.Kubectl(), append([]string{"--kubeconfig", kc}, args...)...).CombinedOutput()
 	if err != nil {
 		t.Fatalf("kubectl %s: %v\n%s", strings.Join(args, " "), err, out)
 	}

@@ -21,6 +21,7 @@ import (
 	"github.com/agent-gateway/gateway-operator/nodeagent/agent"
 	"github.com/agent-gateway/gateway-operator/test/agentruntime"
 	"github.com/agent-gateway/gateway-operator/test/controlplane"
+	"github.com/agent-gateway/gateway-operator/test/poll"
 	"github.com/agent-gateway/gateway-operator/test/systemdhost"
 )
 
@@ -78,17 +79,7 @@ func startAgent(t *testing.T, name string) *systemdhost.Host {
 
 func eventually(t *testing.T, what string, cond func() (bool, string)) {
 	t.Helper()
-	deadline := time.Now().Add(60 * time.Second)
-	last := ""
-	for time.Now().Before(deadline) {
-		ok, msg := cond()
-		if ok {
-			return
-		}
-		last = msg
-		time.Sleep(100 * time.Millisecond)
-	}
-	t.Fatalf("timed out waiting for %s: %s", what, last)
+	poll.Until(t, what, 60*time.Second, cond)
 }
 
 func newInstance(profile, host string, tb *agentruntime.Tarball, url string) *v1.GatewayInstance {

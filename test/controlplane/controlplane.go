@@ -106,3 +106,18 @@ func RepoPath(rel string) (string, error) {
 	}
 	return p, nil
 }
+
+// Kubeconfig writes a kubeconfig for a new user of this control plane (with a client
+// certificate; group system:masters makes an administrator) into dir and returns its path.
+func (e *Env) Kubeconfig(dir, user string, groups ...string) (string, error) {
+	u, err := e.AddUser(envtest.User{Name: user, Groups: groups}, nil)
+	if err != nil {
+		return "", err
+	}
+	b, err := u.KubeConfig()
+	if err != nil {
+		return "", err
+	}
+	p := filepath.Join(dir, strings.NewReplacer(":", "-", "/", "-").Replace(user)+".kubeconfig")
+	return p, os.WriteFile(p, b, 0o600)
+}

@@ -16,6 +16,7 @@ import (
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
 	"github.com/agent-gateway/gateway-operator/test/agentruntime"
+	"github.com/agent-gateway/gateway-operator/test/poll"
 	"github.com/agent-gateway/gateway-operator/test/stack"
 	"github.com/agent-gateway/gateway-operator/test/systemdhost"
 )
@@ -66,17 +67,7 @@ func tail(s string, n int) string {
 
 func eventually(t *testing.T, what string, timeout time.Duration, cond func() (bool, string)) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	last := ""
-	for time.Now().Before(deadline) {
-		ok, msg := cond()
-		if ok {
-			return
-		}
-		last = msg
-		time.Sleep(200 * time.Millisecond)
-	}
-	t.Fatalf("timed out waiting for %s: %s", what, last)
+	poll.Until(t, what, timeout, cond)
 }
 
 func kubectl(t *testing.T, s *stack.Stack, args ...string) string {

@@ -14,8 +14,6 @@ import (
 	"syscall"
 	"time"
 
-	"sigs.k8s.io/controller-runtime/pkg/envtest"
-
 	"github.com/agent-gateway/gateway-operator/test/agentruntime"
 	"github.com/agent-gateway/gateway-operator/test/controlplane"
 	"github.com/agent-gateway/gateway-operator/test/systemdhost"
@@ -92,7 +90,7 @@ func Up(o Options) (s *Stack, err error) {
 	if s.CP, err = controlplane.Start(); err != nil {
 		return s, err
 	}
-	if s.AdminKubeconfig, err = s.kubeconfig("admin", "gateway-admin", "system:masters"); err != nil {
+	if s.AdminKubeconfig, err = s.kubeconfig("gateway-admin", "system:masters"); err != nil {
 		return s, err
 	}
 	say("installing RBAC and admission policies from config/")
@@ -110,7 +108,7 @@ func Up(o Options) (s *Stack, err error) {
 	}
 
 	say("starting the controller manager")
-	mkc, err := s.kubeconfig("manager", ManagerUser)
+	mkc, err := s.kubeconfig(ManagerUser)
 	if err != nil {
 		return s, err
 	}
@@ -137,7 +135,7 @@ func Up(o Options) (s *Stack, err error) {
 		if err != nil {
 			return s, err
 		}
-		akc, err := s.kubeconfig("agent-"+name, AgentPrefix+name, AgentGroup)
+		akc, err := s.kubeconfig(AgentPrefix+name, AgentGroup)
 		if err != nil {
 			return s, err
 		}
@@ -153,17 +151,8 @@ func Up(o Options) (s *Stack, err error) {
 }
 
 // kubeconfig writes a kubeconfig for a new identity and returns its path.
-func (s *Stack) kubeconfig(file, user string, groups ...string) (string, error) {
-	u, err := s.CP.AddUser(envtest.User{Name: user, Groups: groups}, nil)
-	if err != nil {
-		return "", err
-	}
-	b, err := u.KubeConfig()
-	if err != nil {
-		return "", err
-	}
-	p := filepath.Join(s.opts.Dir, file+".kubeconfig")
-	return p, os.WriteFile(p, b, 0o600)
+func (s *Stack) kubeconfig(user string, groups ...string) (string, error) {
+	return s.CP.Kubeconfig(s.opts.Dir, user, groups...)
 }
 
 // start runs a binary in the background; its output goes to Dir/<name>.log.
