@@ -50,6 +50,7 @@ func baseSpec(p *v1.GatewayProfile, rel *v1.Release) v1.GatewayInstanceSpec {
 		},
 		GatewaySettings: *p.Spec.GatewaySettings.DeepCopy(),
 		AutoRollback:    ptrBool(p.Spec.Rollout.AutoRollback == nil || *p.Spec.Rollout.AutoRollback),
+		HealthProbe:     p.Spec.Rollout.HealthProbe.DeepCopy(),
 	}
 	return spec
 }

@@ -33,6 +33,11 @@ type GatewayInstanceSpec struct {
 	// +optional
 	AutoRollback *bool `json:"autoRollback,omitempty"`
 
+	// HealthProbe, when set, is run by the agent after the alignment proof (the profile's
+	// spec.rollout.healthProbe).
+	// +optional
+	HealthProbe *HealthProbe `json:"healthProbe,omitempty"`
+
 	// ConfigHash is a digest of everything rendered for this instance (release, settings). The
 	// agent reports it back in status once applied, so a reader can tell stale from current.
 	// +kubebuilder:validation:MaxLength=128

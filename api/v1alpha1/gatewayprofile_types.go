@@ -122,6 +122,30 @@ type RolloutStrategy struct {
 	// +kubebuilder:default=true
 	// +optional
 	AutoRollback *bool `json:"autoRollback,omitempty"`
+
+	// HealthProbe asks each host's agent to keep probing the gateway's status endpoint after
+	// its proof, before the host counts as updated: a gateway that starts and then dies is
+	// caught on the host that moved, not after the rollout went on.
+	// +optional
+	HealthProbe *HealthProbe `json:"healthProbe,omitempty"`
+}
+
+// HealthProbe is a probe of a gateway's status endpoint, in addition to the alignment proof.
+type HealthProbe struct {
+	// PeriodSeconds between two probes. Default 1.
+	// +kubebuilder:validation:Minimum=1
+	// +kubebuilder:validation:Maximum=60
+	// +kubebuilder:default=1
+	// +optional
+	PeriodSeconds int32 `json:"periodSeconds,omitempty"`
+
+	// SuccessThreshold is how many probes in a row must find the same process answering with
+	// the intended release. Default 3.
+	// +kubebuilder:validation:Minimum=1
+	// +kubebuilder:validation:Maximum=100
+	// +kubebuilder:default=3
+	// +optional
+	SuccessThreshold int32 `json:"successThreshold,omitempty"`
 }
 
 // CanaryStep is the first step of a rollout: some hosts move, then the rollout pauses.

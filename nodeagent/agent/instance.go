@@ -71,6 +71,9 @@ func (r *InstanceReconciler) Reconcile(ctx context.Context, req ctrl.Request) (c
 		DeniedTools: gi.Spec.DeniedTools,
 		KeepFailed:  gi.Spec.AutoRollback != nil && !*gi.Spec.AutoRollback,
 	}
+	if hp := gi.Spec.HealthProbe; hp != nil {
+		in.Probe = apply.Probe{Count: int(max(hp.SuccessThreshold, 1)), Period: time.Duration(max(hp.PeriodSeconds, 1)) * time.Second}
+	}
 	for _, e := range gi.Spec.EgressAllowlist {
 		in.Egress = append(in.Egress, string(e))
 	}

@@ -59,6 +59,15 @@ type Instance struct {
 	// KeepFailed leaves a host on a release that failed to apply instead of returning it to
 	// its last good release (autoRollback off).
 	KeepFailed bool
+	// Probe, when its Count is set, probes the gateway's status endpoint Count times, Period
+	// apart, after the proof.
+	Probe Probe
+}
+
+// Probe is a health probe of a gateway's status endpoint after its proof.
+type Probe struct {
+	Count  int
+	Period time.Duration
 }
 
 // Ref names a release on the host.
@@ -221,6 +230,9 @@ func (a *Applier) Apply(ctx context.Context, in Instance) (*Outcome, error) {
 		proc, err = a.prove(ctx, p, expect, in.DeniedTools, siblings)
 		if err != nil {
 			return nil, a.rollback(ctx, log, p, in, user, lastGood, before, &Failure{Step: StepProve, Reason: "ProofFailed", Message: err.Error()})
+		}
+		if err := a.probe(ctx, p, proc.PID, target.SHA256, in.Probe); err != nil {
+			return nil, a.rollback(ctx, log, p, in, user, lastGood, before, &Failure{Step: StepProve, Reason: "ProbeFailed", Message: err.Error()})
 		}
 		log.Info("restarted and proven aligned", "mainPID", proc.PID)
 	}

@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
 	"github.com/agent-gateway/gateway-operator/nodeagent/apply"
@@ -360,4 +361,21 @@ func TestAutoRollbackOff(t *testing.T) {
 	if got := f.current("core"); got != broken.SHA256+"-"+broken.Label {
 		t.Errorf("current -> %s, want the failed release kept", got)
 	}
+}
+
+// TestHealthProbeCatchesLateCrash: a release that passes its proof and dies a moment later is
+// caught by the health probe and rolled back; without a probe the apply would have succeeded.
+func TestHealthProbeCatchesLateCrash(t *testing.T) {
+	f := newFixture(t, systemdhost.Options{})
+	r1 := f.publish(agentruntime.Options{Version: "1.0.0"})
+	late := f.publish(agentruntime.Options{Version: "2.0.0-late", CrashAfter: 1500 * time.Millisecond})
+	f.mustApply(instance("core", r1))
+	in := instance("core", late)
+	in.Probe = apply.Probe{Count: 4, Period: 500 * time.Millisecond}
+	_, err := f.applier.Apply(context.Background(), in)
+	var fail *apply.Failure
+	if !errors.As(err, &fail) || fail.Reason != "ProbeFailed" || !fail.RolledBack {
+		t.Fatalf("apply of a release that dies after its start: %v", err)
+	}
+	f.assertServes("core", r1)
 }

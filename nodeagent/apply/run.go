@@ -177,6 +177,33 @@ func (a *Applier) prove(ctx context.Context, p layout.Profile, e expectation, de
 	return proc, proof.Siblings(p.Unit, before, after)
 }
 
+// probe asks the gateway for its status pr.Count times, pr.Period apart: the same main process
+// must answer every time, from the intended release.
+func (a *Applier) probe(ctx context.Context, p layout.Profile, pid uint32, sha string, pr Probe) error {
+	for i := 0; i < pr.Count; i++ {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(pr.Period):
+		}
+		now, err := a.Systemd.MainPID(ctx, p.Unit)
+		if err != nil {
+			return err
+		}
+		if now != pid {
+			return fmt.Errorf("health probe %d of %d: the main process changed (%d -> %d): the gateway died after its start", i+1, pr.Count, pid, now)
+		}
+		st, _, err := proof.ReadStatus(ctx, a.Host.On(p.StatusSocket))
+		if err != nil {
+			return fmt.Errorf("health probe %d of %d: %w", i+1, pr.Count, err)
+		}
+		if st.PID != int(pid) || st.ReleaseSHA != sha {
+			return fmt.Errorf("health probe %d of %d: answered by pid %d on release %s", i+1, pr.Count, st.PID, st.ReleaseSHA)
+		}
+	}
+	return nil
+}
+
 // rollback returns the profile to its last good release after a failed step, and returns the
 // failure to report. With no good release to return to, the unit is stopped rather than left
 // crash-looping.

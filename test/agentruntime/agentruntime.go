@@ -37,6 +37,8 @@ type Options struct {
 	Tools []string
 	// CrashAtStart builds a broken release: the runtime exits 3 as soon as it starts.
 	CrashAtStart bool
+	// CrashAfter builds a release that starts, answers, and exits 4 after this long.
+	CrashAfter time.Duration
 }
 
 // Tarball is one built release.
@@ -53,7 +55,11 @@ func Build(o Options) (*Tarball, error) {
 	if o.Tools == nil {
 		o.Tools = []string{"search", "summarize"}
 	}
-	info, err := json.Marshal(map[string]any{"version": o.Version, "tools": o.Tools, "crash_at_start": o.CrashAtStart})
+	release := map[string]any{"version": o.Version, "tools": o.Tools, "crash_at_start": o.CrashAtStart}
+	if o.CrashAfter > 0 {
+		release["crash_after"] = o.CrashAfter.Seconds()
+	}
+	info, err := json.Marshal(release)
 	if err != nil {
 		return nil, err
 	}
