@@ -34,7 +34,7 @@ func toolRun(name string) *v1.ToolRun {
 	}
 }
 
-func ensureKata(t *testing.T) {
+func ensureKata(t testing.TB) {
 	t.Helper()
 	rc := &nodev1.RuntimeClass{ObjectMeta: metav1.ObjectMeta{Name: "kata"}, Handler: "kata"}
 	if err := c.Create(context.Background(), rc); err != nil && !apierrors.IsAlreadyExists(err) {
