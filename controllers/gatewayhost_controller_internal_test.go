@@ -42,5 +42,5 @@ func configHashOf(t *testing.T, label string) string {
 	t.Helper()
 	p := &v1.GatewayProfile{ObjectMeta: metav1.ObjectMeta{Name: "core"}, Spec: v1.GatewayProfileSpec{Release: "r"}}
 	r := &v1.Release{ObjectMeta: metav1.ObjectMeta{Name: "r"}, Spec: v1.ReleaseSpec{SHA256: "x", Label: label}}
-	return desiredInstanceSpec(p, "h", r).ConfigHash
+	return profileSpec(p, r).forHost("h").ConfigHash
 }

@@ -11,6 +11,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/equality"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
@@ -54,7 +55,7 @@ func (r *GatewayProfileReconciler) rollout(ctx context.Context, p *v1.GatewayPro
 		t := st.PauseTime.Time
 		in.PauseTime = &t
 	}
-	var canarySel labelsSelector
+	var canarySel labels.Selector
 	if c := p.Spec.Rollout.Canary; c != nil && c.Selector != nil {
 		sel, err := metav1.LabelSelectorAsSelector(c.Selector)
 		if err != nil {
@@ -70,7 +71,7 @@ func (r *GatewayProfileReconciler) rollout(ctx context.Context, p *v1.GatewayPro
 		reach := meta.FindStatusCondition(h.Status.Conditions, v1.ConditionReachable)
 		in.Hosts = append(in.Hosts, rollout.Host{Name: h.Name, Unschedulable: h.Spec.Unschedulable,
 			Reachable: reach == nil || reach.Status != metav1.ConditionFalse,
-			Canary:    canarySel != nil && canarySel.Matches(labelSet(h.Labels))})
+			Canary:    canarySel != nil && canarySel.Matches(labels.Set(h.Labels))})
 		if gi, ok := instances[h.Name]; ok {
 			in.Instances[h.Name] = instanceFacts(gi, want.ConfigHash)
 		}

@@ -7,39 +7,20 @@ import (
 
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/labels"
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
 )
 
-// desiredInstanceSpec is what a profile asks of one host, given the release it runs there.
-// It is pure: the same inputs always give the same spec and the same config hash.
-func desiredInstanceSpec(p *v1.GatewayProfile, host string, rel *v1.Release) v1.GatewayInstanceSpec {
-	return profileSpec(p, rel).forHost(host)
-}
-
 // templateSpec is a profile's instance spec before a host is filled in; its key digests
-// everything but the host, once per reconcile rather than once per host.
+// everything but the host, once per reconcile rather than once per host. It is pure: the same
+// profile and release always give the same specs and hashes.
 type templateSpec struct {
 	spec v1.GatewayInstanceSpec
 	key  string
 }
 
+// profileSpec is what a profile asks of every host, given the release it runs.
 func profileSpec(p *v1.GatewayProfile, rel *v1.Release) templateSpec {
-	spec := baseSpec(p, rel)
-	return templateSpec{spec: spec, key: configHash(spec)}
-}
-
-// forHost is the spec of one host: the template plus the host, hashed with the host's name.
-func (t templateSpec) forHost(host string) v1.GatewayInstanceSpec {
-	spec := *t.spec.DeepCopy()
-	spec.Host = host
-	sum := sha256.Sum256([]byte(t.key + "/" + host))
-	spec.ConfigHash = hex.EncodeToString(sum[:])[:16]
-	return spec
-}
-
-func baseSpec(p *v1.GatewayProfile, rel *v1.Release) v1.GatewayInstanceSpec {
 	spec := v1.GatewayInstanceSpec{
 		Profile: p.Name,
 		Release: v1.ReleaseArtifact{
@@ -52,6 +33,15 @@ func baseSpec(p *v1.GatewayProfile, rel *v1.Release) v1.GatewayInstanceSpec {
 		AutoRollback:    ptrBool(p.Spec.Rollout.AutoRollback == nil || *p.Spec.Rollout.AutoRollback),
 		HealthProbe:     p.Spec.Rollout.HealthProbe.DeepCopy(),
 	}
+	return templateSpec{spec: spec, key: configHash(spec)}
+}
+
+// forHost is the spec of one host: the template plus the host, hashed with the host's name.
+func (t templateSpec) forHost(host string) v1.GatewayInstanceSpec {
+	spec := *t.spec.DeepCopy()
+	spec.Host = host
+	sum := sha256.Sum256([]byte(t.key + "/" + host))
+	spec.ConfigHash = hex.EncodeToString(sum[:])[:16]
 	return spec
 }
 
@@ -76,11 +66,6 @@ func newInstance(p *v1.GatewayProfile, spec v1.GatewayInstanceSpec) *v1.GatewayI
 		Spec: spec,
 	}
 }
-
-// labelsSelector matches a host's labels.
-type labelsSelector = labels.Selector
-
-func labelSet(l map[string]string) labels.Set { return labels.Set(l) }
 
 func ptrQuantity(s string) *resource.Quantity {
 	q := resource.MustParse(s)

@@ -18,7 +18,7 @@ import (
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
 	"github.com/agent-gateway/gateway-operator/controllers"
-	"github.com/agent-gateway/gateway-operator/test/controlplane"
+	"github.com/agent-gateway/gateway-operator/test/repo"
 )
 
 // No kubelet runs here: fakeKubelet writes the Pod status a kubelet would.
@@ -234,7 +234,7 @@ func kubectlApply(t *testing.T, file string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f, err := controlplane.RepoPath(file)
+	f, err := repo.Path(file)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -7,7 +7,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/agent-gateway/gateway-operator/test/controlplane"
+	"github.com/agent-gateway/gateway-operator/test/repo"
 )
 
 // TestGeneratedFilesUpToDate fails when zz_generated.deepcopy.go, the CRDs or the RBAC role
@@ -23,7 +23,7 @@ func TestGeneratedFilesUpToDate(t *testing.T) {
 func TestStaleGeneratedFilesAreDetected(t *testing.T) {
 	tree := t.TempDir()
 	for _, p := range []string{"go.mod", "go.sum", "api", "controllers", "config", "hack"} {
-		src, err := controlplane.RepoPath(p)
+		src, err := repo.Path(p)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -54,7 +54,7 @@ func TestStaleGeneratedFilesAreDetected(t *testing.T) {
 
 func verifyGenerated(t *testing.T, tree string) (string, error) {
 	t.Helper()
-	script, err := controlplane.RepoPath("hack/verify-generated.sh")
+	script, err := repo.Path("hack/verify-generated.sh")
 	if err != nil {
 		t.Fatal(err)
 	}

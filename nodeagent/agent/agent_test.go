@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -22,6 +21,7 @@ import (
 	"github.com/agent-gateway/gateway-operator/test/agentruntime"
 	"github.com/agent-gateway/gateway-operator/test/controlplane"
 	"github.com/agent-gateway/gateway-operator/test/poll"
+	"github.com/agent-gateway/gateway-operator/test/repo"
 	"github.com/agent-gateway/gateway-operator/test/systemdhost"
 )
 
@@ -42,8 +42,8 @@ func run(m *testing.M) int {
 	}
 	defer os.RemoveAll(dir)
 	launchBin = filepath.Join(dir, "launch")
-	if out, err := exec.Command("go", "build", "-o", launchBin, "../../cmd/launch").CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "build launch: %v\n%s", err, out)
+	if err := repo.Build(dir, "launch"); err != nil {
+		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
 	cp, err = controlplane.Start()

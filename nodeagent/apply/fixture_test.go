@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -17,6 +16,7 @@ import (
 	"github.com/agent-gateway/gateway-operator/nodeagent/layout"
 	"github.com/agent-gateway/gateway-operator/nodeagent/release"
 	"github.com/agent-gateway/gateway-operator/test/agentruntime"
+	"github.com/agent-gateway/gateway-operator/test/repo"
 	"github.com/agent-gateway/gateway-operator/test/systemdhost"
 )
 
@@ -30,8 +30,8 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	launchBin = filepath.Join(dir, "launch")
-	if out, err := exec.Command("go", "build", "-o", launchBin, "../../cmd/launch").CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "build launch: %v\n%s", err, out)
+	if err := repo.Build(dir, "launch"); err != nil {
+		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
 	code := systemdhost.RunWithLeakCheck(m)

@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/agent-gateway/gateway-operator/nodeagent/launcher"
+	"github.com/agent-gateway/gateway-operator/test/repo"
 )
 
 const sha = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
@@ -135,10 +136,11 @@ func without(env []string, key string) []string {
 // TestLaunchBinary builds cmd/launch and runs it: a dry run prints the banner and the command
 // and runs nothing; a bad environment exits with ExitConfig and one plain line, no trace.
 func TestLaunchBinary(t *testing.T) {
-	bin := filepath.Join(t.TempDir(), "launch")
-	if out, err := exec.Command("go", "build", "-o", bin, "../../cmd/launch").CombinedOutput(); err != nil {
-		t.Fatalf("build launch: %v\n%s", err, out)
+	dir := t.TempDir()
+	if err := repo.Build(dir, "launch"); err != nil {
+		t.Fatal(err)
 	}
+	bin := filepath.Join(dir, "launch")
 	current, _ := profileTree(t)
 	marker := filepath.Join(t.TempDir(), "ran")
 	// The "interpreter" would leave a marker if it ever ran.

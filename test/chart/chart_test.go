@@ -23,7 +23,7 @@ import (
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"sigs.k8s.io/yaml"
 
-	"github.com/agent-gateway/gateway-operator/test/controlplane"
+	"github.com/agent-gateway/gateway-operator/test/repo"
 )
 
 // helmVersion must match HELM_VERSION in the Makefile.
@@ -92,7 +92,7 @@ func findHelm() (string, error) {
 
 func repoPath(t *testing.T, rel string) string {
 	t.Helper()
-	p, err := controlplane.RepoPath(rel)
+	p, err := repo.Path(rel)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -10,7 +10,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 
 	"k8s.io/apimachinery/pkg/runtime/schema"
@@ -20,6 +19,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
 	gatewayv1alpha1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
+	"github.com/agent-gateway/gateway-operator/test/repo"
 	k8sruntime "k8s.io/apimachinery/pkg/runtime"
 )
 
@@ -42,7 +42,7 @@ func Start() (*Env, error) {
 	if err != nil {
 		return nil, err
 	}
-	crds, err := RepoPath("config/crd/bases")
+	crds, err := repo.Path("config/crd/bases")
 	if err != nil {
 		return nil, err
 	}
@@ -84,7 +84,7 @@ func binaries() (string, error) {
 	if dir := os.Getenv("KUBEBUILDER_ASSETS"); dir != "" {
 		return dir, nil
 	}
-	script, err := RepoPath("hack/control-plane.sh")
+	script, err := repo.Path("hack/control-plane.sh")
 	if err != nil {
 		return "", err
 	}
@@ -95,16 +95,6 @@ func binaries() (string, error) {
 		return "", fmt.Errorf("%s: %w", script, err)
 	}
 	return strings.TrimSpace(string(out)), nil
-}
-
-// RepoPath returns the absolute path of a file or folder of this repository.
-func RepoPath(rel string) (string, error) {
-	_, self, _, _ := runtime.Caller(0)
-	p := filepath.Join(filepath.Dir(self), "..", "..", rel)
-	if _, err := os.Stat(p); err != nil {
-		return "", fmt.Errorf("find %s in the repository: %w", rel, err)
-	}
-	return p, nil
 }
 
 // Kubeconfig writes a kubeconfig for a new user of this control plane (with a client

@@ -28,6 +28,7 @@ import (
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
 	"github.com/agent-gateway/gateway-operator/test/controlplane"
+	"github.com/agent-gateway/gateway-operator/test/repo"
 )
 
 const (
@@ -93,7 +94,7 @@ func setUp(ctx context.Context) error {
 // applyFile creates every object of a multi-document YAML file of the repository, so the test
 // always runs what is shipped.
 func applyFile(ctx context.Context, rel string) error {
-	path, err := controlplane.RepoPath(rel)
+	path, err := repo.Path(rel)
 	if err != nil {
 		return err
 	}

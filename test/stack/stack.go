@@ -16,6 +16,7 @@ import (
 
 	"github.com/agent-gateway/gateway-operator/test/agentruntime"
 	"github.com/agent-gateway/gateway-operator/test/controlplane"
+	"github.com/agent-gateway/gateway-operator/test/repo"
 	"github.com/agent-gateway/gateway-operator/test/systemdhost"
 )
 
@@ -56,21 +57,7 @@ type Stack struct {
 }
 
 // Build compiles the binaries the stack runs into dir.
-func Build(dir string) error {
-	root, err := controlplane.RepoPath(".")
-	if err != nil {
-		return err
-	}
-	for _, b := range []string{"manager", "nodeagent", "launch"} {
-		cmd := exec.Command("go", "build", "-o", filepath.Join(dir, b), "./cmd/"+b)
-		cmd.Dir = root
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			return fmt.Errorf("build %s: %v\n%s", b, err, out)
-		}
-	}
-	return nil
-}
+func Build(dir string) error { return repo.Build(dir, "manager", "nodeagent", "launch") }
 
 // Up starts everything. On error, what was started is stopped again.
 func Up(o Options) (s *Stack, err error) {
@@ -182,7 +169,7 @@ func (s *Stack) Log(name string) string {
 
 // Kubectl runs the real kubectl as an administrator, from the repository's root.
 func (s *Stack) Kubectl(args ...string) (string, error) {
-	root, err := controlplane.RepoPath(".")
+	root, err := repo.Path(".")
 	if err != nil {
 		return "", err
 	}

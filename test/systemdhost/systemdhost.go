@@ -19,7 +19,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -28,6 +27,7 @@ import (
 	"time"
 
 	"github.com/agent-gateway/gateway-operator/nodeagent/systemd"
+	"github.com/agent-gateway/gateway-operator/test/repo"
 )
 
 //go:embed init.sh
@@ -420,7 +420,7 @@ func templateRoot() (string, error) {
 	if p := os.Getenv("GATEWAY_SYSTEMD_ROOTFS"); p != "" {
 		return p, nil
 	}
-	script, err := repoFile("hack/systemd-rootfs.sh")
+	script, err := repo.Path("hack/systemd-rootfs.sh")
 	if err != nil {
 		return "", err
 	}
@@ -429,16 +429,6 @@ func templateRoot() (string, error) {
 		return "", fmt.Errorf("%s: %w", script, err)
 	}
 	return strings.TrimSpace(string(out)), nil
-}
-
-// repoFile finds a file of this repository from the package's source location.
-func repoFile(rel string) (string, error) {
-	_, self, _, _ := runtime.Caller(0)
-	p := filepath.Join(filepath.Dir(self), "..", "..", rel)
-	if _, err := os.Stat(p); err != nil {
-		return "", fmt.Errorf("find %s: %w", rel, err)
-	}
-	return p, nil
 }
 
 // Leftovers lists the sandbox cgroups and mounts this test process made that still exist.
