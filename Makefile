@@ -59,12 +59,14 @@ test-deps: ## Install and build what the tests need (idempotent; cached outside 
 	hack/host-deps.sh
 	@hack/control-plane.sh >/dev/null
 	hack/systemd-rootfs.sh >/dev/null
+	hack/microvm-guest.sh >/dev/null
 
 .PHONY: test
 test: fmt vet verify-generated test-deps $(HELM) ## Run every test against a real API server and real systemd hosts.
 	KUBEBUILDER_ASSETS="$$(hack/control-plane.sh)" \
 	HELM=$(HELM) \
 	GATEWAY_SYSTEMD_ROOTFS="$$(hack/systemd-rootfs.sh)" \
+	GATEWAY_MICROVM_GUEST="$$(hack/microvm-guest.sh)" \
 	GATEWAY_TEST_REQUIRE_ALL=1 \
 	CONTROLLER_GEN=$(CONTROLLER_GEN) \
 		go test -count=1 -p 1 $(GO_TEST_FLAGS) ./...
@@ -82,6 +84,7 @@ test-e2e: test-deps ## Run the end-to-end tests only.
 bench: test-deps ## Run the benchmarks and print their numbers.
 	KUBEBUILDER_ASSETS="$$(hack/control-plane.sh)" \
 	GATEWAY_SYSTEMD_ROOTFS="$$(hack/systemd-rootfs.sh)" \
+	GATEWAY_MICROVM_GUEST="$$(hack/microvm-guest.sh)" \
 		go test -run '^$$' -bench . -benchtime=1x -count=1 -timeout 30m ./...
 	hack/leftovers.sh
 

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests run for real: systemd and D-Bus (the sandboxed hosts),
 # util-linux (unshare, nsenter), passwd (useradd for profile users), iproute2 (network
-# namespaces) and python3 (the test runtime). Idempotent: installs only what is missing.
+# namespaces), python3 (the test runtime), and QEMU, static busybox and cpio (the host-local
+# microVM and its guest). Idempotent: installs only what is missing.
 set -euo pipefail
 
 need=()
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
-for pkg in systemd dbus util-linux passwd iproute2 python3 curl ca-certificates; do
+for pkg in systemd dbus util-linux passwd iproute2 python3 curl ca-certificates \
+  qemu-system-x86 busybox-static cpio; do
   have "$pkg" || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -17,5 +17,11 @@ if grep -q 'gateway-sandbox' /proc/self/mountinfo; then
   grep 'gateway-sandbox' /proc/self/mountinfo >&2
   status=1
 fi
+# A tool-run microVM is named toolrun-<id>; none may outlive its test.
+if pgrep -f -- '-name toolrun-' >/dev/null; then
+  echo "leftovers: microVMs remain:" >&2
+  pgrep -a -f -- '-name toolrun-' >&2
+  status=1
+fi
 [ $status -eq 0 ] && echo "leftovers: none"
 exit $status

@@ -229,6 +229,11 @@ func (s *Sockets) handle(srv *server, conn *net.UnixConn, log logr.Logger) {
 	reply := func(res Result) {
 		_ = conn.SetWriteDeadline(time.Now().Add(requestReadTimeout))
 		_ = json.NewEncoder(conn).Encode(res)
+		// Take in what is left of the request before closing, so the client reads the reply
+		// rather than a reset.
+		_ = conn.CloseWrite()
+		_ = conn.SetReadDeadline(time.Now().Add(time.Second))
+		_, _ = io.Copy(io.Discard, io.LimitReader(conn, maxRequestBytes))
 	}
 	uid, err := peerUID(conn)
 	if err != nil {

@@ -123,3 +123,85 @@ func parentOf(pid int) int {
 	}
 	return 0
 }
+
+func TestVMGuestSeesNoHostFileNoNetworkNoDisk(t *testing.T) {
+	r := microvmguest.Runner(t, microvm.Config{})
+	// A token the host holds in files the guest must not see. The command gets it in two halves,
+	// so the job archive itself never contains it.
+	token := "host-secret-" + strconv.FormatInt(time.Now().UnixNano(), 36)
+	for _, dir := range []string{os.TempDir(), filepath.Dir(os.Args[0])} {
+		f := filepath.Join(dir, "gwvm-sentinel-"+strconv.Itoa(os.Getpid()))
+		if err := os.WriteFile(f, []byte(token), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.Remove(f) })
+	}
+	half := len(token) / 2
+	probe := `
+for d in /*; do case $d in /proc|/sys|/dev) ;; *) grep -rlF "$1$2" "$d" 2>/dev/null | sed 's/^/found:/';; esac; done
+echo "net:$(ls /sys/class/net | tr '\n' ' ')"
+echo "block:$(ls /sys/block | tr '\n' ' ')"
+echo "virtio:$(ls /sys/bus/virtio/devices 2>/dev/null | tr '\n' ' ')"
+echo "pci:$(ls /sys/bus/pci/devices 2>/dev/null | tr '\n' ' ')"
+echo "fs:$(awk '{print $3}' /proc/mounts | sort -u | tr '\n' ' ')"
+echo "routes:$(ip route show | tr '\n' ' ')"
+echo "uid:$(id -u)"
+for dev in /dev/ttyS0 /dev/console /dev/kmsg /dev/mem; do (echo forged >"$dev") 2>/dev/null && echo "wrote:$dev"; done
+echo "host-os:$(test -e /etc/os-release && echo yes || echo no)"
+`
+	res := run(t, r, microvm.Request{Command: []string{"sh", "-c", probe, "sh", token[:half], token[half:]}})
+	if res.Phase != microvm.Succeeded {
+		t.Fatalf("probe: %+v", res)
+	}
+	got := map[string]string{}
+	for _, line := range strings.Split(strings.TrimSpace(string(res.Stdout)), "\n") {
+		k, v, _ := strings.Cut(line, ":")
+		if k == "found" {
+			t.Errorf("the guest sees the host's token in %s", v)
+		}
+		got[k] = strings.TrimSpace(v)
+	}
+	for k, want := range map[string]string{
+		"net": "lo", "block": "", "virtio": "", "pci": "", "routes": "",
+		"fs": "devtmpfs proc rootfs sysfs tmpfs", "uid": "1000", "host-os": "no",
+	} {
+		if got[k] != want {
+			t.Errorf("guest %s = %q, want %q", k, got[k], want)
+		}
+	}
+	if strings.Contains(string(res.Stdout), "wrote:") {
+		t.Errorf("the unprivileged guest user could write to a console or memory device:\n%s", res.Stdout)
+	}
+}
+
+func TestVMOutputFloodIsCapped(t *testing.T) {
+	const capBytes = 32 << 10
+	r := microvmguest.Runner(t, microvm.Config{OutputCap: capBytes})
+	res := run(t, r, microvm.Request{Command: []string{"sh", "-c",
+		`head -c 4000000 /dev/zero | tr '\0' o; head -c 4000000 /dev/zero | tr '\0' e >&2; exit 3`}})
+	if res.Phase != microvm.Failed || res.ExitCode != 3 {
+		t.Fatalf("phase %s exit %d, want Failed 3 (%s)", res.Phase, res.ExitCode, res.Message)
+	}
+	if len(res.Stdout) != capBytes || !res.StdoutTruncated || strings.Trim(string(res.Stdout), "o") != "" {
+		t.Errorf("stdout: %d bytes, truncated=%v", len(res.Stdout), res.StdoutTruncated)
+	}
+	if len(res.Stderr) != capBytes || !res.StderrTruncated || strings.Trim(string(res.Stderr), "e") != "" {
+		t.Errorf("stderr: %d bytes, truncated=%v", len(res.Stderr), res.StderrTruncated)
+	}
+}
+
+func TestVMRejectsBadRequestsWithoutBooting(t *testing.T) {
+	r := microvmguest.Runner(t, microvm.Config{})
+	for name, req := range map[string]microvm.Request{
+		"empty":         {},
+		"nul":           {Command: []string{"echo", "a\x00b"}},
+		"stdin":         {Command: []string{"cat"}, Stdin: make([]byte, microvm.MaxStdinBytes+1)},
+		"timeout":       {Command: []string{"true"}, TimeoutSeconds: 3600},
+		"negative time": {Command: []string{"true"}, TimeoutSeconds: -1},
+	} {
+		res, err := r.Run(context.Background(), req)
+		if err != nil || res.Phase != microvm.Rejected || res.Message == "" {
+			t.Errorf("%s: %+v, %v; want Rejected with a reason", name, res, err)
+		}
+	}
+}
