@@ -14,6 +14,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 
 	"github.com/agent-gateway/gateway-operator/nodeagent/agent"
+	"github.com/agent-gateway/gateway-operator/nodeagent/microvm"
 	"github.com/agent-gateway/gateway-operator/nodeagent/unit"
 )
 
@@ -37,6 +38,14 @@ func main() {
 	flag.StringVar(&o.MetricsAddr, "metrics-bind-address", ":8090", "metrics listen address; 0 turns metrics off")
 	flag.StringVar(&o.ProbeAddr, "health-probe-bind-address", ":8091", "health probe listen address; 0 turns probes off")
 	zopts := zap.Options{}
+	flag.StringVar(&o.MicroVM.Guest, "microvm-guest", "", "folder with the tool-run microVM's vmlinuz and initramfs.cpio.gz (hack/microvm-guest.sh); empty turns host-local tool runs off")
+	flag.StringVar(&o.MicroVM.QEMU, "microvm-qemu", "", "qemu-system-x86_64 binary (default: from PATH)")
+	flag.StringVar(&o.MicroVM.User, "microvm-user", agent.DefaultMicroVMUser, "unprivileged system user QEMU runs as (created when missing)")
+	flag.StringVar(&o.MicroVM.WorkDir, "microvm-work-dir", agent.DefaultMicroVMWorkDir, "folder for per-run microVM files; keep it short")
+	flag.StringVar(&o.MicroVM.Accel, "microvm-accel", "auto", "tcg, kvm, or auto (KVM when QEMU's user can open /dev/kvm)")
+	flag.IntVar(&o.MicroVM.MemoryMiB, "microvm-memory-mib", microvm.DefaultMemoryMiB, "guest RAM per tool run")
+	flag.IntVar(&o.MicroVM.OutputCap, "microvm-output-cap", microvm.DefaultOutputCap, "bytes of stdout and of stderr kept per tool run")
+	flag.IntVar(&o.MicroVM.MaxConcurrent, "microvm-max-concurrent", 1, "tool-run microVMs running at once on this host")
 	zopts.BindFlags(flag.CommandLine)
 	flag.Parse()
 	o.Version = version

@@ -23,8 +23,10 @@ import (
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
 	"github.com/agent-gateway/gateway-operator/nodeagent/apply"
 	"github.com/agent-gateway/gateway-operator/nodeagent/layout"
+	"github.com/agent-gateway/gateway-operator/nodeagent/microvm"
 	"github.com/agent-gateway/gateway-operator/nodeagent/release"
 	"github.com/agent-gateway/gateway-operator/nodeagent/systemd"
+	"github.com/agent-gateway/gateway-operator/nodeagent/users"
 )
 
 // Options configure one node agent.
@@ -55,6 +57,26 @@ type Options struct {
 	Version string
 	// BeforeStep is passed to the applier (tests only).
 	BeforeStep func(apply.Step)
+	// MicroVM turns on the host-local tool-run path when its guest is set.
+	MicroVM MicroVMOptions
+}
+
+// MicroVMOptions configure the host-local microVM path: a socket per profile at
+// $AGENT_HOME/run/toolrun.sock, served by a QEMU microvm per request.
+type MicroVMOptions struct {
+	// Guest is the folder of hack/microvm-guest.sh's output (vmlinuz, initramfs.cpio.gz);
+	// empty turns the path off.
+	Guest string
+	// QEMU is the qemu-system-x86_64 binary (PATH when empty).
+	QEMU string
+	// User is the system user QEMU runs as, created under Root when missing.
+	User string
+	// WorkDir holds the per-run folders; keep it short (unix socket paths).
+	WorkDir string
+	// Accel is tcg, kvm or auto.
+	Accel string
+	// MemoryMiB, OutputCap and MaxConcurrent size each VM and the host's share.
+	MemoryMiB, OutputCap, MaxConcurrent int
 }
 
 // Scheme has the kinds the agent reads and writes.
@@ -112,8 +134,15 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 		BeforeStep:   o.BeforeStep,
 		Log:          log.WithName("apply"),
 	}
+	toolRuns, err := startMicroVMs(o, log.WithName("microvm"))
+	if err != nil {
+		return err
+	}
+	if toolRuns != nil {
+		defer toolRuns.Close()
+	}
 	if err := (&InstanceReconciler{
-		Client: mgr.GetClient(), Host: o.HostName, Applier: applier,
+		Client: mgr.GetClient(), Host: o.HostName, Applier: applier, ToolRuns: toolRuns,
 		Recorder: mgr.GetEventRecorder("gateway-agent-" + o.HostName),
 	}).SetupWithManager(mgr); err != nil {
 		return err
@@ -128,6 +157,40 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 	}
 	return mgr.Start(ctx)
 }
+
+// startMicroVMs prepares the tool-run runner and its sockets, or returns nil when off.
+func startMicroVMs(o Options, log logr.Logger) (*microvm.Sockets, error) {
+	m := o.MicroVM
+	if m.Guest == "" {
+		return nil, nil
+	}
+	if m.User == "" {
+		m.User = DefaultMicroVMUser
+	}
+	if m.WorkDir == "" {
+		m.WorkDir = DefaultMicroVMWorkDir
+	}
+	u, err := users.Manager{Root: o.Root}.Ensure(m.User)
+	if err != nil {
+		return nil, fmt.Errorf("microVM user: %w", err)
+	}
+	runner, err := microvm.NewRunner(microvm.Config{
+		QEMU: m.QEMU, Kernel: filepath.Join(m.Guest, "vmlinuz"), Initramfs: filepath.Join(m.Guest, "initramfs.cpio.gz"),
+		WorkDir: m.WorkDir, UID: uint32(u.UID), GID: uint32(u.GID), Accel: m.Accel,
+		MemoryMiB: m.MemoryMiB, OutputCap: m.OutputCap, MaxConcurrent: m.MaxConcurrent, Log: log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	log.Info("host-local tool runs on", "accel", runner.Accel(), "user", m.User, "uid", u.UID)
+	return &microvm.Sockets{Executor: runner, Log: log}, nil
+}
+
+// Defaults of the host-local microVM path.
+const (
+	DefaultMicroVMUser    = "agent-microvm"
+	DefaultMicroVMWorkDir = "/run/gateway-agent/microvm"
+)
 
 // lockHost makes sure one agent at a time drives a host: two would race on `current`.
 func lockHost(h layout.Host) (func(), error) {

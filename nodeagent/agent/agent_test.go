@@ -56,17 +56,21 @@ func run(m *testing.M) int {
 }
 
 // startAgent runs a node agent for a real systemd host against the real API server.
-func startAgent(t *testing.T, name string) *systemdhost.Host {
+func startAgent(t *testing.T, name string, opts ...func(*agent.Options)) *systemdhost.Host {
 	h := systemdhost.Start(t, systemdhost.Options{Name: name})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
+	o := agent.Options{
+		HostName: name, HostLabels: map[string]string{"tier": "edge"},
+		Root: h.Root, BusAddress: h.BusAddress, ProcRoot: fmt.Sprintf("/proc/%d/root/proc", h.PID),
+		Launcher: launchBin, HeartbeatInterval: 500 * time.Millisecond, ProofTimeout: 20 * time.Second,
+		MetricsAddr: "0", ProbeAddr: "0", Version: "test",
+	}
+	for _, f := range opts {
+		f(&o)
+	}
 	go func() {
-		done <- agent.Run(ctx, cp.Config, agent.Options{
-			HostName: name, HostLabels: map[string]string{"tier": "edge"},
-			Root: h.Root, BusAddress: h.BusAddress, ProcRoot: fmt.Sprintf("/proc/%d/root/proc", h.PID),
-			Launcher: launchBin, HeartbeatInterval: 500 * time.Millisecond, ProofTimeout: 20 * time.Second,
-			MetricsAddr: "0", ProbeAddr: "0", Version: "test",
-		}, testr.New(t))
+		done <- agent.Run(ctx, cp.Config, o, testr.New(t))
 	}()
 	t.Cleanup(func() {
 		cancel()

@@ -24,6 +24,8 @@ import (
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
 	"github.com/agent-gateway/gateway-operator/nodeagent/apply"
+	"github.com/agent-gateway/gateway-operator/nodeagent/layout"
+	"github.com/agent-gateway/gateway-operator/nodeagent/microvm"
 	"github.com/agent-gateway/gateway-operator/nodeagent/release"
 )
 
@@ -36,6 +38,8 @@ type InstanceReconciler struct {
 	Host     string
 	Applier  *apply.Applier
 	Recorder recorder.EventRecorder
+	// ToolRuns serves each profile's tool-run socket; nil when the microVM path is off.
+	ToolRuns *microvm.Sockets
 }
 
 // SetupWithManager registers the reconciler. Applies on one host run one at a time: a proof
@@ -102,6 +106,9 @@ func (r *InstanceReconciler) Reconcile(ctx context.Context, req ctrl.Request) (c
 		r.Recorder.Eventf(&gi, nil, corev1.EventTypeWarning, failure.Reason, "Apply", "%s", failure.Error())
 	default:
 		return ctrl.Result{}, err
+	}
+	if out != nil {
+		r.serveToolRuns(&gi, out)
 	}
 	if perr := r.Client.Status().Patch(ctx, &gi, client.MergeFrom(base)); perr != nil {
 		return ctrl.Result{}, fmt.Errorf("write status: %w", perr)
@@ -193,9 +200,26 @@ func set(gi *v1.GatewayInstance, t string, s metav1.ConditionStatus, reason, msg
 }
 
 // reconcileDelete removes the instance's unit from the host, then lets the object go.
+// serveToolRuns makes sure an applied profile's gateway has its tool-run socket.
+func (r *InstanceReconciler) serveToolRuns(gi *v1.GatewayInstance, out *apply.Outcome) {
+	if r.ToolRuns == nil || out.User == nil {
+		return
+	}
+	p, err := layout.ForProfile(gi.Spec.Profile)
+	if err != nil {
+		return
+	}
+	if err := r.ToolRuns.Ensure(p.Name, r.Applier.Host.On(p.Home), microvm.Owner{UID: out.User.UID, GID: out.User.GID}); err != nil {
+		r.Recorder.Eventf(gi, nil, corev1.EventTypeWarning, "ToolRunSocketFailed", "Apply", "%v", err)
+	}
+}
+
 func (r *InstanceReconciler) reconcileDelete(ctx context.Context, gi *v1.GatewayInstance) (ctrl.Result, error) {
 	if !controllerutil.ContainsFinalizer(gi, v1.FinalizerInstanceUnits) {
 		return ctrl.Result{}, nil
+	}
+	if r.ToolRuns != nil {
+		r.ToolRuns.Remove(gi.Spec.Profile)
 	}
 	if err := r.Applier.Remove(ctx, gi.Spec.Profile, gi.Spec.HomeRetention == v1.HomePurge); err != nil {
 		r.Recorder.Eventf(gi, nil, corev1.EventTypeWarning, "RemoveFailed", "Remove", "removing %s: %v", gi.Spec.Profile, err)

@@ -91,6 +91,8 @@ type Outcome struct {
 	Isolated bool
 	// ConfigHash digests everything rendered for the instance.
 	ConfigHash string
+	// User is the user the gateway runs as.
+	User *users.User
 }
 
 // Failure is an apply that did not reach its goal. The host was left on a known release:
@@ -211,7 +213,7 @@ func (a *Applier) Apply(ctx context.Context, in Instance) (*Outcome, error) {
 		return nil, a.rollback(ctx, log, p, in, user, lastGood, before, &Failure{Step: StepFlip, Reason: "FlipFailed", Message: err.Error()})
 	}
 
-	out := &Outcome{Current: target, ConfigHash: want.hash}
+	out := &Outcome{Current: target, ConfigHash: want.hash, User: user}
 	expect := a.expect(p, target, want, user)
 	// An instance already running exactly this is left alone: an apply repeated (after an agent
 	// restart, say) must not restart a healthy gateway.

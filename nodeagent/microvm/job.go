@@ -123,9 +123,10 @@ func script(argv []string) []byte {
 	return []byte(b.String())
 }
 
-// jobArchive is the newc cpio archive appended to the guest's initramfs: the kernel unpacks
-// concatenated archives into the same root, so the job needs no kernel command line.
-func jobArchive(req Request, nonce string, outputCap int) ([]byte, error) {
+// JobArchive is the newc cpio archive the Runner appends to the guest's initramfs (the kernel
+// unpacks concatenated archives into the same root, so the job needs no kernel command line).
+// It is exported for booting the guest by hand: benchmarks and debugging.
+func JobArchive(req Request, nonce string, outputCap int) ([]byte, error) {
 	var buf bytes.Buffer
 	w := cpio.NewWriter(&buf)
 	entries := []struct {

@@ -148,6 +148,9 @@ func (r *Runner) prepare() error {
 // Accel is the acceleration the Runner uses.
 func (r *Runner) Accel() string { return r.accel }
 
+// KernelArgs is the guest kernel's command line.
+func (r *Runner) KernelArgs() string { return r.kernelArgs }
+
 // pickAccel uses KVM when QEMU's user could open /dev/kvm through its group (the usual `kvm`
 // group), adding that group to QEMU's credentials.
 func pickAccel(uid, gid uint32) (string, []uint32) {
@@ -236,7 +239,7 @@ func (r *Runner) boot(ctx context.Context, req Request) (Result, error) {
 		return failed, err
 	}
 	nonce := hex.EncodeToString(nonceBytes[:])
-	job, err := jobArchive(req, nonce, r.cfg.OutputCap)
+	job, err := JobArchive(req, nonce, r.cfg.OutputCap)
 	if err != nil {
 		return failed, err
 	}

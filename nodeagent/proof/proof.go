@@ -257,7 +257,7 @@ type GatewayStatus struct {
 // ReadStatus asks a gateway for GET /status on its unix socket (a path the agent can reach).
 func ReadStatus(ctx context.Context, socket string) (*GatewayStatus, []byte, error) {
 	tr := &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		return dialUnix(ctx, socket)
+		return DialUnix(ctx, socket)
 	}}
 	defer tr.CloseIdleConnections()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://gateway/status", nil)
@@ -283,10 +283,10 @@ func ReadStatus(ctx context.Context, socket string) (*GatewayStatus, []byte, err
 	return &st, buf.Bytes(), nil
 }
 
-// dialUnix connects to a unix socket. A socket address holds at most 107 bytes, and a host's
+// DialUnix connects to a unix socket. A socket address holds at most 107 bytes, and a host's
 // root prefix can make the path longer: then the socket is reached through an open handle on its
 // folder.
-func dialUnix(ctx context.Context, socket string) (net.Conn, error) {
+func DialUnix(ctx context.Context, socket string) (net.Conn, error) {
 	var d net.Dialer
 	if len(socket) < 100 {
 		return d.DialContext(ctx, "unix", socket)

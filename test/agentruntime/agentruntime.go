@@ -1,7 +1,8 @@
 // Package agentruntime builds release tarballs of a tiny Python agent runtime for tests. The
 // runtime honours the gateway contract: `python -m agent_cli.main gateway run --replace` serves
 // GET /status on $AGENT_HOME/run/status.sock with its pid, profile, release sha, PYTHONPATH and
-// tools, plus what its sandbox allowed it to do (write /etc, read a sibling's home, connect out).
+// tools, plus what its sandbox allowed it to do (write /etc, read a sibling's home, connect out),
+// and relays tool-run requests to the node agent's socket on POST /toolrun.
 package agentruntime
 
 import (
@@ -13,9 +14,13 @@ import (
 	"embed"
 	"encoding/hex"
 	"encoding/json"
+	"fmt"
+	"io"
 	"io/fs"
+	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"os"
 	"path/filepath"
 	"sort"
@@ -23,6 +28,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/agent-gateway/gateway-operator/nodeagent/microvm"
 	"github.com/agent-gateway/gateway-operator/nodeagent/proof"
 )
 
@@ -203,4 +209,50 @@ func PlaceSample() error {
 		return err
 	}
 	return os.WriteFile(filepath.Join(SampleDir, SampleFile), tb.Data, 0o644)
+}
+
+// ToolRunReply is what a runtime relays from the node agent's tool-run socket.
+type ToolRunReply struct {
+	microvm.Result
+	// ConnectError is set when the runtime could not connect to the socket at all.
+	ConnectError string `json:"connect_error"`
+}
+
+// ToolRun makes a running gateway send req to a tool-run socket (its own when target is "",
+// else the path target inside its sandbox) and returns what came back. statusSocket is the
+// gateway's status socket as the caller reaches it.
+func ToolRun(ctx context.Context, statusSocket, target string, req microvm.Request) (*ToolRunReply, error) {
+	body, err := json.Marshal(req)
+	if err != nil {
+		return nil, err
+	}
+	tr := &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return proof.DialUnix(ctx, statusSocket)
+	}}
+	defer tr.CloseIdleConnections()
+	u := "http://gateway/toolrun"
+	if target != "" {
+		u += "?socket=" + url.QueryEscape(target)
+	}
+	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, u, bytes.NewReader(body))
+	if err != nil {
+		return nil, err
+	}
+	resp, err := (&http.Client{Transport: tr}).Do(hreq)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	raw, err := io.ReadAll(io.LimitReader(resp.Body, 8<<20))
+	if err != nil {
+		return nil, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("gateway answered %s: %s", resp.Status, raw)
+	}
+	var reply ToolRunReply
+	if err := json.Unmarshal(raw, &reply); err != nil {
+		return nil, fmt.Errorf("gateway reply %q: %w", raw, err)
+	}
+	return &reply, nil
 }

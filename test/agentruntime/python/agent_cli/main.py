@@ -2,6 +2,9 @@
 
 Serves GET /status as JSON over HTTP on the unix socket $AGENT_HOME/run/status.sock (mode 0600),
 reporting who it is, which release it was imported from, and what its sandbox let it do.
+POST /toolrun?socket=PATH plays a gateway escalating untrusted code: it sends the body to the
+node agent's tool-run socket (its own, $AGENT_HOME/run/toolrun.sock, unless PATH says otherwise)
+and answers with the agent's reply, or {"connect_error": ...}.
 """
 import http.server
 import json
@@ -11,6 +14,7 @@ import socket
 import socketserver
 import sys
 import threading
+import urllib.parse
 
 HERE = os.path.dirname(os.path.realpath(__file__))
 
@@ -64,6 +68,19 @@ def probes(home):
     return result
 
 
+def toolrun(home, query, body):
+    path = urllib.parse.parse_qs(query).get("socket", [os.path.join(home, "run", "toolrun.sock")])[0]
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(path)
+    except OSError as e:
+        return json.dumps({"connect_error": e.strerror}).encode()
+    with s:
+        s.sendall(body)
+        s.shutdown(socket.SHUT_WR)
+        return s.makefile("rb").read()
+
+
 def status(home):
     info = release_info()
     return {
@@ -114,6 +131,19 @@ def serve(mode):
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+
+        def do_POST(self):
+            path, _, query = self.path.partition("?")
+            if path != "/toolrun":
+                self.send_error(404)
+                return
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            reply = toolrun(home, query, body)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
 
         def log_message(self, *args):
             pass
