@@ -295,21 +295,29 @@ func (r *Runner) boot(ctx context.Context, req Request) (Result, error) {
 		Knobs:          qemu.Knobs{NoUserConfig: true, NoDefaults: true, NoGraphic: true, NoReboot: true, Stopped: true},
 		SeccompSandbox: seccompSandbox,
 	}
+	began := time.Now()
+	var launched, connected, reported time.Duration
 	cmd, stderr, err := qemu.LaunchQemu(config, qlog)
 	if err != nil {
 		return failed, fmt.Errorf("start qemu: %w", err)
 	}
+	launched = time.Since(began)
 	v := &vm{dir: dir, cmd: cmd, exited: make(chan struct{}), stderr: &capped{max: 16 << 10}}
 	go func() {
 		_, _ = io.Copy(v.stderr, stderr)
 		_ = cmd.Wait()
 		close(v.exited)
 	}()
+	defer func() {
+		log.V(1).Info("microVM done", "launchMillis", launched.Milliseconds(), "qmpReadyMillis", connected.Milliseconds(),
+			"reportMillis", reported.Milliseconds(), "stoppedMillis", time.Since(began).Milliseconds())
+	}()
 	defer r.stop(v)
 
 	if err := v.connectQMP(ctx, qmpPath, qlog); err != nil {
 		return v.failure(err), nil
 	}
+	connected = time.Since(began)
 	serial, err := dialUnix(ctx, serialPath)
 	if err != nil {
 		return v.failure(fmt.Errorf("serial line: %w", err)), nil
@@ -330,6 +338,7 @@ func (r *Runner) boot(ctx context.Context, req Request) (Result, error) {
 
 	select {
 	case rp := <-reports:
+		reported = time.Since(began)
 		if rp.err != nil {
 			if errors.Is(rp.err, errSerialLimit) {
 				return Result{Phase: Error, ExitCode: -1, Message: rp.err.Error()}, nil
