@@ -97,7 +97,7 @@ run: ## Run the controller manager against the current kubeconfig (CRDs must be 
 .PHONY: demo
 demo: test-deps ## Bring up a local control plane, the operator and a sandboxed host, and apply the samples.
 	go build -o $(LOCALBIN)/demo ./hack/demo
-	$(LOCALBIN)/demo up
+	GATEWAY_MICROVM_GUEST="$$(hack/microvm-guest.sh)" $(LOCALBIN)/demo up
 
 .PHONY: demo-down
 demo-down: ## Stop the demo and remove everything it made.

@@ -25,12 +25,17 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
+	"github.com/agent-gateway/gateway-operator/nodeagent/microvm"
 	"github.com/agent-gateway/gateway-operator/test/agentruntime"
 	"github.com/agent-gateway/gateway-operator/test/stack"
 	"github.com/agent-gateway/gateway-operator/test/systemdhost"
 )
 
 const hostName = "demo-host"
+
+// microVMDir holds the demo agent's per-run microVM folders: short (QEMU's unix sockets live
+// there) and reachable by QEMU's unprivileged user.
+const microVMDir = "/run/gateway-operator-demo/microvm"
 
 func stateDir() string {
 	cache := os.Getenv("XDG_CACHE_HOME")
@@ -156,6 +161,7 @@ func down() error {
 	systemdhost.SweepStale()
 	left, _ := systemdhost.Leftovers()
 	_ = os.RemoveAll(stateDir())
+	_ = os.RemoveAll(filepath.Dir(microVMDir))
 	_ = os.Remove(filepath.Join(agentruntime.SampleDir, agentruntime.SampleFile))
 	if len(left) > 0 {
 		return fmt.Errorf("left behind: %v", left)
@@ -177,7 +183,12 @@ func serve() error {
 	if err := stack.Build(bin); err != nil {
 		return err
 	}
-	s, err := stack.Up(stack.Options{Hosts: []string{hostName}, Dir: stateDir(), BinDir: bin, Progress: say})
+	var agentArgs []string
+	guest := os.Getenv("GATEWAY_MICROVM_GUEST")
+	if guest != "" {
+		agentArgs = []string{"--microvm-guest=" + guest, "--microvm-work-dir=" + microVMDir}
+	}
+	s, err := stack.Up(stack.Options{Hosts: []string{hostName}, Dir: stateDir(), BinDir: bin, Progress: say, AgentArgs: agentArgs})
 	if err != nil {
 		return err
 	}
@@ -205,7 +216,12 @@ func serve() error {
 			return err
 		}
 	}
-	if err := os.WriteFile(file("proof"), []byte(proofText(ctx, s)), 0o644); err != nil {
+	text := proofText(ctx, s)
+	if guest != "" {
+		say("core's gateway sends untrusted code to its tool-run socket")
+		text += toolRunText(ctx, s)
+	}
+	if err := os.WriteFile(file("proof"), []byte(text), 0o644); err != nil {
 		return err
 	}
 	if err := os.WriteFile(file("ready"), nil, 0o644); err != nil {
@@ -262,4 +278,20 @@ func proofText(ctx context.Context, s *stack.Stack) string {
 		}
 	}
 	return b.String()
+}
+
+// toolRunText asks core's running gateway to escalate a command to a microVM through the node
+// agent's socket, and renders what came back.
+func toolRunText(ctx context.Context, s *stack.Stack) string {
+	status := filepath.Join(s.Hosts[hostName].Root, "opt/agent/gateways/core/home/run/status.sock")
+	req := microvm.Request{Command: []string{"sh", "-c", "echo \"$(uname -sr), uid $(id -u), interfaces: $(ls /sys/class/net)\""}}
+	reply, err := agentruntime.ToolRun(ctx, status, "", req)
+	if err != nil {
+		return "\nTool run: " + err.Error() + "\n"
+	}
+	if reply.ConnectError != "" {
+		return "\nTool run: " + reply.ConnectError + "\n"
+	}
+	return fmt.Sprintf("\nTool run from core's gateway via $AGENT_HOME/run/%s, in a QEMU microVM:\n  %s (exit %d) in %d ms: %s",
+		microvm.SocketName, reply.Phase, reply.ExitCode, reply.DurationMillis, reply.Stdout)
 }

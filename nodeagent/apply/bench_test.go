@@ -14,9 +14,10 @@ import (
 )
 
 // BenchmarkReleaseSwitch measures a per-host release switch with both releases already staged
-// (flip + restart + prove, through Apply) over 20 switches and, in the same run, 20 bare restarts
-// of the same unit over systemd's D-Bus API, timed two ways: until systemd's restart job is done
-// ("restart"), and until the restarted gateway answers on its status endpoint ("restart-ready"),
+// (flip + restart + prove, through Apply) over 20 switches and, in the same run, three baselines
+// of 20 bare restarts of the same unit each: the `systemctl restart` command run on the host
+// ("systemctl"), a restart over systemd's D-Bus API timed until the job is done ("restart"), and
+// the same timed until the restarted gateway answers on its status endpoint ("restart-ready"),
 // which is the part of a switch no agent can avoid. It reports p50 and p95 of each, and ratios.
 func BenchmarkReleaseSwitch(b *testing.B) {
 	const switches = 20
@@ -31,7 +32,7 @@ func BenchmarkReleaseSwitch(b *testing.B) {
 	ctx := context.Background()
 
 	for n := 0; n < b.N; n++ {
-		var sw, bare, ready []time.Duration
+		var sw, cli, bare, ready []time.Duration
 		for i := 0; i < switches; i++ {
 			start := time.Now()
 			out := f.mustApply(instance("core", rels[(i+1)%2]))
@@ -39,6 +40,15 @@ func BenchmarkReleaseSwitch(b *testing.B) {
 			if !out.Restarted {
 				b.Fatal("a switch did not restart the unit")
 			}
+		}
+		for i := 0; i < switches; i++ {
+			_ = f.applier.Systemd.ResetFailed(ctx, layout.Unit("core"))
+			start := time.Now()
+			if out, err := f.host.Systemctl(ctx, "restart", layout.Unit("core")); err != nil {
+				b.Fatalf("systemctl restart: %v: %s", err, out)
+			}
+			cli = append(cli, time.Since(start))
+			waitAnswer(b, f, "core")
 		}
 		for i := 0; i < switches; i++ {
 			// Like Apply, clear systemd's start rate limit first (untimed), or 20 quick restarts
@@ -53,6 +63,10 @@ func BenchmarkReleaseSwitch(b *testing.B) {
 			ready = append(ready, time.Since(start))
 		}
 		p50s, p95s := percentile(sw, 50), percentile(sw, 95)
+		p50c, p95c := percentile(cli, 50), percentile(cli, 95)
+		b.ReportMetric(ms(p50c), "systemctl-p50-ms")
+		b.ReportMetric(ms(p95c), "systemctl-p95-ms")
+		b.ReportMetric(ms(p50s)/ms(p50c), "p50-ratio-to-systemctl")
 		p50b, p95b := percentile(bare, 50), percentile(bare, 95)
 		b.ReportMetric(ms(p50s), "switch-p50-ms")
 		b.ReportMetric(ms(p95s), "switch-p95-ms")

@@ -79,7 +79,7 @@ func (a *Applier) alreadyAligned(ctx context.Context, p layout.Profile, e expect
 	if err != nil || pid == 0 {
 		return nil
 	}
-	proc, err := a.check(ctx, p, e, denied, pid)
+	proc, err := a.check(ctx, p, e, denied, pid, nil, nil)
 	if err != nil {
 		a.Log.V(1).Info("running instance is not aligned", "profile", p.Name, "reason", err.Error())
 		return nil
@@ -87,8 +87,9 @@ func (a *Applier) alreadyAligned(ctx context.Context, p layout.Profile, e expect
 	return proc
 }
 
-// check runs every per-process proof against one main PID.
-func (a *Applier) check(ctx context.Context, p layout.Profile, e expectation, denied []string, pid uint32) (*proof.Process, error) {
+// check runs every per-process proof against one main PID. A unit view or a status already read
+// for this PID is used as is; nil ones are read here.
+func (a *Applier) check(ctx context.Context, p layout.Profile, e expectation, denied []string, pid uint32, uv *unitView, st *proof.GatewayStatus) (*proof.Process, error) {
 	proc, err := proof.ReadProcess(a.ProcRoot, pid)
 	if err != nil {
 		return nil, err
@@ -96,6 +97,29 @@ func (a *Applier) check(ctx context.Context, p layout.Profile, e expectation, de
 	if err := proof.Alignment(a.Host, a.ProcRoot, proc, e.Expect); err != nil {
 		return nil, err
 	}
+	if uv == nil {
+		if uv, err = a.readUnit(ctx, p); err != nil {
+			return nil, err
+		}
+	}
+	if err := proof.UnitClean(a.Host, uv.files, uv.env); err != nil {
+		return nil, err
+	}
+	if st == nil {
+		if st, _, err = proof.ReadStatus(ctx, a.Host.On(p.StatusSocket)); err != nil {
+			return nil, fmt.Errorf("status endpoint: %w", err)
+		}
+	}
+	return proc, proof.Status(st, pid, p.Name, e.SHA256, denied)
+}
+
+// unitView is what systemd has loaded for a unit: every file it was built from (plus the
+// drop-ins on disk, loaded or not) and its Environment=.
+type unitView struct {
+	files, env []string
+}
+
+func (a *Applier) readUnit(ctx context.Context, p layout.Profile) (*unitView, error) {
 	files, err := a.Systemd.UnitFiles(ctx, p.Unit)
 	if err != nil {
 		return nil, err
@@ -105,14 +129,7 @@ func (a *Applier) check(ctx context.Context, p layout.Profile, e expectation, de
 	if err != nil {
 		return nil, err
 	}
-	if err := proof.UnitClean(a.Host, files, env); err != nil {
-		return nil, err
-	}
-	st, _, err := proof.ReadStatus(ctx, a.Host.On(p.StatusSocket))
-	if err != nil {
-		return nil, fmt.Errorf("status endpoint: %w", err)
-	}
-	return proc, proof.Status(st, pid, p.Name, e.SHA256, denied)
+	return &unitView{files: files, env: env}, nil
 }
 
 // restart restarts only the profile's unit and returns the siblings' main PIDs from before.
@@ -142,7 +159,13 @@ func (a *Applier) prove(ctx context.Context, p layout.Profile, e expectation, de
 	}
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
+	// The unit as loaded does not depend on the new process: read it while the gateway starts.
+	uv, err := a.readUnit(ctx, p)
+	if err != nil {
+		return nil, err
+	}
 	var pid uint32
+	var st *proof.GatewayStatus
 	var last error
 	// Poll briskly: a gateway answers tens of milliseconds after its start, and every poll is
 	// one D-Bus property read and one connect attempt.
@@ -154,7 +177,7 @@ func (a *Applier) prove(ctx context.Context, p layout.Profile, e expectation, de
 			return nil, fmt.Errorf("the gateway is not running after its restart (unit %s)", state)
 		}
 		if err == nil {
-			_, _, err = proof.ReadStatus(ctx, a.Host.On(p.StatusSocket))
+			st, _, err = proof.ReadStatus(ctx, a.Host.On(p.StatusSocket))
 			if err == nil {
 				break
 			}
@@ -166,7 +189,7 @@ func (a *Applier) prove(ctx context.Context, p layout.Profile, e expectation, de
 		case <-time.After(delay):
 		}
 	}
-	proc, err := a.check(ctx, p, e, denied, pid)
+	proc, err := a.check(ctx, p, e, denied, pid, uv, st)
 	if err != nil {
 		return nil, err
 	}

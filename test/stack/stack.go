@@ -41,6 +41,8 @@ type Options struct {
 	Progress func(string)
 	// ManagerMetricsAddr is the manager's metrics listen address; off when empty.
 	ManagerMetricsAddr string
+	// AgentArgs are extra flags for every node agent.
+	AgentArgs []string
 }
 
 // Stack is a running system.
@@ -127,10 +129,11 @@ func Up(o Options) (s *Stack, err error) {
 			return s, err
 		}
 		say("starting the node agent of " + name)
-		if err := s.start("agent-"+name, filepath.Join(o.BinDir, "nodeagent"), "--kubeconfig="+akc,
-			"--host-name="+name, "--root="+h.Root, "--dbus-address="+h.BusAddress,
-			fmt.Sprintf("--proc-root=/proc/%d/root/proc", h.PID), "--launcher="+filepath.Join(o.BinDir, "launch"),
-			"--heartbeat-interval=5s", "--metrics-bind-address=0", "--health-probe-bind-address=0"); err != nil {
+		args := append([]string{"--kubeconfig=" + akc,
+			"--host-name=" + name, "--root=" + h.Root, "--dbus-address=" + h.BusAddress,
+			fmt.Sprintf("--proc-root=/proc/%d/root/proc", h.PID), "--launcher=" + filepath.Join(o.BinDir, "launch"),
+			"--heartbeat-interval=5s", "--metrics-bind-address=0", "--health-probe-bind-address=0"}, o.AgentArgs...)
+		if err := s.start("agent-"+name, filepath.Join(o.BinDir, "nodeagent"), args...); err != nil {
 			return s, err
 		}
 	}
