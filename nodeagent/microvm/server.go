@@ -227,6 +227,7 @@ func (s *Sockets) serve(srv *server) {
 
 func (s *Sockets) handle(srv *server, conn *net.UnixConn, log logr.Logger) {
 	reply := func(res Result) {
+		runsTotal.WithLabelValues(srv.profile, string(res.Phase)).Inc()
 		_ = conn.SetWriteDeadline(time.Now().Add(requestReadTimeout))
 		_ = json.NewEncoder(conn).Encode(res)
 		// Take in what is left of the request before closing, so the client reads the reply
@@ -268,6 +269,9 @@ func (s *Sockets) handle(srv *server, conn *net.UnixConn, log logr.Logger) {
 		if res.Message == "" {
 			res.Message = err.Error()
 		}
+	}
+	if res.Phase != Rejected {
+		runSeconds.WithLabelValues(srv.profile).Observe(float64(res.DurationMillis) / 1000)
 	}
 	log.Info("tool run", "phase", res.Phase, "exitCode", res.ExitCode, "durationMillis", res.DurationMillis)
 	reply(res)

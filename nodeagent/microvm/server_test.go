@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/go-logr/logr/testr"
+	"sigs.k8s.io/controller-runtime/pkg/metrics"
 
 	"github.com/agent-gateway/gateway-operator/nodeagent/microvm"
 	"github.com/agent-gateway/gateway-operator/test/microvmguest"
@@ -49,6 +50,26 @@ func profileHomes(t *testing.T) (root string, homes map[string]string) {
 		homes[name] = home
 	}
 	return root, homes
+}
+
+// toolRuns reads one series of the tool-run counter from the agent's metrics registry.
+func toolRuns(profile string, phase microvm.Phase) float64 {
+	families, _ := metrics.Registry.Gather()
+	for _, f := range families {
+		if f.GetName() != "gateway_agent_toolruns_total" {
+			continue
+		}
+		for _, m := range f.GetMetric() {
+			labels := map[string]string{}
+			for _, l := range m.GetLabel() {
+				labels[l.GetName()] = l.GetValue()
+			}
+			if labels["profile"] == profile && labels["phase"] == string(phase) {
+				return m.GetCounter().GetValue()
+			}
+		}
+	}
+	return 0
 }
 
 func serveSockets(t *testing.T, r microvm.Executor) *microvm.Sockets {
@@ -120,6 +141,10 @@ func TestSocketServesOnlyItsProfilesUser(t *testing.T) {
 		t.Fatalf("alice on her socket: %+v %s", res, connErr)
 	}
 
+	if got := toolRuns("alice", microvm.Failed); got != 1 {
+		t.Errorf("gateway_agent_toolruns_total{alice,Failed} = %v, want 1", got)
+	}
+
 	// Another profile's user cannot even connect: the home and the socket are alice's alone.
 	if _, connErr := request(t, &bob, sock, microvm.Request{Command: []string{"true"}}); !strings.Contains(connErr, "Permission denied") {
 		t.Fatalf("bob on alice's socket: connect error %q, want Permission denied", connErr)
@@ -128,6 +153,9 @@ func TestSocketServesOnlyItsProfilesUser(t *testing.T) {
 	res, connErr = request(t, nil, sock, microvm.Request{Command: []string{"true"}})
 	if connErr != "" || res.Phase != microvm.Rejected || !strings.Contains(res.Message, "not the user of profile alice") {
 		t.Fatalf("root on alice's socket: %+v %s", res, connErr)
+	}
+	if got := toolRuns("alice", microvm.Rejected); got != 1 {
+		t.Errorf("gateway_agent_toolruns_total{alice,Rejected} = %v, want 1", got)
 	}
 	// Bob's own socket serves bob, not alice.
 	res, _ = request(t, nil, filepath.Join(homes["bob"], "run", microvm.SocketName), microvm.Request{Command: []string{"true"}})
