@@ -120,7 +120,7 @@ func FuzzScriptQuoting(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, arg string) {
 		if strings.IndexByte(arg, 0) >= 0 {
-			t.Skip()
+			return // Validate refuses NUL bytes before anything is quoted
 		}
 		out, err := guestShell(string(script([]string{"printf", "%s", arg}))).Output()
 		if err != nil {
