@@ -13,7 +13,6 @@ import (
 	"fmt"
 	"os"
 	"path"
-	"path/filepath"
 	"strings"
 	"time"
 
@@ -25,6 +24,7 @@ import (
 	"github.com/agent-gateway/gateway-operator/nodeagent/release"
 	"github.com/agent-gateway/gateway-operator/nodeagent/systemd"
 	"github.com/agent-gateway/gateway-operator/nodeagent/unit"
+	"github.com/agent-gateway/gateway-operator/nodeagent/userfs"
 	"github.com/agent-gateway/gateway-operator/nodeagent/users"
 )
 
@@ -339,7 +339,7 @@ func (a *Applier) writeRendered(p layout.Profile, r *rendered) (changes, error) 
 	if c.env, err = writeIfChanged(a.Host.On(p.Env), r.env, 0o644); err != nil {
 		return c, err
 	}
-	if err := os.MkdirAll(a.Host.On(p.DropInDir), 0o755); err != nil {
+	if err := os.MkdirAll(a.Host.On(p.DropInDir), 0o755); err != nil { //nolint:gosec // systemd unit folders are world-readable by convention
 		return c, err
 	}
 	if c.dropIn, err = writeIfChanged(a.Host.On(p.DropIn), r.dropIn, 0o644); err != nil {
@@ -351,7 +351,7 @@ func (a *Applier) writeRendered(p layout.Profile, r *rendered) (changes, error) 
 // writeIfChanged writes a file atomically (temp file, fsync, rename) unless it already holds
 // text, and reports whether it wrote.
 func writeIfChanged(file, text string, mode os.FileMode) (bool, error) {
-	if old, err := os.ReadFile(file); err == nil && string(old) == text {
+	if old, err := os.ReadFile(file); err == nil && string(old) == text { //nolint:gosec // root-owned files of the host layout
 		return false, nil
 	}
 	if err := renameio.WriteFile(file, []byte(text), mode); err != nil {
@@ -364,12 +364,12 @@ func writeIfChanged(file, text string, mode os.FileMode) (bool, error) {
 // the mask on the bare unit name. It reports whether any unit file changed.
 func (a *Applier) prepareHost() (bool, error) {
 	for _, d := range []string{layout.ReleasesDir, layout.GatewaysDir, path.Dir(layout.LauncherPath), layout.UnitDir} {
-		if err := os.MkdirAll(a.Host.On(d), 0o755); err != nil {
+		if err := os.MkdirAll(a.Host.On(d), 0o755); err != nil { //nolint:gosec // the shared layout is read by every gateway (DESIGN host layout)
 			return false, err
 		}
 	}
 	if a.Launcher != "" {
-		bin, err := os.ReadFile(a.Launcher)
+		bin, err := os.ReadFile(a.Launcher) //nolint:gosec // the agent's own --launcher flag
 		if err != nil {
 			return false, fmt.Errorf("read launcher: %w", err)
 		}
@@ -392,7 +392,9 @@ func (a *Applier) prepareHost() (bool, error) {
 }
 
 // prepareProfile creates the profile's user and folders: home and logs owned by that user,
-// home 0700 so no sibling can look in.
+// home 0700 so no sibling can look in. The profile folder itself is root's; everything inside
+// home and logs is the gateway's to change at any moment, so they are reached only through
+// userfs (fd-relative, never following a symlink) and changed only where they are not as wanted.
 func (a *Applier) prepareProfile(p layout.Profile, iso v1.IsolationMode) (*users.User, error) {
 	name := p.User
 	if iso == v1.IsolationConvenience {
@@ -402,33 +404,24 @@ func (a *Applier) prepareProfile(p layout.Profile, iso v1.IsolationMode) (*users
 	if err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(a.Host.On(p.Dir), 0o755); err != nil {
+	if err := os.MkdirAll(a.Host.On(p.Dir), 0o755); err != nil { //nolint:gosec // the profile folder is traversed by its gateway user
 		return nil, err
 	}
-	for dir, mode := range map[string]os.FileMode{p.Home: 0o700, p.Logs: 0o750} {
-		full := a.Host.On(dir)
-		if err := os.MkdirAll(full, mode); err != nil {
-			return nil, err
-		}
-		if err := os.Chmod(full, mode); err != nil {
-			return nil, err
-		}
-		if err := chownTree(full, u.UID, u.GID); err != nil {
+	dir, err := userfs.OpenDir(a.Host.On(p.Dir))
+	if err != nil {
+		return nil, err
+	}
+	defer dir.Close()
+	owner := userfs.Owner{UID: u.UID, GID: u.GID}
+	for _, d := range []struct {
+		name string
+		mode os.FileMode
+	}{{path.Base(p.Home), 0o700}, {path.Base(p.Logs), 0o750}} {
+		if err := userfs.EnsureDir(dir, d.name, d.mode, owner); err != nil {
 			return nil, err
 		}
 	}
 	return u, nil
-}
-
-// chownTree gives a folder and what is in it to a user, so a profile switched between
-// isolation modes keeps access to its own state.
-func chownTree(root string, uid, gid int) error {
-	return filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		return os.Lchown(p, uid, gid)
-	})
 }
 
 // collect removes releases beyond the newest KeepReleases, never one a profile's `current` or
