@@ -3,6 +3,8 @@
 # from the Go module proxy alone (no download site is needed), and caches them outside the repo.
 #
 #   hack/control-plane.sh          build if missing, then print the folder holding the binaries
+#   hack/control-plane.sh --check  only check: print the folder and exit 0 if the binaries are
+#                                  there and report the expected versions, else exit 1
 #
 # Idempotent and safe to run concurrently: a second run finds the binaries (checked by the version
 # they report) and returns at once; concurrent runs wait on one lock.
@@ -15,14 +17,25 @@ cache=${XDG_CACHE_HOME:-$HOME/.cache}/gateway-operator
 dest=$cache/control-plane/k8s-$KUBERNETES_VERSION-etcd-$ETCD_VERSION
 log() { printf 'control-plane: %s\n' "$*" >&2; }
 
+# Each binary's whole output is read before it is matched: piping it into `grep -q` under
+# pipefail fails at random, because grep exits at the first match and the binary, still writing
+# its next line, dies of SIGPIPE.
 ready() {
   [ -x "$dest/kube-apiserver" ] && [ -x "$dest/etcd" ] && [ -x "$dest/kubectl" ] || return 1
-  "$dest/kube-apiserver" --version 2>/dev/null | grep -qx "Kubernetes $KUBERNETES_VERSION" || return 1
-  "$dest/kubectl" version --client 2>/dev/null | grep -q "Client Version: $KUBERNETES_VERSION" || return 1
-  "$dest/etcd" --version 2>/dev/null | grep -q "etcd Version: ${ETCD_VERSION#v}" || return 1
+  local out
+  out=$("$dest/kube-apiserver" --version 2>/dev/null) || return 1
+  [[ $'\n'$out$'\n' == *$'\n'"Kubernetes $KUBERNETES_VERSION"$'\n'* ]] || return 1
+  out=$("$dest/kubectl" version --client 2>/dev/null) || return 1
+  [[ $out == *"Client Version: $KUBERNETES_VERSION"* ]] || return 1
+  out=$("$dest/etcd" --version 2>/dev/null) || return 1
+  [[ $out == *"etcd Version: ${ETCD_VERSION#v}"* ]] || return 1
 }
 
 if ready; then echo "$dest"; exit 0; fi
+if [ "${1:-}" = --check ]; then
+  log "no finished control plane at $dest"
+  exit 1
+fi
 
 mkdir -p "$cache/control-plane"
 exec 9>"$cache/control-plane/.lock"

@@ -28,7 +28,8 @@ kernel=${GATEWAY_MICROVM_KERNEL:-}
 if [ -z "$kernel" ]; then
   dest=$(newest)
   if [ -n "$dest" ]; then echo "$dest"; exit 0; fi
-  resolve() { apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/ {sub("linux-image-", "", $2); sub("-cloud-amd64", "", $2); print $2; exit}'; }
+  # awk reads to the end (no early exit): apt-cache must never meet a closed pipe under pipefail.
+  resolve() { apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '!found && /Depends: linux-image-/ {sub("linux-image-", "", $2); sub("-cloud-amd64", "", $2); print $2; found = 1}'; }
   kernel=$(resolve)
   if [ -z "$kernel" ]; then
     apt-get update -qq >&2
