@@ -10,11 +10,22 @@ LOCALBIN ?= $(CURDIR)/bin
 CONTROLLER_GEN ?= $(LOCALBIN)/controller-gen-$(CONTROLLER_GEN_VERSION)
 HELM_VERSION ?= v3.22.0
 HELM ?= $(LOCALBIN)/helm-$(HELM_VERSION)
+GOLANGCI_LINT_VERSION ?= v2.15.0
+GOLANGCI_LINT ?= $(LOCALBIN)/golangci-lint-$(GOLANGCI_LINT_VERSION)
 
 # Heavy test dependencies (kube-apiserver, etcd, kubectl, the systemd host template) are built
 # once per machine and cached here, outside the repository.
 export XDG_CACHE_HOME ?= $(HOME)/.cache
 GO_TEST_FLAGS ?=
+
+# What every test and benchmark run gets: the real dependencies, and GATEWAY_TEST_REQUIRE_ALL,
+# which turns a missing dependency into a failure instead of a skip.
+TEST_ENV = KUBEBUILDER_ASSETS="$$(hack/control-plane.sh)" \
+	HELM=$(HELM) \
+	GATEWAY_SYSTEMD_ROOTFS="$$(hack/systemd-rootfs.sh)" \
+	GATEWAY_MICROVM_GUEST="$$(hack/microvm-guest.sh)" \
+	GATEWAY_TEST_REQUIRE_ALL=1 \
+	CONTROLLER_GEN=$(CONTROLLER_GEN)
 
 ##@ General
 
@@ -48,6 +59,17 @@ fmt: ## Run gofmt on the tree (fails in CI if a file is not formatted).
 vet: ## Run go vet.
 	go vet ./...
 
+.PHONY: lint
+lint: lint-shell lint-go ## Lint shell scripts and Go code.
+
+.PHONY: lint-shell
+lint-shell: ## Lint the shell scripts: shellcheck, and pipelines that fail at random under pipefail.
+	hack/lint-shell.sh
+
+.PHONY: lint-go
+lint-go: $(GOLANGCI_LINT) ## Lint Go code with the pinned golangci-lint and .golangci.yml.
+	$(GOLANGCI_LINT) run ./...
+
 .PHONY: build
 build: ## Build the binaries into ./bin.
 	CGO_ENABLED=0 go build -trimpath -o $(LOCALBIN)/ ./cmd/...
@@ -56,36 +78,24 @@ build: ## Build the binaries into ./bin.
 
 .PHONY: test-deps
 test-deps: ## Install and build what the tests need (idempotent; cached outside the repo).
-	hack/host-deps.sh
-	@hack/control-plane.sh >/dev/null
-	hack/systemd-rootfs.sh >/dev/null
-	hack/microvm-guest.sh >/dev/null
+	@hack/timed.sh "Debian packages" hack/host-deps.sh
+	@hack/timed.sh "kube-apiserver, etcd, kubectl" hack/control-plane.sh >/dev/null
+	@hack/timed.sh "systemd host template" hack/systemd-rootfs.sh >/dev/null
+	@hack/timed.sh "microVM guest" hack/microvm-guest.sh >/dev/null
 
 .PHONY: test
-test: fmt vet verify-generated test-deps $(HELM) ## Run every test against a real API server and real systemd hosts.
-	KUBEBUILDER_ASSETS="$$(hack/control-plane.sh)" \
-	HELM=$(HELM) \
-	GATEWAY_SYSTEMD_ROOTFS="$$(hack/systemd-rootfs.sh)" \
-	GATEWAY_MICROVM_GUEST="$$(hack/microvm-guest.sh)" \
-	GATEWAY_TEST_REQUIRE_ALL=1 \
-	CONTROLLER_GEN=$(CONTROLLER_GEN) \
-		go test -count=1 -p 1 $(GO_TEST_FLAGS) ./...
+test: fmt vet verify-generated test-deps lint $(HELM) ## Run the linters and every test against a real API server and real systemd hosts.
+	$(TEST_ENV) go test -count=1 -p 1 $(GO_TEST_FLAGS) ./...
 	hack/leftovers.sh
 
 .PHONY: test-e2e
 test-e2e: test-deps ## Run the end-to-end tests only.
-	KUBEBUILDER_ASSETS="$$(hack/control-plane.sh)" \
-	GATEWAY_SYSTEMD_ROOTFS="$$(hack/systemd-rootfs.sh)" \
-	GATEWAY_TEST_REQUIRE_ALL=1 \
-		go test -count=1 $(GO_TEST_FLAGS) ./test/e2e/...
+	$(TEST_ENV) go test -count=1 $(GO_TEST_FLAGS) ./test/e2e/...
 	hack/leftovers.sh
 
 .PHONY: bench
-bench: test-deps ## Run the benchmarks and print their numbers.
-	KUBEBUILDER_ASSETS="$$(hack/control-plane.sh)" \
-	GATEWAY_SYSTEMD_ROOTFS="$$(hack/systemd-rootfs.sh)" \
-	GATEWAY_MICROVM_GUEST="$$(hack/microvm-guest.sh)" \
-		go test -run '^$$' -bench . -benchtime=1x -count=1 -timeout 30m ./...
+bench: test-deps $(HELM) ## Run the benchmarks and print their numbers (a missing dependency fails, never skips).
+	$(TEST_ENV) go test -run '^$$' -bench . -benchtime=1x -count=1 -timeout 30m ./...
 	hack/leftovers.sh
 
 ##@ Run
@@ -108,12 +118,17 @@ demo-down: ## Stop the demo and remove everything it made.
 
 $(HELM):
 	mkdir -p $(LOCALBIN)
-	GOBIN=$(LOCALBIN) go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
+	hack/timed.sh "helm $(HELM_VERSION)" env GOBIN=$(LOCALBIN) go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
 	mv $(LOCALBIN)/helm $(HELM)
+
+$(GOLANGCI_LINT):
+	mkdir -p $(LOCALBIN)
+	hack/timed.sh "golangci-lint $(GOLANGCI_LINT_VERSION)" env GOBIN=$(LOCALBIN) go install github.com/golangci/golangci-lint/v2/cmd/golangci-lint@$(GOLANGCI_LINT_VERSION)
+	mv $(LOCALBIN)/golangci-lint $(GOLANGCI_LINT)
 
 $(CONTROLLER_GEN):
 	mkdir -p $(LOCALBIN)
-	GOBIN=$(LOCALBIN) go install sigs.k8s.io/controller-tools/cmd/controller-gen@$(CONTROLLER_GEN_VERSION)
+	hack/timed.sh "controller-gen $(CONTROLLER_GEN_VERSION)" env GOBIN=$(LOCALBIN) go install sigs.k8s.io/controller-tools/cmd/controller-gen@$(CONTROLLER_GEN_VERSION)
 	mv $(LOCALBIN)/controller-gen $(CONTROLLER_GEN)
 
 .PHONY: controller-gen

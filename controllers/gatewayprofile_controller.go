@@ -42,6 +42,9 @@ const indexInstanceProfile = "spec.profile"
 // during a rollout hundreds of hosts report within moments, and one reconcile serves them all.
 const instanceBatch = 250 * time.Millisecond
 
+// replan is how soon a profile decided on a stale copy is decided again.
+const replan = 50 * time.Millisecond
+
 // SetupWithManager registers the reconciler: a profile is reconciled when it, one of its
 // instances, any host, or its release changes.
 func (r *GatewayProfileReconciler) SetupWithManager(mgr ctrl.Manager) error {
@@ -121,7 +124,7 @@ func (r *GatewayProfileReconciler) Reconcile(ctx context.Context, req ctrl.Reque
 	if perr := r.patchStatus(ctx, base, &p); perr != nil && err == nil {
 		if apierrors.IsConflict(perr) {
 			// Decided on a stale copy: decide again on the fresh one.
-			return ctrl.Result{Requeue: true}, nil
+			return ctrl.Result{RequeueAfter: replan}, nil
 		}
 		err = perr
 	}
@@ -192,7 +195,7 @@ func (r *GatewayProfileReconciler) reconcileNormal(ctx context.Context, p *v1.Ga
 		return ctrl.Result{}, err
 	}
 	failed := summarize(p, instances, &rel)
-	p.Status.Desired = int32(len(hosts))
+	p.Status.Desired = count32(len(hosts))
 	setSummaryConditions(p, failed)
 	return res, nil
 }

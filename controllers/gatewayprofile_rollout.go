@@ -60,7 +60,7 @@ func (r *GatewayProfileReconciler) rollout(ctx context.Context, p *v1.GatewayPro
 		sel, err := metav1.LabelSelectorAsSelector(c.Selector)
 		if err != nil {
 			r.setCondition(p, v1.ConditionReady, metav1.ConditionFalse, "InvalidSelector", "canary selector: "+err.Error())
-			return ctrl.Result{}, nil
+			return ctrl.Result{}, nil //nolint:nilerr // only a spec change can mend it; the condition says why
 		}
 		canarySel = sel
 	}
@@ -84,7 +84,7 @@ func (r *GatewayProfileReconciler) rollout(ctx context.Context, p *v1.GatewayPro
 		if err := r.dropAnnotations(ctx, p, v1.AnnotationResume); err != nil {
 			return ctrl.Result{}, err
 		}
-		return ctrl.Result{Requeue: true}, nil
+		return ctrl.Result{RequeueAfter: replan}, nil
 	}
 
 	d := rollout.Plan(in)
@@ -230,7 +230,7 @@ func (r *GatewayProfileReconciler) moveAll(ctx context.Context, p *v1.GatewayPro
 func (r *GatewayProfileReconciler) record(p *v1.GatewayProfile, st *v1.RolloutStatus, d rollout.Decision, now time.Time) {
 	was := st.Phase
 	st.Phase, st.Step = d.Phase, d.Step
-	st.UpdatedHosts, st.PendingHosts, st.FailedHosts = int32(d.Updated), int32(d.Pending), int32(d.Failed)
+	st.UpdatedHosts, st.PendingHosts, st.FailedHosts = count32(d.Updated), count32(d.Pending), count32(d.Failed)
 	st.Failed = d.FailedHosts
 	if len(st.Failed) > 10 {
 		st.Failed = st.Failed[:10]
@@ -269,7 +269,7 @@ func (r *GatewayProfileReconciler) retryFailed(ctx context.Context, p *v1.Gatewa
 		gi := instances[host].DeepCopy()
 		deadline := time.Duration(p.Spec.Rollout.ProgressDeadlineSeconds) * time.Second
 		late := f.OnTarget && !f.Aligned && !f.MovedAt.IsZero() && deadline > 0 && now.Sub(f.MovedAt) > deadline
-		if !f.OnTarget || !(f.Degraded || late) {
+		if !f.OnTarget || (!f.Degraded && !late) {
 			continue
 		}
 		base := gi.DeepCopy()

@@ -2,6 +2,7 @@ package controllers
 
 import (
 	"fmt"
+	"math"
 
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -95,4 +96,9 @@ func setSummaryConditions(p *v1.GatewayProfile, failed []string) {
 	} else {
 		set(v1.ConditionDegraded, metav1.ConditionFalse, "NoFailures", "no host reports a failure")
 	}
+}
+
+// count32 is a count of hosts as the status's int32, saturating instead of wrapping.
+func count32(n int) int32 {
+	return int32(min(max(n, 0), math.MaxInt32))
 }

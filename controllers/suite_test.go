@@ -45,7 +45,7 @@ func run(m *testing.M) int {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	defer cp.Stop()
+	defer func() { _ = cp.Stop() }()
 	c = cp.Client
 	ctrl.SetLogger(zap.New(zap.WriteTo(logSink())))
 	if err := startManager(); err != nil {

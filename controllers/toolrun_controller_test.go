@@ -221,7 +221,7 @@ func TestToolRunPolicyRejectsUnsafePod(t *testing.T) {
 	plain := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "plain", Namespace: "default"},
 		Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "x", Image: "busybox"}}}}
 	if err := c.Create(ctx, plain); err != nil {
-		t.Errorf("an unlabelled pod was refused: %v", err)
+		t.Errorf("an unlabeled pod was refused: %v", err)
 	}
 	// The controller's Pods pass the policy.
 	mustCreate(t, toolRun("policed"))

@@ -15,15 +15,18 @@ type GatewayHostSpec struct {
 
 // HostCapabilities are what a host can offer beyond running gateways.
 type HostCapabilities struct {
-	// KVM is true when /dev/kvm is usable, so host-local microVMs run at hardware speed.
+	// KVM is true when the node agent can open /dev/kvm for reading and writing. Whether a
+	// guest actually boots under it (nested virtualization may refuse) is not probed here.
 	// +optional
 	KVM bool `json:"kvm,omitempty"`
 
-	// Kata is true when the host can run pods with a Kata Containers RuntimeClass.
+	// Kata is true when a Kata Containers shim (containerd-shim-kata-v2) is installed on the
+	// host, in /usr/bin, /usr/local/bin or /opt/kata/bin.
 	// +optional
 	Kata bool `json:"kata,omitempty"`
 
-	// MicroVM is true when the agent can boot host-local microVMs for untrusted tool code.
+	// MicroVM is true when the node agent serves host-local microVM tool runs (its
+	// --microvm-guest is set and the runner started).
 	// +optional
 	MicroVM bool `json:"microVM,omitempty"`
 }
@@ -97,5 +100,5 @@ type GatewayHostList struct {
 }
 
 func init() {
-	SchemeBuilder.Register(&GatewayHost{}, &GatewayHostList{})
+	register(&GatewayHost{}, &GatewayHostList{})
 }

@@ -178,5 +178,5 @@ type GatewayInstanceList struct {
 }
 
 func init() {
-	SchemeBuilder.Register(&GatewayInstance{}, &GatewayInstanceList{})
+	register(&GatewayInstance{}, &GatewayInstanceList{})
 }

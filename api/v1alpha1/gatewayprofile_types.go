@@ -343,5 +343,5 @@ type GatewayProfileList struct {
 }
 
 func init() {
-	SchemeBuilder.Register(&GatewayProfile{}, &GatewayProfileList{})
+	register(&GatewayProfile{}, &GatewayProfileList{})
 }

@@ -91,7 +91,7 @@ func FuzzValidateProfileName(f *testing.F) {
 			t.Fatalf("accepted %q: unsafe in a path, unit or user name", name)
 		}
 		for _, r := range name {
-			if !(r >= 'a' && r <= 'z' || r >= '0' && r <= '9' || r == '-') {
+			if (r < 'a' || r > 'z') && (r < '0' || r > '9') && r != '-' {
 				t.Fatalf("accepted %q: character %q", name, r)
 			}
 		}

@@ -83,5 +83,5 @@ type ReleaseList struct {
 }
 
 func init() {
-	SchemeBuilder.Register(&Release{}, &ReleaseList{})
+	register(&Release{}, &ReleaseList{})
 }

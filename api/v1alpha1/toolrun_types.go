@@ -172,5 +172,5 @@ type ToolRunList struct {
 }
 
 func init() {
-	SchemeBuilder.Register(&ToolRun{}, &ToolRunList{})
+	register(&ToolRun{}, &ToolRunList{})
 }

@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -111,7 +112,7 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
 		Scheme: Scheme(),
 		Logger: log,
-		// Watch only this host: its own GatewayHost and the instances labelled with its name.
+		// Watch only this host: its own GatewayHost and the instances labeled with its name.
 		Cache: cache.Options{ByObject: map[client.Object]cache.ByObject{
 			&v1.GatewayInstance{}: {Label: labels.SelectorFromSet(labels.Set{v1.LabelHost: o.HostName})},
 			&v1.GatewayHost{}:     {Field: fields.OneTermEqualSelector("metadata.name", o.HostName)},
@@ -148,7 +149,8 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 		return err
 	}
 	if err := mgr.Add(&Heartbeat{Client: mgr.GetClient(), Host: o.HostName, Labels: o.HostLabels,
-		Version: o.Version, Systemd: sd, Interval: o.HeartbeatInterval}); err != nil {
+		Version: o.Version, Systemd: sd, Interval: o.HeartbeatInterval,
+		Capabilities: probeCapabilities(host, toolRuns != nil)}); err != nil {
 		return err
 	}
 	if o.ProbeAddr != "0" && o.ProbeAddr != "" {
@@ -174,9 +176,12 @@ func startMicroVMs(o Options, log logr.Logger) (*microvm.Sockets, error) {
 	if err != nil {
 		return nil, fmt.Errorf("microVM user: %w", err)
 	}
+	if u.UID <= 0 || u.GID <= 0 || u.UID > math.MaxUint32 || u.GID > math.MaxUint32 {
+		return nil, fmt.Errorf("microVM user %s has uid %d gid %d: not an unprivileged id", u.Name, u.UID, u.GID)
+	}
 	runner, err := microvm.NewRunner(microvm.Config{
 		QEMU: m.QEMU, Kernel: filepath.Join(m.Guest, "vmlinuz"), Initramfs: filepath.Join(m.Guest, "initramfs.cpio.gz"),
-		WorkDir: m.WorkDir, UID: uint32(u.UID), GID: uint32(u.GID), Accel: m.Accel,
+		WorkDir: m.WorkDir, UID: uint32(u.UID), GID: uint32(u.GID), Accel: m.Accel, //nolint:gosec // range checked above
 		MemoryMiB: m.MemoryMiB, OutputCap: m.OutputCap, MaxConcurrent: m.MaxConcurrent, Log: log,
 	})
 	if err != nil {
@@ -195,10 +200,10 @@ const (
 // lockHost makes sure one agent at a time drives a host: two would race on `current`.
 func lockHost(h layout.Host) (func(), error) {
 	dir := h.On(layout.AgentDir)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	if err := os.MkdirAll(dir, 0o755); err != nil { //nolint:gosec // /opt/agent is read by every gateway (DESIGN host layout)
 		return nil, err
 	}
-	f, err := os.OpenFile(filepath.Join(dir, ".agent.lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	f, err := os.OpenFile(filepath.Join(dir, ".agent.lock"), os.O_CREATE|os.O_RDWR, 0o600) //nolint:gosec // a fixed name in a root-owned folder
 	if err != nil {
 		return nil, err
 	}

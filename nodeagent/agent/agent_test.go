@@ -51,7 +51,7 @@ func run(m *testing.M) int {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	defer cp.Stop()
+	defer func() { _ = cp.Stop() }()
 	return systemdhost.RunWithLeakCheck(m)
 }
 
@@ -126,6 +126,9 @@ func TestAgentAppliesItsOwnInstances(t *testing.T) {
 	})
 	if gh.Labels["tier"] != "edge" || !strings.HasPrefix(gh.Status.SystemdVersion, "252") {
 		t.Errorf("registered host: labels %v systemd %q", gh.Labels, gh.Status.SystemdVersion)
+	}
+	if c := gh.Status.Capabilities; c.MicroVM || c.Kata {
+		t.Errorf("an agent without a microVM guest on a host without Kata reports %+v", c)
 	}
 	first := gh.Status.LastHeartbeatTime.Time
 	eventually(t, "a second heartbeat", func() (bool, string) {

@@ -13,8 +13,30 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
+	"github.com/agent-gateway/gateway-operator/nodeagent/layout"
 	"github.com/agent-gateway/gateway-operator/nodeagent/systemd"
 )
+
+// kataShims are where a Kata Containers installation puts its containerd shim.
+var kataShims = []string{"/usr/bin/containerd-shim-kata-v2", "/usr/local/bin/containerd-shim-kata-v2", "/opt/kata/bin/containerd-shim-kata-v2"}
+
+// probeCapabilities finds what the host offers: KVM when the agent can open /dev/kvm for
+// reading and writing, Kata when a Kata shim is installed on the host, MicroVM when this agent
+// serves host-local tool runs.
+func probeCapabilities(host layout.Host, microVM bool) v1.HostCapabilities {
+	c := v1.HostCapabilities{MicroVM: microVM}
+	if f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0); err == nil {
+		c.KVM = true
+		_ = f.Close()
+	}
+	for _, shim := range kataShims {
+		if fi, err := os.Stat(host.On(shim)); err == nil && fi.Mode().IsRegular() && fi.Mode().Perm()&0o111 != 0 {
+			c.Kata = true
+			break
+		}
+	}
+	return c
+}
 
 // Heartbeat registers the host's GatewayHost and keeps its heartbeat fresh. It runs as a
 // manager Runnable until the manager stops.
@@ -25,6 +47,8 @@ type Heartbeat struct {
 	Version  string
 	Systemd  *systemd.Conn
 	Interval time.Duration
+	// Capabilities are reported on every heartbeat (see HostCapabilities).
+	Capabilities v1.HostCapabilities
 }
 
 // Start registers the host, then beats every Interval.
@@ -69,8 +93,7 @@ func (h *Heartbeat) beatOnce(ctx context.Context) error {
 	gh.Status.LastHeartbeatTime = &now
 	gh.Status.AgentVersion = h.Version
 	gh.Status.ObservedGeneration = gh.Generation
-	_, kvmErr := os.Stat("/dev/kvm")
-	gh.Status.Capabilities.KVM = kvmErr == nil
+	gh.Status.Capabilities = h.Capabilities
 	ready := metav1.Condition{Type: v1.ConditionReady, Status: metav1.ConditionTrue, Reason: "AgentRunning",
 		Message: "the agent runs and reaches systemd", ObservedGeneration: gh.Generation}
 	if v, err := h.Systemd.Version(); err == nil {

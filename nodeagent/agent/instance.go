@@ -139,16 +139,6 @@ func summary(name string, r apply.Ref) *v1.ReleaseSummary {
 	return &v1.ReleaseSummary{Name: name, Label: r.Label, SHA256: r.SHA256}
 }
 
-func (r *InstanceReconciler) releaseName(gi *v1.GatewayInstance, ref apply.Ref) string {
-	if ref.SHA256 == gi.Spec.Release.SHA256 {
-		return gi.Spec.Release.Name
-	}
-	if gi.Status.LastGoodRelease != nil && gi.Status.LastGoodRelease.SHA256 == ref.SHA256 {
-		return gi.Status.LastGoodRelease.Name
-	}
-	return ""
-}
-
 func (r *InstanceReconciler) reportSuccess(gi *v1.GatewayInstance, out *apply.Outcome) {
 	st := &gi.Status
 	gen := gi.Generation
@@ -199,7 +189,6 @@ func set(gi *v1.GatewayInstance, t string, s metav1.ConditionStatus, reason, msg
 	meta.SetStatusCondition(&gi.Status.Conditions, metav1.Condition{Type: t, Status: s, Reason: reason, Message: msg, ObservedGeneration: gen})
 }
 
-// reconcileDelete removes the instance's unit from the host, then lets the object go.
 // serveToolRuns makes sure an applied profile's gateway has its tool-run socket.
 func (r *InstanceReconciler) serveToolRuns(gi *v1.GatewayInstance, out *apply.Outcome) {
 	if r.ToolRuns == nil || out.User == nil {
@@ -214,6 +203,7 @@ func (r *InstanceReconciler) serveToolRuns(gi *v1.GatewayInstance, out *apply.Ou
 	}
 }
 
+// reconcileDelete removes the instance's unit from the host, then lets the object go.
 func (r *InstanceReconciler) reconcileDelete(ctx context.Context, gi *v1.GatewayInstance) (ctrl.Result, error) {
 	if !controllerutil.ContainsFinalizer(gi, v1.FinalizerInstanceUnits) {
 		return ctrl.Result{}, nil

@@ -50,6 +50,13 @@ func TestAgentServesToolRunsToItsGateways(t *testing.T) {
 			return a != nil && a.Status == metav1.ConditionTrue, fmt.Sprintf("%+v", got.Status)
 		})
 	}
+	var gh v1.GatewayHost
+	eventually(t, "the host to report the microVM capability", func() (bool, string) {
+		if err := c.Get(ctx, client.ObjectKey{Name: "node-vm"}, &gh); err != nil {
+			return false, err.Error()
+		}
+		return gh.Status.Capabilities.MicroVM, fmt.Sprintf("%+v", gh.Status.Capabilities)
+	})
 	home := func(p string) string { return filepath.Join(h.Root, "opt/agent/gateways", p, "home") }
 	sock := filepath.Join(home("core"), "run", microvm.SocketName)
 	eventually(t, "core's tool-run socket", func() (bool, string) {

@@ -106,10 +106,10 @@ func NewRunner(cfg Config) (*Runner, error) {
 // prepare makes the work folder traversable (but not listable) by QEMU's user, copies the
 // kernel where that user can read it and loads the base initramfs.
 func (r *Runner) prepare() error {
-	if err := os.MkdirAll(r.cfg.WorkDir, 0o711); err != nil {
+	if err := os.MkdirAll(r.cfg.WorkDir, 0o711); err != nil { //nolint:gosec // traversable, not listable, by QEMU's user
 		return fmt.Errorf("microvm: %w", err)
 	}
-	if err := os.Chmod(r.cfg.WorkDir, 0o711); err != nil {
+	if err := os.Chmod(r.cfg.WorkDir, 0o711); err != nil { //nolint:gosec // traversable, not listable, by QEMU's user
 		return fmt.Errorf("microvm: %w", err)
 	}
 	kernel, err := os.ReadFile(r.cfg.Kernel)
@@ -125,7 +125,7 @@ func (r *Runner) prepare() error {
 		return fmt.Errorf("microvm: guest initramfs: %w", err)
 	}
 	// The kernel finds the next archive only at a 4-byte boundary.
-	r.initramfs = append(base, make([]byte, (4-len(base)%4)%4)...)
+	r.initramfs = append(base, make([]byte, (4-len(base)%4)%4)...) //nolint:gocritic // base is not used again
 
 	r.accel, r.groups = r.cfg.Accel, nil
 	if r.accel == "" || r.accel == "auto" {
@@ -356,7 +356,7 @@ func (r *Runner) boot(ctx context.Context, req Request) (Result, error) {
 			return Result{Phase: TimedOut, ExitCode: -1,
 				Message: fmt.Sprintf("the run did not finish within %s; the microVM was stopped", req.Timeout())}, nil
 		}
-		return Result{Phase: Error, ExitCode: -1, Message: "the request was cancelled"}, ctx.Err()
+		return Result{Phase: Error, ExitCode: -1, Message: "the request was canceled"}, ctx.Err()
 	}
 }
 
@@ -375,7 +375,7 @@ func (v *vm) connectQMP(ctx context.Context, path string, log qemu.QMPLog) error
 		return fmt.Errorf("qmp: %w", err)
 	}
 	v.qmpOff = make(chan struct{})
-	// QEMU greets only once it is initialised; if it dies first, the connection drops.
+	// QEMU greets only once it is initialized; if it dies first, the connection drops.
 	q, _, err := qemu.QMPStartWithConn(ctx, conn, qemu.QMPConfig{Logger: log}, v.qmpOff)
 	if err != nil {
 		conn.Close()
@@ -431,7 +431,7 @@ func dialUnix(ctx context.Context, path string) (net.Conn, error) {
 
 // writeOwned writes parts into a new file readable only by uid.
 func writeOwned(path string, uid, gid uint32, parts ...[]byte) error {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o400)
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o400) //nolint:gosec // a new file in the run's root-owned folder
 	if err != nil {
 		return err
 	}

@@ -38,7 +38,7 @@ type Process struct {
 // namespace, or another host's /proc as the agent reaches it.
 func ReadProcess(procRoot string, pid uint32) (*Process, error) {
 	dir := filepath.Join(procRoot, strconv.FormatUint(uint64(pid), 10))
-	environ, err := os.ReadFile(filepath.Join(dir, "environ"))
+	environ, err := os.ReadFile(filepath.Join(dir, "environ")) //nolint:gosec // /proc/<pid>/ of a numeric pid
 	if err != nil {
 		return nil, fmt.Errorf("read environment of pid %d: %w", pid, err)
 	}
@@ -50,7 +50,7 @@ func ReadProcess(procRoot string, pid uint32) (*Process, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read cwd of pid %d: %w", pid, err)
 	}
-	status, err := os.ReadFile(filepath.Join(dir, "status"))
+	status, err := os.ReadFile(filepath.Join(dir, "status")) //nolint:gosec // /proc/<pid>/ of a numeric pid
 	if err != nil {
 		return nil, fmt.Errorf("read status of pid %d: %w", pid, err)
 	}

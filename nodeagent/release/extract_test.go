@@ -189,7 +189,7 @@ func TestExtractReadErrorIsNotRejected(t *testing.T) {
 	}
 	err := Extract(ctxReader{canceledCtx(), bytes.NewReader(data)}, tempDir(t), Limits{})
 	if !errors.Is(err, context.Canceled) {
-		t.Errorf("cancelled: %v; want context.Canceled", err)
+		t.Errorf("canceled: %v; want context.Canceled", err)
 	}
 }
 

@@ -48,9 +48,7 @@ func (s *Store) GC(keep int, inUse []string) ([]string, error) {
 	for _, e := range entries {
 		name := e.Name()
 		switch {
-		case strings.HasPrefix(name, downloadPrefix):
-			doomed = append(doomed, name)
-		case strings.HasSuffix(name, tmpSuffix) && e.IsDir():
+		case strings.HasPrefix(name, downloadPrefix), strings.HasSuffix(name, tmpSuffix) && e.IsDir():
 			doomed = append(doomed, name)
 		case e.IsDir() && isReleaseName(name):
 			info, err := e.Info()

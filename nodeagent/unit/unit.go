@@ -204,7 +204,7 @@ func validEnvName(n string) bool {
 		return false
 	}
 	for i, r := range n {
-		if !(r == '_' || r >= 'A' && r <= 'Z' || r >= 'a' && r <= 'z' || i > 0 && r >= '0' && r <= '9') {
+		if !isNameRune(r, i > 0) {
 			return false
 		}
 	}
@@ -212,7 +212,7 @@ func validEnvName(n string) bool {
 }
 
 // quote writes a value in double quotes with the escapes systemd's EnvironmentFile parser
-// honours inside them, so spaces, quotes and '$' arrive literally.
+// honors inside them, so spaces, quotes and '$' arrive literally.
 func quote(v string) string {
 	var b strings.Builder
 	b.WriteByte('"')
@@ -239,4 +239,10 @@ func SetsPythonPath(text string) bool {
 		}
 	}
 	return false
+}
+
+// isNameRune tells whether r may appear in an environment variable name: a letter or an
+// underscore anywhere, a digit only after the first character.
+func isNameRune(r rune, notFirst bool) bool {
+	return r == '_' || r >= 'A' && r <= 'Z' || r >= 'a' && r <= 'z' || notFirst && r >= '0' && r <= '9'
 }

@@ -59,7 +59,7 @@ func (m Manager) Ensure(name string) (*User, error) {
 	if m.Root != "" && m.Root != "/" {
 		args = append(args, "--prefix", m.Root)
 	}
-	out, err := exec.Command("useradd", append(args, name)...).CombinedOutput()
+	out, err := exec.Command("useradd", append(args, name)...).CombinedOutput() //nolint:gosec // a fixed binary; the name is validated, and no shell is involved
 	if err != nil {
 		return nil, fmt.Errorf("useradd %s: %v: %s", name, err, strings.TrimSpace(string(out)))
 	}

@@ -1,5 +1,5 @@
 // Package agentruntime builds release tarballs of a tiny Python agent runtime for tests. The
-// runtime honours the gateway contract: `python -m agent_cli.main gateway run --replace` serves
+// runtime honors the gateway contract: `python -m agent_cli.main gateway run --replace` serves
 // GET /status on $AGENT_HOME/run/status.sock with its pid, profile, release sha, PYTHONPATH and
 // tools, plus what its sandbox allowed it to do (write /etc, read a sibling's home, connect out),
 // and relays tool-run requests to the node agent's socket on POST /toolrun.

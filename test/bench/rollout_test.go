@@ -56,7 +56,7 @@ func run(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer s.Down()
+	defer func() { _ = s.Down() }()
 	c := s.CP.Client
 
 	// The fleet: hosts that heart-beat once (the grace period outlasts the run), two releases.

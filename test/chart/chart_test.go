@@ -503,7 +503,7 @@ func TestValuesTakeEffect(t *testing.T) {
 	}
 }
 
-// Installed into another namespace, every namespaced object, every service-account subject and
+// TestReleaseNamespace: installed into another namespace, every namespaced object, every service-account subject and
 // the agent policy's service-account user follow the release namespace.
 func TestReleaseNamespace(t *testing.T) {
 	out := helm(t, "template", "gw", "CHART", "--namespace", "gw-system")
@@ -538,7 +538,7 @@ func TestRejectsBadValues(t *testing.T) {
 		"manager.hostGracePeriod=40",             // not a Go duration
 		"toolRun.ttl=1 hour",                     // not a Go duration
 		"toolRun.runtimeClassName=Kata'",         // pasted into a CEL string literal
-		"manager.replica=3",                      // misspelt key
+		"manager.replica=3",                      // misspelled key
 		"image.pullPolicy=Sometimes",             // not a pull policy
 		"agent.nodeSelector.gateway\\.io/x=true", // nodeSelector values must be strings
 	} {
