@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Lints the repository's shell scripts (or the files given): shellcheck, plus one check that
-# shellcheck lacks. Under pipefail, a pipeline that ends in a reader which may stop early
+# Lints the repository's shell scripts (or the files given) with shellcheck, plus one check it
+# lacks: under pipefail, a pipeline that ends in a reader which may stop early
 # (`grep -q`, `grep -m`, `head`, awk with `exit`) fails at random: the writer gets SIGPIPE when
 # it writes after the reader is gone. Read the whole output into a variable and match that.
 #
@@ -26,7 +26,7 @@ for f in "${files[@]}" "${pipefail_only[@]}"; do
   grep -q pipefail "$f" || continue
   if hits=$(grep -nE "$early_exit" "$f"); then
     echo "lint-shell: $f: a pipeline under pipefail ends in a reader that may exit early:" >&2
-    sed 's/^/  /' <<<"$hits" >&2
+    while IFS= read -r line; do echo "  $line" >&2; done <<<"$hits"
     status=1
   fi
 done
