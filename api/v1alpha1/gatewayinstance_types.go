@@ -49,7 +49,37 @@ type GatewayInstanceSpec struct {
 
 // AlignmentProof is what the agent read from the host to show that the running gateway process
 // imports exactly the intended release.
+//
+// Facts only root controls identify the process: its PID and start time (the kernel's
+// /proc/<pid>/stat), its control group (that of the unit, as systemd reports it), its user and
+// executable. Other facts are read from the process itself (its environment block, working
+// folder and status endpoint), which a hostile gateway could rewrite: SelfReported names them.
+// The agent restarts a gateway after every change to what it reads at start, so these facts
+// were produced by code of the intended release before anything else ran in it.
 type AlignmentProof struct {
+	// StartTime is the main process's start time in clock ticks since boot (/proc/<pid>/stat):
+	// with the PID, it tells one process from a later one that reuses the PID.
+	// +optional
+	StartTime int64 `json:"startTime,omitempty"`
+
+	// ControlGroup is the unit's control group, which the main process and the process that
+	// answered on the status socket (SO_PEERCRED) were both found in.
+	// +kubebuilder:validation:MaxLength=1024
+	// +optional
+	ControlGroup string `json:"controlGroup,omitempty"`
+
+	// SelfReported lists the facts of this proof that come from the process itself and that
+	// it could forge once running: e.g. "environ", "cwd", "status".
+	// +kubebuilder:validation:MaxItems=16
+	// +optional
+	SelfReported []string `json:"selfReported,omitempty"`
+
+	// SysPath is the gateway's import path (Python's sys.path) as its status endpoint reports
+	// it: every entry must lie in the release or the interpreter's own library.
+	// +kubebuilder:validation:MaxItems=64
+	// +optional
+	SysPath []string `json:"sysPath,omitempty"`
+
 	// PythonPath is the single PYTHONPATH found in the main process's environment.
 	// +optional
 	PythonPath string `json:"pythonPath,omitempty"`

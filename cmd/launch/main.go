@@ -26,7 +26,7 @@ func main() {
 		fmt.Fprintf(os.Stderr, "launch: %v\n", err)
 		os.Exit(launcher.ExitConfig)
 	}
-	err = syscall.Exec(plan.Argv[0], plan.Argv, os.Environ()) //nolint:gosec // running the command resolved from the root-owned env file is the launcher's job
+	err = syscall.Exec(plan.Argv[0], plan.Argv, plan.Env) //nolint:gosec // running the command resolved from the root-owned env file is the launcher's job
 	fmt.Fprintf(os.Stderr, "launch: exec %s: %v\n", plan.Argv[0], err)
 	os.Exit(launcher.ExitExec)
 }

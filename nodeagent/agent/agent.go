@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"math"
+	"net/http"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -60,6 +61,10 @@ type Options struct {
 	BeforeStep func(apply.Step)
 	// MicroVM turns on the host-local tool-run path when its guest is set.
 	MicroVM MicroVMOptions
+	// ConcurrentApplies is how many profiles are applied at once (DefaultConcurrentApplies).
+	ConcurrentApplies int
+	// ApplyTimeout bounds one apply of one profile (DefaultApplyTimeout).
+	ApplyTimeout time.Duration
 }
 
 // MicroVMOptions configure the host-local microVM path: a socket per profile at
@@ -144,6 +149,7 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 	}
 	if err := (&InstanceReconciler{
 		Client: mgr.GetClient(), Host: o.HostName, Applier: applier, ToolRuns: toolRuns,
+		ConcurrentApplies: o.ConcurrentApplies, ApplyTimeout: o.ApplyTimeout,
 		Recorder: mgr.GetEventRecorder("gateway-agent-" + o.HostName),
 	}).SetupWithManager(mgr); err != nil {
 		return err
@@ -154,8 +160,13 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 		return err
 	}
 	if o.ProbeAddr != "0" && o.ProbeAddr != "" {
-		_ = mgr.AddHealthzCheck("ping", healthz.Ping)
-		_ = mgr.AddReadyzCheck("ping", healthz.Ping)
+		// Live only while systemd answers: an agent that cannot reach it cannot apply or prove.
+		if err := mgr.AddHealthzCheck("systemd", systemdCheck(sd)); err != nil {
+			return err
+		}
+		if err := mgr.AddReadyzCheck("ping", healthz.Ping); err != nil {
+			return err
+		}
 	}
 	return mgr.Start(ctx)
 }
@@ -212,4 +223,14 @@ func lockHost(h layout.Host) (func(), error) {
 		return nil, fmt.Errorf("another agent already drives the host at %s: %w", h.Root, err)
 	}
 	return func() { f.Close() }, nil
+}
+
+// systemdCheck fails while the host's systemd does not answer on the bus (the connection dials
+// again on its own when systemd or the bus come back).
+func systemdCheck(sd *systemd.Conn) healthz.Checker {
+	return func(req *http.Request) error {
+		ctx, cancel := context.WithTimeout(req.Context(), 2*time.Second)
+		defer cancel()
+		return sd.Ping(ctx)
+	}
 }

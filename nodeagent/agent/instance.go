@@ -40,17 +40,32 @@ type InstanceReconciler struct {
 	Recorder recorder.EventRecorder
 	// ToolRuns serves each profile's tool-run socket; nil when the microVM path is off.
 	ToolRuns *microvm.Sockets
+	// ConcurrentApplies is how many profiles are applied at once (DefaultConcurrentApplies).
+	ConcurrentApplies int
+	// ApplyTimeout bounds one apply (DefaultApplyTimeout).
+	ApplyTimeout time.Duration
 }
 
-// SetupWithManager registers the reconciler. Applies on one host run one at a time: a proof
-// that siblings were left alone needs the siblings to hold still.
+// DefaultConcurrentApplies is how many profiles of one host are applied at once: a profile that
+// hangs (a mute gateway, a slow download) holds one of them, never the others.
+const DefaultConcurrentApplies = 4
+
+// DefaultApplyTimeout bounds one apply of one profile, download included.
+const DefaultApplyTimeout = 10 * time.Minute
+
+// SetupWithManager registers the reconciler. Profiles are applied concurrently; the proof that
+// siblings were left alone discounts siblings another apply restarted meanwhile.
 func (r *InstanceReconciler) SetupWithManager(mgr ctrl.Manager) error {
+	workers := r.ConcurrentApplies
+	if workers <= 0 {
+		workers = DefaultConcurrentApplies
+	}
 	return ctrl.NewControllerManagedBy(mgr).
 		Named("gatewayinstance-"+r.Host).
 		// Spec and annotation changes (a retry) and deletion only: the agent's own status writes
 		// must not wake it.
 		For(&v1.GatewayInstance{}, builder.WithPredicates(predicate.Or(predicate.GenerationChangedPredicate{}, predicate.AnnotationChangedPredicate{}, deletionStarted))).
-		WithOptions(controller.Options{MaxConcurrentReconciles: 1}).
+		WithOptions(controller.Options{MaxConcurrentReconciles: workers}).
 		Complete(r)
 }
 
@@ -88,7 +103,13 @@ func (r *InstanceReconciler) Reconcile(ctx context.Context, req ctrl.Request) (c
 		in.Isolation = v1.IsolationProduction
 	}
 
-	out, err := r.Applier.Apply(ctx, in)
+	timeout := r.ApplyTimeout
+	if timeout <= 0 {
+		timeout = DefaultApplyTimeout
+	}
+	applyCtx, cancel := context.WithTimeout(ctx, timeout)
+	out, err := r.Applier.Apply(applyCtx, in)
+	cancel()
 	base := gi.DeepCopy()
 	st := &gi.Status
 	st.ObservedGeneration = gi.Generation
@@ -102,7 +123,7 @@ func (r *InstanceReconciler) Reconcile(ctx context.Context, req ctrl.Request) (c
 				"restarted %s on release %s and proved it aligned (main PID %d)", st.Unit, gi.Spec.Release.Label, out.MainPID)
 		}
 	case errors.As(err, &failure):
-		r.reportFailure(&gi, failure)
+		r.reportFailure(&gi, failure, out)
 		r.Recorder.Eventf(&gi, nil, corev1.EventTypeWarning, failure.Reason, "Apply", "%s", failure.Error())
 	default:
 		return ctrl.Result{}, err
@@ -170,18 +191,40 @@ func orUnknown(s string) string {
 	return s
 }
 
-func (r *InstanceReconciler) reportFailure(gi *v1.GatewayInstance, f *apply.Failure) {
+// reportFailure reports a failed apply. out, when the apply returned one, is what the host runs
+// now (after a rollback: the last good release, its main PID and its proof), and replaces
+// what the status said before.
+func (r *InstanceReconciler) reportFailure(gi *v1.GatewayInstance, f *apply.Failure, out *apply.Outcome) {
 	gen := gi.Generation
 	st := &gi.Status
 	msg := f.Error()
 	set(gi, v1.ConditionDegraded, metav1.ConditionTrue, f.Reason, msg, gen)
 	set(gi, v1.ConditionReady, metav1.ConditionFalse, f.Reason, msg, gen)
+	if out != nil {
+		st.MainPID = int64(out.MainPID)
+		st.Alignment = nil
+		if out.Alignment.CheckedAt != nil {
+			proof := out.Alignment
+			st.Alignment = &proof
+		}
+		if out.Current.SHA256 != "" {
+			name := gi.Spec.Release.Name
+			if st.LastGoodRelease != nil && st.LastGoodRelease.SHA256 == out.Current.SHA256 {
+				name = st.LastGoodRelease.Name
+			}
+			st.CurrentRelease = summary(name, out.Current)
+		} else {
+			st.CurrentRelease = nil
+		}
+	}
 	if f.RolledBack && st.LastGoodRelease != nil {
 		st.CurrentRelease = st.LastGoodRelease.DeepCopy()
 		set(gi, v1.ConditionAligned, metav1.ConditionFalse, "RolledBack",
-			"release "+gi.Spec.Release.Label+" failed; the host runs the last good release "+st.LastGoodRelease.Label, gen)
+			fmt.Sprintf("release %s failed; the host runs the last good release %s, proven on main PID %d", gi.Spec.Release.Label, st.LastGoodRelease.Label, st.MainPID), gen)
 	} else if st.CurrentRelease == nil || st.CurrentRelease.SHA256 != gi.Spec.Release.SHA256 {
 		set(gi, v1.ConditionAligned, metav1.ConditionFalse, f.Reason, "the host does not run release "+gi.Spec.Release.Label, gen)
+	} else if out != nil && out.Alignment.CheckedAt == nil {
+		set(gi, v1.ConditionAligned, metav1.ConditionFalse, f.Reason, "release "+gi.Spec.Release.Label+" is in place but not proven", gen)
 	}
 }
 

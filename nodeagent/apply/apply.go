@@ -14,6 +14,7 @@ import (
 	"os"
 	"path"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/go-logr/logr"
@@ -21,6 +22,7 @@ import (
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
 	"github.com/agent-gateway/gateway-operator/nodeagent/layout"
+	"github.com/agent-gateway/gateway-operator/nodeagent/proof"
 	"github.com/agent-gateway/gateway-operator/nodeagent/release"
 	"github.com/agent-gateway/gateway-operator/nodeagent/systemd"
 	"github.com/agent-gateway/gateway-operator/nodeagent/unit"
@@ -44,7 +46,13 @@ const (
 )
 
 // Steps lists every step in order.
-var Steps = []Step{StepPrepare, StepStage, StepWrite, StepFlip, StepRestart, StepProve, StepRecord, StepCollect}
+var Steps = func() []Step {
+	steps := make([]Step, len(plan))
+	for i, s := range plan {
+		steps[i] = s.step
+	}
+	return steps
+}()
 
 // Instance is what one GatewayInstance asks of this host.
 type Instance struct {
@@ -114,7 +122,8 @@ func (f *Failure) Error() string {
 	return s
 }
 
-// Applier applies instances to one host.
+// Applier applies instances to one host. Applies of different profiles may run at once; an
+// Applier serializes only the host-wide steps (shared files, daemon-reload, garbage collection).
 type Applier struct {
 	// Host is the root prefix of the host's filesystem.
 	Host layout.Host
@@ -138,7 +147,11 @@ type Applier struct {
 	// Log receives one line per decision.
 	Log logr.Logger
 
-	scores map[string]string // exposure score by drop-in text, measured once
+	hostMu      sync.Mutex        // host-wide steps: shared files, daemon-reload, GC
+	mu          sync.Mutex        // the fields below
+	scores      map[string]string // exposure score by drop-in text, measured once
+	restarts    map[string]uint64 // restarts this agent asked for, by unit
+	launcherSum string            // sha256 of the installed launcher
 }
 
 func (a *Applier) step(s Step) {
@@ -156,9 +169,49 @@ func (a *Applier) python() string {
 	return unit.DefaultPython
 }
 
+// run is the state of one apply, threaded through its steps.
+type run struct {
+	a   *Applier
+	ctx context.Context
+	log logr.Logger
+	in  Instance
+	p   layout.Profile
+
+	user     *users.User
+	target   Ref
+	want     *rendered
+	before   *rendered // the profile's files before this apply, restored by the undo
+	lastGood *Ref
+	// changed is set when this apply changed anything the gateway reads at start (its env file,
+	// units, the launcher, `current`): the running process then predates it and is restarted.
+	changed bool
+	// undo, once set, returns the profile to its last good release after a failure.
+	undo     func(*Failure) (*Outcome, error)
+	siblings siblings
+	proc     *proof.Process
+	out      Outcome
+}
+
+// plan is Apply's list of steps. Each step either completes or returns the failure to report;
+// from the flip on, a failure runs the undo registered there.
+var plan = []struct {
+	step Step
+	do   func(*run) *Failure
+}{
+	{StepPrepare, (*run).prepare},
+	{StepStage, (*run).stage},
+	{StepWrite, (*run).write},
+	{StepFlip, (*run).flip},
+	{StepRestart, (*run).restart},
+	{StepProve, (*run).prove},
+	{StepRecord, (*run).record},
+	{StepCollect, (*run).collect},
+}
+
 // Apply brings one instance to the host and proves it. It returns a *Failure when the instance
 // could not be brought up; the host then runs the last good release (or, if there was none, the
-// unit is stopped).
+// unit is stopped). The Outcome always describes what the host actually runs: after a rollback,
+// the last good release, its main PID and its proof.
 func (a *Applier) Apply(ctx context.Context, in Instance) (*Outcome, error) {
 	p, err := layout.ForProfile(in.Profile)
 	if err != nil {
@@ -167,92 +220,152 @@ func (a *Applier) Apply(ctx context.Context, in Instance) (*Outcome, error) {
 	if err := errors.Join(v1.ValidateSHA256(in.Release.SHA256), v1.ValidateReleaseLabel(in.Release.Label)); err != nil {
 		return nil, &Failure{Step: StepPrepare, Reason: "BadArtifact", Message: err.Error()}
 	}
-	log := a.Log.WithValues("profile", p.Name, "release", in.Release.Label)
-
-	a.step(StepPrepare)
-	unitsChanged, err := a.prepareHost()
-	if err != nil {
-		return nil, &Failure{Step: StepPrepare, Reason: "HostSetupFailed", Message: err.Error(), Retry: true}
+	r := &run{a: a, ctx: ctx, in: in, p: p, log: a.Log.WithValues("profile", p.Name, "release", in.Release.Label),
+		target: Ref{SHA256: in.Release.SHA256, Label: in.Release.Label}}
+	for _, s := range plan {
+		a.step(s.step)
+		f := s.do(r)
+		if f == nil {
+			continue
+		}
+		f.Step = s.step
+		if r.undo != nil {
+			return r.undo(f)
+		}
+		return nil, f
 	}
-	user, err := a.prepareProfile(p, in.Isolation)
-	if err != nil {
-		return nil, &Failure{Step: StepPrepare, Reason: "HostSetupFailed", Message: err.Error(), Retry: true}
-	}
+	return &r.out, nil
+}
 
-	a.step(StepStage)
-	if _, err := a.Releases.Ensure(ctx, in.Release); err != nil {
+// prepare makes the host's shared layout and the profile's user and folders.
+func (r *run) prepare() *Failure {
+	changed, err := r.a.prepareHost()
+	if err != nil {
+		return &Failure{Reason: "HostSetupFailed", Message: err.Error(), Retry: true}
+	}
+	r.changed = r.changed || changed
+	if r.user, err = r.a.prepareProfile(r.p, r.in.Isolation); err != nil {
+		return &Failure{Reason: "HostSetupFailed", Message: err.Error(), Retry: true}
+	}
+	r.out.User = r.user
+	return nil
+}
+
+// stage downloads, verifies and unpacks the release, then renders the profile's files for it.
+func (r *run) stage() *Failure {
+	if _, err := r.a.Releases.Ensure(r.ctx, r.in.Release); err != nil {
 		var rej *release.RejectedError
 		if errors.As(err, &rej) {
-			return nil, &Failure{Step: StepStage, Reason: rej.Reason, Message: rej.Message}
+			return &Failure{Reason: rej.Reason, Message: rej.Message}
 		}
-		return nil, &Failure{Step: StepStage, Reason: "FetchFailed", Message: err.Error(), Retry: true}
+		return &Failure{Reason: "FetchFailed", Message: err.Error(), Retry: true}
 	}
-	target := Ref{SHA256: in.Release.SHA256, Label: in.Release.Label}
-
-	want, err := a.render(p, in, target)
+	want, err := r.a.render(r.p, r.in, r.target)
 	if err != nil {
-		return nil, &Failure{Step: StepWrite, Reason: "InvalidSpec", Message: err.Error()}
+		return &Failure{Reason: "InvalidSpec", Message: err.Error()}
 	}
-	// What the host had before, to return to if this apply fails.
-	before, _ := a.readRendered(p)
-	lastGood := a.readLink(p.Dir + "/last-good")
+	r.want = want
+	r.out.ConfigHash = want.hash
+	return nil
+}
 
-	a.step(StepWrite)
-	changed, err := a.writeRendered(p, want)
+// write puts the env file and drop-in in place and reloads systemd if a unit changed.
+func (r *run) write() *Failure {
+	r.before, _ = r.a.readRendered(r.p)
+	r.lastGood = r.a.readLink(r.p.Dir + "/last-good")
+	changed, err := r.a.writeRendered(r.p, r.want)
 	if err != nil {
-		return nil, &Failure{Step: StepWrite, Reason: "WriteFailed", Message: err.Error(), Retry: true}
+		return &Failure{Reason: "WriteFailed", Message: err.Error(), Retry: true}
 	}
-	if unitsChanged || changed.dropIn {
-		if err := a.Systemd.Reload(ctx); err != nil {
-			return nil, &Failure{Step: StepWrite, Reason: "ReloadFailed", Message: err.Error(), Retry: true}
+	r.changed = r.changed || changed.env || changed.dropIn
+	if changed.dropIn {
+		if err := r.a.reload(r.ctx); err != nil {
+			return &Failure{Reason: "ReloadFailed", Message: err.Error(), Retry: true}
 		}
 	}
+	return nil
+}
 
-	a.step(StepFlip)
-	if err := a.flip(p, target); err != nil {
-		return nil, a.rollback(ctx, log, p, in, user, lastGood, before, &Failure{Step: StepFlip, Reason: "FlipFailed", Message: err.Error()})
+// flip points `current` at the release. From here on a failure returns to the last good release.
+func (r *run) flip() *Failure {
+	r.undo = r.rollback
+	flipped, err := r.a.flip(r.p, r.target)
+	if err != nil {
+		return &Failure{Reason: "FlipFailed", Message: err.Error()}
 	}
+	r.changed = r.changed || flipped
+	return nil
+}
 
-	out := &Outcome{Current: target, ConfigHash: want.hash, User: user}
-	expect := a.expect(p, target, want, user)
-	// An instance already running exactly this is left alone: an apply repeated (after an agent
-	// restart, say) must not restart a healthy gateway.
-	proc := a.alreadyAligned(ctx, p, expect, in.DeniedTools)
-	if proc != nil {
-		log.V(1).Info("already aligned; not restarting", "mainPID", proc.PID)
+// restart restarts the profile's unit, unless nothing it reads at start changed and the process
+// running is the very one proven for exactly this rendering (same PID and kernel start time):
+// a repeated apply must not restart a healthy gateway, and a gateway cannot talk its way out of
+// a restart by looking aligned.
+func (r *run) restart() *Failure {
+	if !r.changed {
+		if proc := r.a.stillProven(r.ctx, r.p, r.want.hash); proc != nil {
+			r.log.V(1).Info("the proven process still runs and nothing changed; not restarting", "mainPID", proc.PID)
+			r.proc = proc
+			return nil
+		}
+	}
+	siblings, err := r.a.restart(r.ctx, r.p)
+	if err != nil {
+		return &Failure{Reason: "RestartFailed", Message: err.Error()}
+	}
+	r.siblings = siblings
+	r.out.Restarted = true
+	return nil
+}
+
+// prove shows from root-controlled facts that the running process is the intended one; then
+// the health probe, if asked for, watches it.
+func (r *run) prove() *Failure {
+	e := r.a.expect(r.p, r.target, r.want, r.user)
+	if r.out.Restarted {
+		proc, ev, err := r.a.prove(r.ctx, r.p, e, r.in.DeniedTools, r.siblings)
+		if err != nil {
+			return &Failure{Reason: "ProofFailed", Message: err.Error()}
+		}
+		r.proc = proc
+		r.out.Alignment = e.record(proc, ev)
+		if err := r.a.probe(r.ctx, r.p, proc.PID, r.target.SHA256, r.in.Probe); err != nil {
+			return &Failure{Reason: "ProbeFailed", Message: err.Error()}
+		}
+		r.log.Info("restarted and proven aligned", "mainPID", proc.PID)
 	} else {
-		a.step(StepRestart)
-		siblings, err := a.restart(ctx, p)
+		// The same process as proven before: check it again, as the periodic re-prove does.
+		ev, err := r.a.check(r.ctx, r.p, e, r.in.DeniedTools, r.proc, nil, nil)
 		if err != nil {
-			return nil, a.rollback(ctx, log, p, in, user, lastGood, before, &Failure{Step: StepRestart, Reason: "RestartFailed", Message: err.Error()})
+			return &Failure{Reason: "ProofFailed", Message: err.Error()}
 		}
-		out.Restarted = true
-
-		a.step(StepProve)
-		proc, err = a.prove(ctx, p, expect, in.DeniedTools, siblings)
-		if err != nil {
-			return nil, a.rollback(ctx, log, p, in, user, lastGood, before, &Failure{Step: StepProve, Reason: "ProofFailed", Message: err.Error()})
-		}
-		if err := a.probe(ctx, p, proc.PID, target.SHA256, in.Probe); err != nil {
-			return nil, a.rollback(ctx, log, p, in, user, lastGood, before, &Failure{Step: StepProve, Reason: "ProbeFailed", Message: err.Error()})
-		}
-		log.Info("restarted and proven aligned", "mainPID", proc.PID)
+		r.out.Alignment = e.record(r.proc, ev)
 	}
-	out.MainPID = proc.PID
-	out.Alignment = expect.record(proc)
+	r.out.Current = r.target
+	r.out.MainPID = r.proc.PID
+	return nil
+}
 
-	a.step(StepRecord)
-	if err := renameio.Symlink(releaseLink(target), a.Host.On(p.Dir+"/last-good")); err != nil {
-		return nil, &Failure{Step: StepRecord, Reason: "WriteFailed", Message: err.Error(), Retry: true}
+// record remembers the proven process and the release as the profile's last good one.
+func (r *run) record() *Failure {
+	if err := r.a.writeProven(r.p, provenRecord{PID: r.proc.PID, StartTime: r.proc.StartTime, Hash: r.want.hash}); err != nil {
+		return &Failure{Reason: "WriteFailed", Message: err.Error(), Retry: true}
 	}
-	out.LastGood = &target
-	out.Isolation, out.Isolated = a.isolation(ctx, p, in.Isolation, want.dropIn, user)
+	if err := renameio.Symlink(releaseLink(r.target), r.a.Host.On(r.p.Dir+"/last-good")); err != nil {
+		return &Failure{Reason: "WriteFailed", Message: err.Error(), Retry: true}
+	}
+	r.undo = nil // the new release is the last good one now
+	r.out.LastGood = &r.target
+	r.out.Isolation, r.out.Isolated = r.a.isolation(r.ctx, r.p, r.in.Isolation, r.want.dropIn, r.user)
+	return nil
+}
 
-	a.step(StepCollect)
-	if err := a.collect(); err != nil {
-		log.Error(err, "removing old releases")
+// collect removes old releases; a failure here is logged, never reported.
+func (r *run) collect() *Failure {
+	if err := r.a.collect(); err != nil {
+		r.log.Error(err, "removing old releases")
 	}
-	return out, nil
+	return nil
 }
 
 // releaseLink is the target of a profile's `current` and `last-good` links: relative, so it
@@ -282,13 +395,14 @@ func (a *Applier) readLink(inside string) *Ref {
 	return parseReleaseLink(t)
 }
 
-// flip points the profile's `current` at a release with one rename.
-func (a *Applier) flip(p layout.Profile, r Ref) error {
+// flip points the profile's `current` at a release with one rename, and reports whether it
+// moved.
+func (a *Applier) flip(p layout.Profile, r Ref) (bool, error) {
 	link := a.Host.On(p.Current)
 	if t, err := os.Readlink(link); err == nil && t == releaseLink(r) {
-		return nil
+		return false, nil
 	}
-	return renameio.Symlink(releaseLink(r), link)
+	return true, renameio.Symlink(releaseLink(r), link)
 }
 
 // rendered is the text of every file written for one instance.
@@ -297,21 +411,26 @@ type rendered struct {
 	settings          unit.Settings
 }
 
-func (a *Applier) settings(p layout.Profile, in Instance, r Ref) unit.Settings {
+func (a *Applier) settings(p layout.Profile, in Instance) unit.Settings {
 	return unit.Settings{
 		Profile: p, Mode: in.Mode, Exec: in.Exec, Isolation: in.Isolation, Env: in.Env, Egress: in.Egress,
-		ReleaseSHA256: r.SHA256, ReleaseLabel: r.Label, Python: a.python(),
+		Python: a.python(),
 	}
 }
 
+// render renders the instance's files for a release. The hash covers everything a gateway
+// reads at start: the template, the launcher, its drop-in, its env file and the release.
 func (a *Applier) render(p layout.Profile, in Instance, r Ref) (*rendered, error) {
-	s := a.settings(p, in, r)
+	s := a.settings(p, in)
 	dropIn := unit.DropIn(s)
 	env, err := unit.EnvFile(s)
 	if err != nil {
 		return nil, err
 	}
-	sum := sha256.Sum256([]byte(unit.Template() + dropIn + env))
+	a.mu.Lock()
+	launcher := a.launcherSum
+	a.mu.Unlock()
+	sum := sha256.Sum256([]byte(unit.Template() + "\x00" + launcher + "\x00" + dropIn + "\x00" + env + "\x00" + r.SHA256 + "-" + r.Label))
 	s.ConfigHash = hex.EncodeToString(sum[:])[:16]
 	if env, err = unit.EnvFile(s); err != nil {
 		return nil, err
@@ -333,10 +452,14 @@ func (a *Applier) readRendered(p layout.Profile) (*rendered, error) {
 
 type changes struct{ env, dropIn bool }
 
+// envMode keeps a profile's variables from every other user: systemd reads the file as root
+// before it drops privileges, and no gateway, sibling or microVM user needs to.
+const envMode = 0o600
+
 func (a *Applier) writeRendered(p layout.Profile, r *rendered) (changes, error) {
 	var c changes
 	var err error
-	if c.env, err = writeIfChanged(a.Host.On(p.Env), r.env, 0o644); err != nil {
+	if c.env, err = writeIfChanged(a.Host.On(p.Env), r.env, envMode); err != nil {
 		return c, err
 	}
 	if err := os.MkdirAll(a.Host.On(p.DropInDir), 0o755); err != nil { //nolint:gosec // systemd unit folders are world-readable by convention
@@ -348,10 +471,17 @@ func (a *Applier) writeRendered(p layout.Profile, r *rendered) (changes, error) 
 	return c, nil
 }
 
-// writeIfChanged writes a file atomically (temp file, fsync, rename) unless it already holds
-// text, and reports whether it wrote.
+// writeIfChanged writes a root-owned file atomically (temp file, fsync, rename) unless it
+// already holds text with mode, and reports whether its text changed.
 func writeIfChanged(file, text string, mode os.FileMode) (bool, error) {
 	if old, err := os.ReadFile(file); err == nil && string(old) == text { //nolint:gosec // root-owned files of the host layout
+		fi, err := os.Lstat(file)
+		if err != nil {
+			return false, err
+		}
+		if fi.Mode().Perm() != mode {
+			return false, os.Chmod(file, mode)
+		}
 		return false, nil
 	}
 	if err := renameio.WriteFile(file, []byte(text), mode); err != nil {
@@ -360,24 +490,39 @@ func writeIfChanged(file, text string, mode os.FileMode) (bool, error) {
 	return true, nil
 }
 
+// reload runs daemon-reload; host-wide, so one at a time.
+func (a *Applier) reload(ctx context.Context) error {
+	a.hostMu.Lock()
+	defer a.hostMu.Unlock()
+	return a.Systemd.Reload(ctx)
+}
+
 // prepareHost makes the shared part of the layout: folders, the launcher, the template unit, and
-// the mask on the bare unit name. It reports whether any unit file changed.
+// the mask on the bare unit name, reloading systemd when a unit changed. It reports whether
+// anything a gateway reads at start changed.
 func (a *Applier) prepareHost() (bool, error) {
+	a.hostMu.Lock()
+	defer a.hostMu.Unlock()
 	for _, d := range []string{layout.ReleasesDir, layout.GatewaysDir, path.Dir(layout.LauncherPath), layout.UnitDir} {
 		if err := os.MkdirAll(a.Host.On(d), 0o755); err != nil { //nolint:gosec // the shared layout is read by every gateway (DESIGN host layout)
 			return false, err
 		}
 	}
+	launcherChanged := false
 	if a.Launcher != "" {
 		bin, err := os.ReadFile(a.Launcher) //nolint:gosec // the agent's own --launcher flag
 		if err != nil {
 			return false, fmt.Errorf("read launcher: %w", err)
 		}
-		if _, err := writeIfChanged(a.Host.On(layout.LauncherPath), string(bin), 0o755); err != nil {
+		if launcherChanged, err = writeIfChanged(a.Host.On(layout.LauncherPath), string(bin), 0o755); err != nil {
 			return false, fmt.Errorf("install launcher: %w", err)
 		}
+		sum := sha256.Sum256(bin)
+		a.mu.Lock()
+		a.launcherSum = hex.EncodeToString(sum[:])
+		a.mu.Unlock()
 	}
-	changed, err := writeIfChanged(a.Host.On(path.Join(layout.UnitDir, layout.TemplateUnit)), unit.Template(), 0o644)
+	unitsChanged, err := writeIfChanged(a.Host.On(path.Join(layout.UnitDir, layout.TemplateUnit)), unit.Template(), 0o644)
 	if err != nil {
 		return false, err
 	}
@@ -386,9 +531,14 @@ func (a *Applier) prepareHost() (bool, error) {
 		if err := renameio.Symlink("/dev/null", bare); err != nil {
 			return false, fmt.Errorf("mask %s: %w", layout.BareUnit, err)
 		}
-		changed = true
+		unitsChanged = true
 	}
-	return changed, nil
+	if unitsChanged {
+		if err := a.Systemd.Reload(context.Background()); err != nil {
+			return false, err
+		}
+	}
+	return launcherChanged || unitsChanged, nil
 }
 
 // prepareProfile creates the profile's user and folders: home and logs owned by that user,
@@ -427,6 +577,8 @@ func (a *Applier) prepareProfile(p layout.Profile, iso v1.IsolationMode) (*users
 // collect removes releases beyond the newest KeepReleases, never one a profile's `current` or
 // `last-good` points at.
 func (a *Applier) collect() error {
+	a.hostMu.Lock()
+	defer a.hostMu.Unlock()
 	keep := a.KeepReleases
 	if keep == 0 {
 		keep = 5

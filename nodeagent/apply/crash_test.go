@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/agent-gateway/gateway-operator/nodeagent/apply"
 	"github.com/agent-gateway/gateway-operator/nodeagent/layout"
@@ -77,6 +78,9 @@ func TestSIGKILLBetweenSteps(t *testing.T) {
 				t.Fatalf("the agent was not killed at %s: %v\n%s", step, err, out)
 			}
 			assertCurrentComplete(t, f.host.Root, "core")
+			// Anyone may restart the unit now (an operator, systemd's Restart=): whatever step
+			// the agent died at, the gateway must start, on the old or the new release.
+			restartByHand(t, f, "core")
 
 			got := f.mustApply(instance("core", target))
 			f.assertServes("core", target)
@@ -106,5 +110,31 @@ func assertCurrentComplete(t *testing.T, root, profile string) {
 	}
 	if _, err := os.Stat(filepath.Join(dir, "agent_cli", "release.json")); err != nil {
 		t.Fatalf("current -> %s, an incomplete tree: %v", target, err)
+	}
+}
+
+// restartByHand restarts a profile's unit with systemctl, as an operator would, and checks that
+// the gateway starts and answers from a release folder.
+func restartByHand(t *testing.T, f *fixture, profile string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	unitName := layout.Unit(profile)
+	if out, err := f.host.Systemctl(ctx, "restart", unitName); err != nil {
+		t.Fatalf("systemctl restart %s after the crash: %v\n%s\n%s", unitName, err, out, f.host.Journal(unitName))
+	}
+	for {
+		st, err := agentruntime.GetStatus(ctx, filepath.Join(f.host.Root, "opt/agent/gateways", profile, "home/run/status.sock"))
+		if err == nil {
+			if st.PID != int(f.mainPID(profile)) || len(st.ReleaseSHA) != 64 {
+				t.Fatalf("after a restart by hand %s answers as pid %d on release %q", profile, st.PID, st.ReleaseSHA)
+			}
+			return
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("%s did not come back after a restart by hand: %v\n%s", profile, err, f.host.Journal(unitName))
+		case <-time.After(50 * time.Millisecond):
+		}
 	}
 }

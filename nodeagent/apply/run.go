@@ -3,6 +3,7 @@ package apply
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -11,7 +12,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/go-logr/logr"
+	"github.com/google/renameio/v2"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
@@ -57,8 +58,17 @@ func unquote(v string) string {
 	return b.String()
 }
 
+// evidence is what a check found beyond the process itself.
+type evidence struct {
+	cgroup  string
+	sysPath []string
+}
+
+// selfReported are the facts of a proof that the gateway process could forge once running.
+var selfReported = []string{"environ", "cwd", "status"}
+
 // record turns a process that passed every check into the proof reported in status.
-func (e expectation) record(proc *proof.Process) v1.AlignmentProof {
+func (e expectation) record(proc *proof.Process, ev evidence) v1.AlignmentProof {
 	now := metav1.Now()
 	first := func(k string) string {
 		if v := proc.Lookup(k); len(v) > 0 {
@@ -67,50 +77,61 @@ func (e expectation) record(proc *proof.Process) v1.AlignmentProof {
 		return ""
 	}
 	return v1.AlignmentProof{
+		StartTime: proc.StartTime, ControlGroup: ev.cgroup, SelfReported: selfReported, SysPath: ev.sysPath,
 		PythonPath: first(unit.EnvPythonPath), RuntimePath: e.ReleaseDir, Exe: proc.Exe, Cwd: proc.Cwd,
 		ReleaseSHA256: first(unit.EnvReleaseSHA), UnitClean: true, SiblingsUnchanged: true, CheckedAt: &now,
 	}
 }
 
-// alreadyAligned returns the running main process when the unit already runs exactly what is
-// expected, or nil.
-func (a *Applier) alreadyAligned(ctx context.Context, p layout.Profile, e expectation, denied []string) *proof.Process {
-	pid, err := a.Systemd.MainPID(ctx, p.Unit)
-	if err != nil || pid == 0 {
-		return nil
-	}
-	proc, err := a.check(ctx, p, e, denied, pid, nil, nil)
-	if err != nil {
-		a.Log.V(1).Info("running instance is not aligned", "profile", p.Name, "reason", err.Error())
-		return nil
-	}
-	return proc
-}
-
-// check runs every per-process proof against one main PID. A unit view or a status already read
-// for this PID is used as is; nil ones are read here.
-func (a *Applier) check(ctx context.Context, p layout.Profile, e expectation, denied []string, pid uint32, uv *unitView, st *proof.GatewayStatus) (*proof.Process, error) {
-	proc, err := proof.ReadProcess(a.ProcRoot, pid)
-	if err != nil {
-		return nil, err
-	}
+// check runs every per-process proof against one main process. A unit view or a status reply
+// already read for this process is used as is; nil ones are read here.
+//
+// The process is named by facts only root controls: systemd's MainPID, the kernel's start time
+// for that PID (so a later process reusing the PID is not mistaken for it), its control group
+// (the unit's own), and the kernel's record of who created the status socket (SO_PEERCRED),
+// which must be a process of the same unit.
+func (a *Applier) check(ctx context.Context, p layout.Profile, e expectation, denied []string, proc *proof.Process, uv *unitView, st *proof.StatusReply) (evidence, error) {
+	var ev evidence
 	if err := proof.Alignment(a.Host, a.ProcRoot, proc, e.Expect); err != nil {
-		return nil, err
+		return ev, err
 	}
+	cg, err := a.Systemd.ControlGroup(ctx, p.Unit)
+	if err != nil {
+		return ev, err
+	}
+	if err := proof.InControlGroup(a.ProcRoot, int64(proc.PID), cg); err != nil {
+		return ev, err
+	}
+	ev.cgroup = cg
 	if uv == nil {
 		if uv, err = a.readUnit(ctx, p); err != nil {
-			return nil, err
+			return ev, err
 		}
 	}
 	if err := proof.UnitClean(a.Host, uv.files, uv.env); err != nil {
-		return nil, err
+		return ev, err
 	}
 	if st == nil {
-		if st, _, err = proof.ReadStatus(ctx, a.Host.On(p.StatusSocket)); err != nil {
-			return nil, fmt.Errorf("status endpoint: %w", err)
+		if st, err = proof.ReadStatus(ctx, a.Host, p); err != nil {
+			return ev, fmt.Errorf("status endpoint: %w", err)
 		}
 	}
-	return proc, proof.Status(st, pid, p.Name, e.SHA256, denied)
+	// The peer's PID is in the agent's own PID namespace: read it from the agent's /proc.
+	if err := proof.InControlGroup("/proc", int64(st.PeerPID), cg); err != nil {
+		return ev, fmt.Errorf("the status socket's owner is not a process of %s: %w", p.Unit, err)
+	}
+	if err := proof.Status(&st.Status, proc.PID, p.Name, e.SHA256, denied); err != nil {
+		return ev, err
+	}
+	if err := proof.ImportPath(st.Status.SysPath, p.Current, e.ReleaseDir); err != nil {
+		return ev, err
+	}
+	ev.sysPath = st.Status.SysPath
+	// Last: the PID must still name the process read at the start, not a successor.
+	if now, err := proof.StartTime(a.ProcRoot, proc.PID); err != nil || now != proc.StartTime {
+		return ev, fmt.Errorf("main process %d was replaced during its proof", proc.PID)
+	}
+	return ev, nil
 }
 
 // unitView is what systemd has loaded for a unit: every file it was built from (plus the
@@ -132,27 +153,107 @@ func (a *Applier) readUnit(ctx context.Context, p layout.Profile) (*unitView, er
 	return &unitView{files: files, env: env}, nil
 }
 
-// restart restarts only the profile's unit and returns the siblings' main PIDs from before.
-func (a *Applier) restart(ctx context.Context, p layout.Profile) (map[string]uint32, error) {
-	siblings, err := a.Systemd.RunningInstances(ctx, layout.UnitPattern)
+// provenRecord is the process last proven for a profile, kept in the profile's root-owned
+// folder: with it, an apply that changes nothing can tell the proven process from any other.
+type provenRecord struct {
+	PID       uint32 `json:"pid"`
+	StartTime int64  `json:"startTime"`
+	Hash      string `json:"hash"`
+}
+
+func (a *Applier) provenPath(p layout.Profile) string { return a.Host.On(path.Join(p.Dir, "proven")) }
+
+func (a *Applier) writeProven(p layout.Profile, rec provenRecord) error {
+	b, err := json.Marshal(rec)
 	if err != nil {
-		return nil, err
+		return err
 	}
+	return renameio.WriteFile(a.provenPath(p), b, 0o600)
+}
+
+// stillProven returns the unit's main process if it is the very process proven for rendering
+// hash (same PID, same kernel start time), or nil.
+func (a *Applier) stillProven(ctx context.Context, p layout.Profile, hash string) *proof.Process {
+	b, err := os.ReadFile(a.provenPath(p))
+	if err != nil {
+		return nil
+	}
+	var rec provenRecord
+	if json.Unmarshal(b, &rec) != nil || rec.Hash != hash {
+		return nil
+	}
+	pid, err := a.Systemd.MainPID(ctx, p.Unit)
+	if err != nil || pid == 0 || pid != rec.PID {
+		return nil
+	}
+	proc, err := proof.ReadProcess(a.ProcRoot, pid)
+	if err != nil || proc.StartTime != rec.StartTime {
+		return nil
+	}
+	return proc
+}
+
+// siblings are the other instances' main PIDs and the number of restarts this agent had asked
+// for each, around one restart: an instance another apply restarted meanwhile is not a sibling
+// this apply disturbed.
+type siblings struct {
+	pids     map[string]uint32
+	restarts map[string]uint64
+}
+
+func (a *Applier) snapshot(ctx context.Context) (siblings, error) {
+	pids, err := a.Systemd.RunningInstances(ctx, layout.UnitPattern)
+	if err != nil {
+		return siblings{}, err
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	restarts := make(map[string]uint64, len(a.restarts))
+	for u, n := range a.restarts {
+		restarts[u] = n
+	}
+	return siblings{pids: pids, restarts: restarts}, nil
+}
+
+// undisturbed checks that no sibling's main process changed between two snapshots, but for
+// those another apply of this agent restarted in between.
+func undisturbed(self string, before, after siblings) error {
+	still := map[string]uint32{}
+	for u, pid := range before.pids {
+		if after.restarts[u] == before.restarts[u] {
+			still[u] = pid
+		}
+	}
+	return proof.Siblings(self, still, after.pids)
+}
+
+// restart restarts only the profile's unit and returns the siblings from before.
+func (a *Applier) restart(ctx context.Context, p layout.Profile) (siblings, error) {
+	before, err := a.snapshot(ctx)
+	if err != nil {
+		return siblings{}, err
+	}
+	a.mu.Lock()
+	if a.restarts == nil {
+		a.restarts = map[string]uint64{}
+	}
+	a.restarts[p.Unit]++
+	a.mu.Unlock()
 	// A unit that failed before (a broken release, say) restarts at once, not after its limit.
 	_ = a.Systemd.ResetFailed(ctx, p.Unit)
 	if err := a.Systemd.Restart(ctx, p.Unit); err != nil {
-		return nil, err
+		return siblings{}, err
 	}
 	if _, err := os.Lstat(a.Host.On(path.Join(layout.UnitDir, "multi-user.target.wants", p.Unit))); err != nil {
 		if err := a.Systemd.Enable(ctx, p.Unit); err != nil {
-			return nil, err
+			return siblings{}, err
 		}
 	}
-	return siblings, nil
+	return before, nil
 }
 
 // prove waits for the restarted gateway to answer on its status endpoint, then checks it.
-func (a *Applier) prove(ctx context.Context, p layout.Profile, e expectation, denied []string, before map[string]uint32) (*proof.Process, error) {
+func (a *Applier) prove(ctx context.Context, p layout.Profile, e expectation, denied []string, before siblings) (*proof.Process, evidence, error) {
 	timeout := a.ProofTimeout
 	if timeout == 0 {
 		timeout = 30 * time.Second
@@ -162,42 +263,44 @@ func (a *Applier) prove(ctx context.Context, p layout.Profile, e expectation, de
 	// The unit as loaded does not depend on the new process: read it while the gateway starts.
 	uv, err := a.readUnit(ctx, p)
 	if err != nil {
-		return nil, err
+		return nil, evidence{}, err
 	}
-	var pid uint32
-	var st *proof.GatewayStatus
+	var proc *proof.Process
+	var st *proof.StatusReply
 	var last error
 	// Poll briskly: a gateway answers tens of milliseconds after its start, and every poll is
-	// one D-Bus property read and one connect attempt.
+	// one D-Bus property read and one connect attempt (each bounded by proof.StatusTimeout).
 	for delay := 5 * time.Millisecond; ; {
-		var err error
-		pid, err = a.Systemd.MainPID(ctx, p.Unit)
+		pid, err := a.Systemd.MainPID(ctx, p.Unit)
 		if err == nil && pid == 0 {
 			state, _ := a.Systemd.ActiveState(ctx, p.Unit)
-			return nil, fmt.Errorf("the gateway is not running after its restart (unit %s)", state)
+			return nil, evidence{}, fmt.Errorf("the gateway is not running after its restart (unit %s)", state)
 		}
 		if err == nil {
-			st, _, err = proof.ReadStatus(ctx, a.Host.On(p.StatusSocket))
-			if err == nil {
-				break
+			// The process is read before it is asked: its start time pins down which process
+			// the answer must come from.
+			if proc, err = proof.ReadProcess(a.ProcRoot, pid); err == nil {
+				if st, err = proof.ReadStatus(ctx, a.Host, p); err == nil {
+					break
+				}
 			}
 		}
 		last = err
 		select {
 		case <-ctx.Done():
-			return nil, fmt.Errorf("the gateway did not answer on %s within %s: %v", p.StatusSocket, timeout, last)
+			return nil, evidence{}, fmt.Errorf("the gateway did not answer on %s within %s: %v", p.StatusSocket, timeout, last)
 		case <-time.After(delay):
 		}
 	}
-	proc, err := a.check(ctx, p, e, denied, pid, uv, st)
+	ev, err := a.check(ctx, p, e, denied, proc, uv, st)
 	if err != nil {
-		return nil, err
+		return nil, ev, err
 	}
-	after, err := a.Systemd.RunningInstances(ctx, layout.UnitPattern)
+	after, err := a.snapshot(ctx)
 	if err != nil {
-		return nil, err
+		return nil, ev, err
 	}
-	return proc, proof.Siblings(p.Unit, before, after)
+	return proc, ev, undisturbed(p.Unit, before, after)
 }
 
 // probe asks the gateway for its status pr.Count times, pr.Period apart: the same main process
@@ -216,69 +319,78 @@ func (a *Applier) probe(ctx context.Context, p layout.Profile, pid uint32, sha s
 		if now != pid {
 			return fmt.Errorf("health probe %d of %d: the main process changed (%d -> %d): the gateway died after its start", i+1, pr.Count, pid, now)
 		}
-		st, _, err := proof.ReadStatus(ctx, a.Host.On(p.StatusSocket))
+		st, err := proof.ReadStatus(ctx, a.Host, p)
 		if err != nil {
 			return fmt.Errorf("health probe %d of %d: %w", i+1, pr.Count, err)
 		}
-		if st.PID != int(pid) || st.ReleaseSHA != sha {
-			return fmt.Errorf("health probe %d of %d: answered by pid %d on release %s", i+1, pr.Count, st.PID, st.ReleaseSHA)
+		if st.Status.PID != int(pid) || st.Status.ReleaseSHA != sha {
+			return fmt.Errorf("health probe %d of %d: answered by pid %d on release %s", i+1, pr.Count, st.Status.PID, st.Status.ReleaseSHA)
 		}
 	}
 	return nil
 }
 
-// rollback returns the profile to its last good release after a failed step, and returns the
-// failure to report. With no good release to return to, the unit is stopped rather than left
-// crash-looping.
-func (a *Applier) rollback(ctx context.Context, log logr.Logger, p layout.Profile, in Instance, u *users.User, lastGood *Ref, before *rendered, f *Failure) error {
-	if in.KeepFailed {
+// rollback is the undo of an apply that failed after its flip: it returns the profile to its
+// last good release and reports what then runs, with its proof. With no good release to return
+// to, the unit is stopped rather than left crash-looping.
+func (r *run) rollback(f *Failure) (*Outcome, error) {
+	a, ctx, p, log := r.a, r.ctx, r.p, r.log
+	if r.in.KeepFailed {
 		log.Info("apply failed; autoRollback is off, so the host stays on this release", "step", f.Step, "reason", f.Message)
 		f.Message += "; autoRollback is off: the host stays on this release for inspection"
-		return f
+		out := &Outcome{Current: r.target, ConfigHash: r.out.ConfigHash, User: r.user}
+		out.MainPID, _ = a.Systemd.MainPID(ctx, p.Unit)
+		return out, f
 	}
-	if lastGood == nil {
+	if r.lastGood == nil {
 		log.Info("apply failed and there is no good release to return to; stopping the unit", "step", f.Step, "reason", f.Message)
 		_ = a.Systemd.Stop(ctx, p.Unit)
 		f.Message += "; no earlier release was proven on this host, so the unit is stopped"
-		return f
+		return &Outcome{User: r.user}, f
 	}
+	lastGood := *r.lastGood
 	log.Info("apply failed; returning to the last good release", "step", f.Step, "reason", f.Message, "lastGood", lastGood.Label)
-	restore := before
-	if restore == nil || !strings.Contains(restore.env, lastGood.SHA256) {
+	fail := func(what string, err error) (*Outcome, error) {
+		f.Message += "; " + what + ": " + err.Error()
+		return nil, f
+	}
+	restore := r.before
+	if restore == nil {
 		// The files from before were lost (an earlier run was interrupted): render the last good
 		// release with today's settings.
-		r, err := a.render(p, in, *lastGood)
+		re, err := a.render(p, r.in, lastGood)
 		if err != nil {
-			f.Message += "; rollback failed: " + err.Error()
-			return f
+			return fail("rollback failed", err)
 		}
-		restore = r
+		restore = re
 	}
 	if _, err := a.writeRendered(p, restore); err != nil {
-		f.Message += "; rollback failed: " + err.Error()
-		return f
+		return fail("rollback failed", err)
 	}
-	if err := a.Systemd.Reload(ctx); err != nil {
-		f.Message += "; rollback failed: " + err.Error()
-		return f
+	if err := a.reload(ctx); err != nil {
+		return fail("rollback failed", err)
 	}
-	if err := a.flip(p, *lastGood); err != nil {
-		f.Message += "; rollback failed: " + err.Error()
-		return f
+	if _, err := a.flip(p, lastGood); err != nil {
+		return fail("rollback failed", err)
 	}
-	siblings, err := a.restart(ctx, p)
+	before, err := a.restart(ctx, p)
 	if err != nil {
-		f.Message += "; rollback restart failed: " + err.Error()
-		return f
+		return fail("rollback restart failed", err)
 	}
-	e := a.expect(p, *lastGood, restore, u)
+	e := a.expect(p, lastGood, restore, r.user)
 	e.UID = -1 // the restored drop-in may name the user of an earlier isolation mode
-	if _, err := a.prove(ctx, p, e, in.DeniedTools, siblings); err != nil {
-		f.Message += "; the last good release " + lastGood.Label + " failed its proof too: " + err.Error()
-		return f
+	proc, ev, err := a.prove(ctx, p, e, r.in.DeniedTools, before)
+	if err != nil {
+		return fail("the last good release "+lastGood.Label+" failed its proof too", err)
 	}
 	f.RolledBack = true
-	return f
+	hash := r.out.ConfigHash
+	if restore.hash != "" {
+		hash = restore.hash
+	}
+	out := &Outcome{Current: lastGood, LastGood: &lastGood, MainPID: proc.PID, Restarted: true,
+		Alignment: e.record(proc, ev), ConfigHash: hash, User: r.user}
+	return out, f
 }
 
 var exposureRE = regexp.MustCompile(`Overall exposure level for \S+: ([0-9]+\.[0-9]+)`)
@@ -290,17 +402,21 @@ func (a *Applier) isolation(ctx context.Context, p layout.Profile, iso v1.Isolat
 		return v1.IsolationProof{User: u.Name, Message: "Convenience mode: every profile runs as the shared user " + u.Name +
 			"; profiles are separated by folder only and are NOT isolated from each other"}, false
 	}
-	if a.scores == nil {
-		a.scores = map[string]string{}
-	}
+	a.mu.Lock()
 	score, ok := a.scores[dropIn]
+	a.mu.Unlock()
 	if !ok {
 		var err error
 		score, err = a.exposure(ctx, p.Unit)
 		if err != nil {
 			a.Log.Error(err, "measuring the unit's exposure", "profile", p.Name)
 		} else {
+			a.mu.Lock()
+			if a.scores == nil {
+				a.scores = map[string]string{}
+			}
 			a.scores[dropIn] = score
+			a.mu.Unlock()
 		}
 	}
 	return v1.IsolationProof{User: u.Name, ExposureScore: score,
@@ -325,8 +441,6 @@ func lastLine(b []byte) string {
 	return lines[len(lines)-1]
 }
 
-// Remove stops and disables a profile's unit and removes its env file, links and drop-in.
-// The home folder is kept unless purge is set. Removing an absent profile succeeds.
 func (a *Applier) Remove(ctx context.Context, profile string, purge bool) error {
 	p, err := layout.ForProfile(profile)
 	if err != nil {
@@ -343,7 +457,7 @@ func (a *Applier) Remove(ctx context.Context, profile string, purge bool) error 
 		a.Log.V(1).Info("disable before removal", "profile", p.Name, "result", err.Error())
 	}
 	_ = a.Systemd.ResetFailed(ctx, p.Unit)
-	for _, f := range []string{p.Current, p.Dir + "/last-good", p.Env} {
+	for _, f := range []string{p.Current, p.Dir + "/last-good", p.Env, path.Join(p.Dir, "proven")} {
 		if err := os.Remove(a.Host.On(f)); err != nil && !os.IsNotExist(err) {
 			return err
 		}

@@ -28,6 +28,9 @@ const DryRunVar = "AGENT_LAUNCH_DRYRUN"
 type Plan struct {
 	// Argv is the full command; Argv[0] is the interpreter's absolute path.
 	Argv []string
+	// Env is the environment the command runs with: the unit's, with the release named by where
+	// `current` resolved (AGENT_RELEASE_SHA256, AGENT_RELEASE_LABEL) and user site-packages off.
+	Env []string
 	// Dir is the working folder: the release tree `current` resolved to at launch.
 	Dir string
 	// Banner is the one alignment line printed before exec.
@@ -36,6 +39,11 @@ type Plan struct {
 
 // Resolve reads the environment (as os.Environ gives it) and returns the plan. pid is the
 // process's own PID, for the banner.
+//
+// The release is named by one thing only: the folder the profile's `current` link resolves to
+// at launch. The environment file does not name it, so whatever order the agent writes the env
+// file and flips `current` in, and wherever it is interrupted, a start of the unit by anyone
+// runs a consistent gateway on the old or the new release.
 func Resolve(environ []string, pid int) (*Plan, error) {
 	env := map[string]string{}
 	counts := map[string]int{}
@@ -44,8 +52,7 @@ func Resolve(environ []string, pid int) (*Plan, error) {
 		env[k] = v
 		counts[k]++
 	}
-	for _, k := range []string{"AGENT_ROOT", "PYTHONPATH", "AGENT_HOME", "AGENT_PROFILE", "AGENT_GATEWAY_MODE",
-		"AGENT_RELEASE_SHA256", "AGENT_RELEASE_LABEL", "AGENT_PYTHON"} {
+	for _, k := range []string{"AGENT_ROOT", "PYTHONPATH", "AGENT_HOME", "AGENT_PROFILE", "AGENT_GATEWAY_MODE", "AGENT_PYTHON"} {
 		if env[k] == "" {
 			return nil, fmt.Errorf("%s is not set: start this through agent-gateway@<profile>.service, whose EnvironmentFile sets it", k)
 		}
@@ -64,9 +71,9 @@ func Resolve(environ []string, pid int) (*Plan, error) {
 	if st, err := os.Stat(runtime); err != nil || !st.IsDir() {
 		return nil, fmt.Errorf("AGENT_ROOT %s resolves to %s, which is not a folder", root, runtime)
 	}
-	sha, label := env["AGENT_RELEASE_SHA256"], env["AGENT_RELEASE_LABEL"]
-	if want := sha + "-" + label; filepath.Base(runtime) != want {
-		return nil, fmt.Errorf("AGENT_ROOT %s resolves to %s, but the environment names release %s", root, runtime, want)
+	sha, label, ok := releaseOf(filepath.Base(runtime))
+	if !ok {
+		return nil, fmt.Errorf("AGENT_ROOT %s resolves to %s, which is not a release folder (<sha256>-<label>)", root, runtime)
 	}
 	python := env["AGENT_PYTHON"]
 	if !filepath.IsAbs(python) {
@@ -80,7 +87,7 @@ func Resolve(environ []string, pid int) (*Plan, error) {
 		if exec != "" {
 			return nil, fmt.Errorf("AGENT_PROFILE_EXEC=%q is set but AGENT_GATEWAY_MODE is cli", exec)
 		}
-		argv = []string{python, "-m", "agent_cli.main", "gateway", "run", "--replace"}
+		argv = []string{python, "-s", "-m", "agent_cli.main", "gateway", "run", "--replace"}
 	case "script":
 		if exec == "" {
 			return nil, fmt.Errorf("AGENT_GATEWAY_MODE is script but AGENT_PROFILE_EXEC is empty")
@@ -93,14 +100,47 @@ func Resolve(environ []string, pid int) (*Plan, error) {
 		if st, err := os.Stat(script); err != nil || !st.Mode().IsRegular() {
 			return nil, fmt.Errorf("AGENT_PROFILE_EXEC=%q: no such script in release %s", exec, runtime)
 		}
-		argv = []string{python, script}
+		argv = []string{python, "-s", script}
 	default:
 		return nil, fmt.Errorf("AGENT_GATEWAY_MODE=%q: want cli or script", mode)
 	}
 
 	banner := fmt.Sprintf("agent-gateway: pid=%d profile=%s mode=%s release=%s sha256=%s cwd=%s pythonpath=%s runtime=%s python=%s",
 		pid, env["AGENT_PROFILE"], mode, label, sha, runtime, pythonPath, runtime, python)
-	return &Plan{Argv: argv, Dir: runtime, Banner: banner}, nil
+	return &Plan{Argv: argv, Env: execEnv(environ, sha, label), Dir: runtime, Banner: banner}, nil
+}
+
+// execEnv is the unit's environment with the release the launcher resolved, and with Python's
+// user site-packages off (the interpreter also runs with -s): a gateway imports only from its
+// release and the interpreter's own library, never from a folder it can write, whatever HOME
+// says.
+func execEnv(environ []string, sha, label string) []string {
+	set := map[string]string{"AGENT_RELEASE_SHA256": sha, "AGENT_RELEASE_LABEL": label, "PYTHONNOUSERSITE": "1"}
+	out := make([]string, 0, len(environ)+len(set))
+	for _, kv := range environ {
+		k, _, _ := strings.Cut(kv, "=")
+		if _, ours := set[k]; !ours {
+			out = append(out, kv)
+		}
+	}
+	for _, k := range []string{"AGENT_RELEASE_SHA256", "AGENT_RELEASE_LABEL", "PYTHONNOUSERSITE"} {
+		out = append(out, k+"="+set[k])
+	}
+	return out
+}
+
+// releaseOf splits a release folder's name, <sha256>-<label>.
+func releaseOf(base string) (sha, label string, ok bool) {
+	if len(base) < 66 || base[64] != '-' {
+		return "", "", false
+	}
+	sha, label = base[:64], base[65:]
+	for _, c := range sha {
+		if (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+			return "", "", false
+		}
+	}
+	return sha, label, label != ""
 }
 
 // Command renders argv as one shell-quoted line, for the dry run.

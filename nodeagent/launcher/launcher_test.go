@@ -38,8 +38,7 @@ func profileTree(t *testing.T) (current, release string) {
 func environ(current string, extra ...string) []string {
 	env := []string{
 		"AGENT_ROOT=" + current, "PYTHONPATH=" + current, "AGENT_HOME=/home/core", "AGENT_PROFILE=core",
-		"AGENT_GATEWAY_MODE=cli", "AGENT_PROFILE_EXEC=", "AGENT_RELEASE_SHA256=" + sha,
-		"AGENT_RELEASE_LABEL=1.0.0", "AGENT_PYTHON=/usr/bin/python3",
+		"AGENT_GATEWAY_MODE=cli", "AGENT_PROFILE_EXEC=", "AGENT_PYTHON=/usr/bin/python3", "HOME=/home/core",
 	}
 	for _, kv := range extra {
 		k, _, _ := strings.Cut(kv, "=")
@@ -62,7 +61,7 @@ func TestResolveCLI(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := []string{"/usr/bin/python3", "-m", "agent_cli.main", "gateway", "run", "--replace"}
+	want := []string{"/usr/bin/python3", "-s", "-m", "agent_cli.main", "gateway", "run", "--replace"}
 	if strings.Join(plan.Argv, " ") != strings.Join(want, " ") {
 		t.Errorf("argv = %q, want %q", plan.Argv, want)
 	}
@@ -79,6 +78,36 @@ func TestResolveCLI(t *testing.T) {
 	if strings.Contains(plan.Banner, "\n") {
 		t.Errorf("banner is more than one line: %q", plan.Banner)
 	}
+	env := strings.Join(plan.Env, "\n") + "\n"
+	for _, kv := range []string{"AGENT_RELEASE_SHA256=" + sha, "AGENT_RELEASE_LABEL=1.0.0", "PYTHONNOUSERSITE=1", "HOME=/home/core"} {
+		if !strings.Contains(env, kv+"\n") {
+			t.Errorf("exec environment lacks %s:\n%s", kv, env)
+		}
+	}
+}
+
+// TestResolveNamesTheReleaseFromCurrentOnly: the release the gateway is told it runs is the one
+// `current` resolves to, whatever the environment claims; so a unit started between an env file
+// write and a flip of `current` (an agent killed in between) still starts consistently.
+func TestResolveNamesTheReleaseFromCurrentOnly(t *testing.T) {
+	current, _ := profileTree(t)
+	stale := environ(current, "AGENT_RELEASE_SHA256="+strings.Repeat("f", 64), "AGENT_RELEASE_LABEL=0.9.0", "PYTHONNOUSERSITE=0")
+	plan, err := launcher.Resolve(stale, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	count := map[string]int{}
+	for _, kv := range plan.Env {
+		k, _, _ := strings.Cut(kv, "=")
+		count[k]++
+	}
+	env := strings.Join(plan.Env, "\n") + "\n"
+	for _, kv := range []string{"AGENT_RELEASE_SHA256=" + sha, "AGENT_RELEASE_LABEL=1.0.0", "PYTHONNOUSERSITE=1"} {
+		k, _, _ := strings.Cut(kv, "=")
+		if !strings.Contains(env, kv+"\n") || count[k] != 1 {
+			t.Errorf("exec environment has %s %d times, want exactly %s:\n%s", k, count[k], kv, env)
+		}
+	}
 }
 
 func TestResolveScript(t *testing.T) {
@@ -88,7 +117,7 @@ func TestResolveScript(t *testing.T) {
 		t.Fatal(err)
 	}
 	real, _ := filepath.EvalSymlinks(release)
-	if len(plan.Argv) != 2 || plan.Argv[1] != filepath.Join(real, "gateways/mcp.py") {
+	if len(plan.Argv) != 3 || plan.Argv[1] != "-s" || plan.Argv[2] != filepath.Join(real, "gateways/mcp.py") {
 		t.Errorf("argv = %q", plan.Argv)
 	}
 }
@@ -101,11 +130,11 @@ func TestResolveRefusesBadEnvironments(t *testing.T) {
 		want string
 	}{
 		{"no root", without(environ(current), "AGENT_ROOT"), "AGENT_ROOT is not set"},
-		{"no sha", without(environ(current), "AGENT_RELEASE_SHA256"), "AGENT_RELEASE_SHA256 is not set"},
+		{"no python", without(environ(current), "AGENT_PYTHON"), "AGENT_PYTHON is not set"},
 		{"pythonpath twice", append(environ(current), "PYTHONPATH="+current), "declared 2 times"},
 		{"pythonpath elsewhere", environ(current, "PYTHONPATH=/usr/lib/other"), "differs from AGENT_ROOT"},
 		{"pythonpath list", environ(current, "PYTHONPATH="+current+":/tmp"), "differs from AGENT_ROOT"},
-		{"wrong sha", environ(current, "AGENT_RELEASE_SHA256="+strings.Repeat("f", 64)), "names release"},
+		{"not a release", environ(current, "AGENT_ROOT=/usr", "PYTHONPATH=/usr"), "not a release folder"},
 		{"dangling current", environ(current, "AGENT_ROOT=/nonexistent/current", "PYTHONPATH=/nonexistent/current"), "does not resolve"},
 		{"cli with exec", environ(current, "AGENT_PROFILE_EXEC=gateways/mcp.py"), "AGENT_GATEWAY_MODE is cli"},
 		{"script without exec", environ(current, "AGENT_GATEWAY_MODE=script"), "AGENT_PROFILE_EXEC is empty"},
@@ -155,7 +184,7 @@ func TestLaunchBinary(t *testing.T) {
 		t.Fatalf("dry run: %v", err)
 	}
 	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
-	if len(lines) != 2 || !strings.HasPrefix(lines[0], "agent-gateway: pid=") || !strings.HasPrefix(lines[1], "exec: \""+fake+"\" \"-m\" \"agent_cli.main\"") {
+	if len(lines) != 2 || !strings.HasPrefix(lines[0], "agent-gateway: pid=") || !strings.HasPrefix(lines[1], "exec: \""+fake+"\" \"-s\" \"-m\" \"agent_cli.main\"") {
 		t.Errorf("dry run printed:\n%s", out)
 	}
 	if _, err := os.Stat(marker); err == nil {

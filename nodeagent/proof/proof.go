@@ -5,11 +5,13 @@
 package proof
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -18,11 +20,13 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/agent-gateway/gateway-operator/nodeagent/layout"
 	"github.com/agent-gateway/gateway-operator/nodeagent/unit"
+	"github.com/agent-gateway/gateway-operator/nodeagent/userfs"
 )
 
 // Process is what /proc says of one process.
@@ -32,6 +36,8 @@ type Process struct {
 	Exe     string
 	Cwd     string
 	UID     int
+	// StartTime is the process's start in clock ticks since boot (/proc/<pid>/stat, field 22).
+	StartTime int64
 }
 
 // ReadProcess reads a process from procRoot: "/proc" when the agent shares the host's PID
@@ -54,6 +60,10 @@ func ReadProcess(procRoot string, pid uint32) (*Process, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read status of pid %d: %w", pid, err)
 	}
+	start, err := StartTime(procRoot, pid)
+	if err != nil {
+		return nil, err
+	}
 	uid := -1
 	for _, line := range strings.Split(string(status), "\n") {
 		if rest, ok := strings.CutPrefix(line, "Uid:"); ok {
@@ -68,7 +78,26 @@ func ReadProcess(procRoot string, pid uint32) (*Process, error) {
 			env = append(env, string(kv))
 		}
 	}
-	return &Process{PID: pid, Environ: env, Exe: exe, Cwd: cwd, UID: uid}, nil
+	return &Process{PID: pid, Environ: env, Exe: exe, Cwd: cwd, UID: uid, StartTime: start}, nil
+}
+
+// StartTime reads a process's start time in clock ticks since boot. The kernel writes it; the
+// process cannot change it, so PID and start time together name one process.
+func StartTime(procRoot string, pid uint32) (int64, error) {
+	b, err := os.ReadFile(filepath.Join(procRoot, strconv.FormatUint(uint64(pid), 10), "stat")) //nolint:gosec // /proc/<pid>/ of a numeric pid
+	if err != nil {
+		return 0, fmt.Errorf("read stat of pid %d: %w", pid, err)
+	}
+	// The command name, in parentheses, may hold anything: the fields follow the last ')'.
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return 0, fmt.Errorf("stat of pid %d: no command name", pid)
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 20 {
+		return 0, fmt.Errorf("stat of pid %d: %d fields", pid, len(f))
+	}
+	return strconv.ParseInt(f[19], 10, 64) // field 22 of the whole line
 }
 
 // Lookup returns every value of name in the process's environment.
@@ -252,35 +281,115 @@ type GatewayStatus struct {
 	ReleaseSHA string   `json:"release_sha"`
 	PythonPath string   `json:"pythonpath"`
 	Tools      []string `json:"tools"`
+	// SysPath is the runtime's import path (Python's sys.path).
+	SysPath []string `json:"sys_path"`
 }
 
-// ReadStatus asks a gateway for GET /status on its unix socket (a path the agent can reach).
-func ReadStatus(ctx context.Context, socket string) (*GatewayStatus, []byte, error) {
-	tr := &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		return DialUnix(ctx, socket)
-	}}
-	defer tr.CloseIdleConnections()
+// StatusReply is a gateway's answer on its status socket and who gave it.
+type StatusReply struct {
+	Status GatewayStatus
+	Raw    []byte
+	// PeerPID and PeerUID are the process that created the listening socket, as the kernel
+	// recorded it (SO_PEERCRED) in the agent's own PID namespace: facts the gateway cannot forge.
+	PeerPID int32
+	PeerUID uint32
+}
+
+// StatusTimeout bounds one request to a gateway's status endpoint, connect to last byte: a
+// gateway that accepts and never answers costs the agent this much per request, no more.
+const StatusTimeout = 2 * time.Second
+
+// maxStatus is the most a status answer may hold.
+const maxStatus = 1 << 20
+
+// ReadStatus asks a profile's gateway for GET /status on $AGENT_HOME/run/status.sock. The
+// profile's user owns everything under its home, so the socket is opened beneath the profile's
+// root-owned folder without following any symlink, and connected to through that handle.
+func ReadStatus(ctx context.Context, host layout.Host, p layout.Profile) (*StatusReply, error) {
+	dir, err := userfs.OpenDir(host.On(p.Dir))
+	if err != nil {
+		return nil, err
+	}
+	defer dir.Close()
+	rel := strings.TrimPrefix(strings.TrimPrefix(p.StatusSocket, p.Dir), "/")
+	sock, err := userfs.OpenBeneath(dir, rel)
+	if err != nil {
+		return nil, err
+	}
+	defer sock.Close()
+	var st unix.Stat_t
+	if err := unix.Fstat(int(sock.Fd()), &st); err != nil {
+		return nil, err
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFSOCK {
+		return nil, fmt.Errorf("%s is not a socket", p.StatusSocket)
+	}
+	return readStatus(ctx, fmt.Sprintf("/proc/self/fd/%d", sock.Fd()))
+}
+
+// ReadStatusSocket asks for GET /status on a unix socket at a path the caller trusts.
+func ReadStatusSocket(ctx context.Context, socket string) (*StatusReply, error) {
+	return readStatus(ctx, socket)
+}
+
+func readStatus(ctx context.Context, address string) (*StatusReply, error) {
+	ctx, cancel := context.WithTimeout(ctx, StatusTimeout)
+	defer cancel()
+	conn, err := DialUnix(ctx, address)
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	deadline, _ := ctx.Deadline()
+	if err := conn.SetDeadline(deadline); err != nil {
+		return nil, err
+	}
+	reply := &StatusReply{}
+	if uc, ok := conn.(*net.UnixConn); ok {
+		raw, err := uc.SyscallConn()
+		if err != nil {
+			return nil, err
+		}
+		var cred *unix.Ucred
+		var credErr error
+		if err := raw.Control(func(fd uintptr) {
+			cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+		}); err != nil {
+			return nil, err
+		}
+		if credErr != nil {
+			return nil, fmt.Errorf("peer credentials: %w", credErr)
+		}
+		reply.PeerPID, reply.PeerUID = cred.Pid, cred.Uid
+	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://gateway/status", nil)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
-	resp, err := (&http.Client{Transport: tr}).Do(req)
+	req.Close = true
+	if err := req.Write(conn); err != nil {
+		return nil, err
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(io.LimitReader(conn, maxStatus+64<<10)), req)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	defer resp.Body.Close()
-	var buf bytes.Buffer
-	if _, err := buf.ReadFrom(http.MaxBytesReader(nil, resp.Body, 1<<20)); err != nil {
-		return nil, nil, err
+	body, err := io.ReadAll(io.LimitReader(resp.Body, maxStatus+1))
+	if err != nil {
+		return nil, err
+	}
+	if len(body) > maxStatus {
+		return nil, fmt.Errorf("status answer larger than %d bytes", maxStatus)
 	}
 	if resp.StatusCode != http.StatusOK {
-		return nil, nil, fmt.Errorf("status endpoint answered %s", resp.Status)
+		return nil, fmt.Errorf("status endpoint answered %s", resp.Status)
 	}
-	var st GatewayStatus
-	if err := json.Unmarshal(buf.Bytes(), &st); err != nil {
-		return nil, nil, fmt.Errorf("status endpoint: %w", err)
+	if err := json.Unmarshal(body, &reply.Status); err != nil {
+		return nil, fmt.Errorf("status endpoint: %w", err)
 	}
-	return &st, buf.Bytes(), nil
+	reply.Raw = body
+	return reply, nil
 }
 
 // DialUnix connects to a unix socket. A socket address holds at most 107 bytes, and a host's
@@ -298,6 +407,49 @@ func DialUnix(ctx context.Context, socket string) (net.Conn, error) {
 	defer dir.Close()
 	return d.DialContext(ctx, "unix", fmt.Sprintf("/proc/self/fd/%d/%s", dir.Fd(), filepath.Base(socket)))
 }
+
+// InControlGroup checks that a process (read from procRoot) belongs to a unit's control group.
+// The unit's path is as its systemd reports it, which may be relative to a cgroup namespace the
+// agent sees from outside: the process's path must equal it or end with it.
+func InControlGroup(procRoot string, pid int64, unitCgroup string) error {
+	if !strings.HasPrefix(unitCgroup, "/") || unitCgroup == "/" {
+		return fmt.Errorf("the unit has no control group of its own")
+	}
+	b, err := os.ReadFile(filepath.Join(procRoot, strconv.FormatInt(pid, 10), "cgroup")) //nolint:gosec // /proc/<pid>/ of a numeric pid
+	if err != nil {
+		return fmt.Errorf("control group of pid %d: %w", pid, err)
+	}
+	for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		if rest, ok := strings.CutPrefix(line, "0::"); ok {
+			// unitCgroup starts with "/", so a suffix match ends on a path boundary.
+			if strings.HasSuffix(rest, unitCgroup) {
+				return nil
+			}
+			return fmt.Errorf("pid %d is in control group %s, not the unit's %s", pid, rest, unitCgroup)
+		}
+	}
+	return fmt.Errorf("pid %d has no unified control group", pid)
+}
+
+// ImportPath checks a gateway's reported import path: every entry must lie in its release
+// (through `current` or the folder it resolves to) or in the interpreter's own library under
+// /usr, which the gateway cannot write. An entry in a folder the gateway can write (its home,
+// /tmp, a relative path) would let it import code of its own choosing.
+func ImportPath(sysPath []string, current, releaseDir string) error {
+	if len(sysPath) == 0 {
+		return fmt.Errorf("the status endpoint reports no sys_path")
+	}
+	for _, e := range sysPath {
+		c := path.Clean(e)
+		ok := path.IsAbs(e) && (within(c, current) || within(c, releaseDir) || within(c, "/usr"))
+		if !ok {
+			return fmt.Errorf("the gateway imports from %q, which is neither its release nor the interpreter's library", e)
+		}
+	}
+	return nil
+}
+
+func within(p, dir string) bool { return p == dir || strings.HasPrefix(p, dir+"/") }
 
 // Status checks a gateway's own report against the process systemd knows and the intent.
 func Status(st *GatewayStatus, mainPID uint32, profile, sha string, denied []string) error {

@@ -10,14 +10,19 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
+	"time"
 
 	sdbus "github.com/coreos/go-systemd/v22/dbus"
 	"github.com/godbus/dbus/v5"
 )
 
-// Conn is a connection to one systemd instance.
+// Conn is a connection to one systemd instance. When the bus connection is lost (dbus-daemon
+// or systemd restarted, say), the next call dials again.
 type Conn struct {
-	conn *sdbus.Conn
+	address string
+	mu      sync.Mutex
+	conn    *sdbus.Conn
 }
 
 // Dial connects to the system bus at address, e.g.
@@ -26,6 +31,40 @@ func Dial(ctx context.Context, address string) (*Conn, error) {
 	if address == "" {
 		return nil, errors.New("systemd: a D-Bus address is required")
 	}
+	c, err := connect(ctx, address)
+	if err != nil {
+		return nil, err
+	}
+	return &Conn{address: address, conn: c}, nil
+}
+
+// redialTimeout bounds one attempt to reach the bus again.
+const redialTimeout = 5 * time.Second
+
+// bus returns the live connection, dialing again if the old one was lost. A failed redial
+// returns the lost connection, whose calls then fail with a clear error.
+func (c *Conn) bus() *sdbus.Conn {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.conn.Connected() {
+		return c.conn
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), redialTimeout)
+	defer cancel()
+	if fresh, err := connect(ctx, c.address); err == nil {
+		c.conn.Close()
+		c.conn = fresh
+	}
+	return c.conn
+}
+
+// Ping checks that systemd answers on the bus (dialing again if the connection was lost).
+func (c *Conn) Ping(ctx context.Context) error {
+	_, err := c.SystemState(ctx)
+	return err
+}
+
+func connect(ctx context.Context, address string) (*sdbus.Conn, error) {
 	dial := func() (*dbus.Conn, error) {
 		c, err := dbus.Dial(address, dbus.WithContext(ctx))
 		if err != nil {
@@ -46,11 +85,15 @@ func Dial(ctx context.Context, address string) (*Conn, error) {
 	if err != nil {
 		return nil, fmt.Errorf("systemd: connect to %s: %w", address, err)
 	}
-	return &Conn{conn: c}, nil
+	return c, nil
 }
 
 // Close closes the connection.
-func (c *Conn) Close() { c.conn.Close() }
+func (c *Conn) Close() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.conn.Close()
+}
 
 // JobError is a systemd job that finished with a result other than "done".
 type JobError struct {
@@ -83,22 +126,22 @@ func (c *Conn) runJob(ctx context.Context, verb string, fn jobFunc, unit string)
 
 // Start starts unit and waits for the job's result.
 func (c *Conn) Start(ctx context.Context, unit string) error {
-	return c.runJob(ctx, "start", c.conn.StartUnitContext, unit)
+	return c.runJob(ctx, "start", c.bus().StartUnitContext, unit)
 }
 
 // Restart restarts unit (starting it if it is stopped) and waits for the job's result.
 func (c *Conn) Restart(ctx context.Context, unit string) error {
-	return c.runJob(ctx, "restart", c.conn.RestartUnitContext, unit)
+	return c.runJob(ctx, "restart", c.bus().RestartUnitContext, unit)
 }
 
 // Stop stops unit and waits for the job's result.
 func (c *Conn) Stop(ctx context.Context, unit string) error {
-	return c.runJob(ctx, "stop", c.conn.StopUnitContext, unit)
+	return c.runJob(ctx, "stop", c.bus().StopUnitContext, unit)
 }
 
 // Reload makes systemd re-read its unit files (daemon-reload).
 func (c *Conn) Reload(ctx context.Context) error {
-	if err := c.conn.ReloadContext(ctx); err != nil {
+	if err := c.bus().ReloadContext(ctx); err != nil {
 		return fmt.Errorf("systemd: daemon-reload: %w", err)
 	}
 	return nil
@@ -107,7 +150,7 @@ func (c *Conn) Reload(ctx context.Context) error {
 // MainPID returns the main process of a service as systemd sees it (in systemd's own PID
 // namespace), or 0 when the service is not running.
 func (c *Conn) MainPID(ctx context.Context, unit string) (uint32, error) {
-	p, err := c.conn.GetServicePropertyContext(ctx, unit, "MainPID")
+	p, err := c.bus().GetServicePropertyContext(ctx, unit, "MainPID")
 	if err != nil {
 		return 0, fmt.Errorf("systemd: MainPID of %s: %w", unit, err)
 	}
@@ -120,7 +163,7 @@ func (c *Conn) MainPID(ctx context.Context, unit string) (uint32, error) {
 
 // ActiveState returns a unit's ActiveState ("active", "failed", "inactive" ...).
 func (c *Conn) ActiveState(ctx context.Context, unit string) (string, error) {
-	p, err := c.conn.GetUnitPropertyContext(ctx, unit, "ActiveState")
+	p, err := c.bus().GetUnitPropertyContext(ctx, unit, "ActiveState")
 	if err != nil {
 		return "", fmt.Errorf("systemd: ActiveState of %s: %w", unit, err)
 	}
@@ -130,7 +173,7 @@ func (c *Conn) ActiveState(ctx context.Context, unit string) (string, error) {
 
 // SystemState returns the manager's state: "initializing", "starting", "running", "degraded" ...
 func (c *Conn) SystemState(ctx context.Context) (string, error) {
-	p, err := c.conn.SystemStateContext(ctx)
+	p, err := c.bus().SystemStateContext(ctx)
 	if err != nil {
 		return "", fmt.Errorf("systemd: SystemState: %w", err)
 	}
@@ -140,7 +183,7 @@ func (c *Conn) SystemState(ctx context.Context) (string, error) {
 
 // Version returns systemd's version string, e.g. "252.38-1~deb12u1".
 func (c *Conn) Version() (string, error) {
-	v, err := c.conn.GetManagerProperty("Version")
+	v, err := c.bus().GetManagerProperty("Version")
 	if err != nil {
 		return "", fmt.Errorf("systemd: Version: %w", err)
 	}
@@ -150,7 +193,7 @@ func (c *Conn) Version() (string, error) {
 // UnitFiles returns the unit's fragment file followed by every drop-in systemd loaded for it,
 // as paths inside the host: what `systemctl cat` would show.
 func (c *Conn) UnitFiles(ctx context.Context, unit string) ([]string, error) {
-	props, err := c.conn.GetUnitPropertiesContext(ctx, unit)
+	props, err := c.bus().GetUnitPropertiesContext(ctx, unit)
 	if err != nil {
 		return nil, fmt.Errorf("systemd: properties of %s: %w", unit, err)
 	}
@@ -166,7 +209,7 @@ func (c *Conn) UnitFiles(ctx context.Context, unit string) ([]string, error) {
 
 // Environment returns the Environment= assignments systemd holds for a service.
 func (c *Conn) Environment(ctx context.Context, unit string) ([]string, error) {
-	p, err := c.conn.GetServicePropertyContext(ctx, unit, "Environment")
+	p, err := c.bus().GetServicePropertyContext(ctx, unit, "Environment")
 	if err != nil {
 		return nil, fmt.Errorf("systemd: Environment of %s: %w", unit, err)
 	}
@@ -176,7 +219,7 @@ func (c *Conn) Environment(ctx context.Context, unit string) ([]string, error) {
 
 // RunningInstances returns the MainPID of every active unit matching pattern, by unit name.
 func (c *Conn) RunningInstances(ctx context.Context, pattern string) (map[string]uint32, error) {
-	units, err := c.conn.ListUnitsByPatternsContext(ctx, []string{"active", "activating", "reloading"}, []string{pattern})
+	units, err := c.bus().ListUnitsByPatternsContext(ctx, []string{"active", "activating", "reloading"}, []string{pattern})
 	if err != nil {
 		return nil, fmt.Errorf("systemd: list %s: %w", pattern, err)
 	}
@@ -193,7 +236,7 @@ func (c *Conn) RunningInstances(ctx context.Context, pattern string) (map[string
 
 // Enable makes a unit start at boot, as `systemctl enable` does.
 func (c *Conn) Enable(ctx context.Context, unit string) error {
-	if _, _, err := c.conn.EnableUnitFilesContext(ctx, []string{unit}, false, true); err != nil {
+	if _, _, err := c.bus().EnableUnitFilesContext(ctx, []string{unit}, false, true); err != nil {
 		return fmt.Errorf("systemd: enable %s: %w", unit, err)
 	}
 	return nil
@@ -201,7 +244,7 @@ func (c *Conn) Enable(ctx context.Context, unit string) error {
 
 // Disable undoes Enable.
 func (c *Conn) Disable(ctx context.Context, unit string) error {
-	if _, err := c.conn.DisableUnitFilesContext(ctx, []string{unit}, false); err != nil {
+	if _, err := c.bus().DisableUnitFilesContext(ctx, []string{unit}, false); err != nil {
 		return fmt.Errorf("systemd: disable %s: %w", unit, err)
 	}
 	return nil
@@ -209,5 +252,16 @@ func (c *Conn) Disable(ctx context.Context, unit string) error {
 
 // ResetFailed clears a unit's failed state so that it can be started again at once.
 func (c *Conn) ResetFailed(ctx context.Context, unit string) error {
-	return c.conn.ResetFailedUnitContext(ctx, unit)
+	return c.bus().ResetFailedUnitContext(ctx, unit)
+}
+
+// ControlGroup returns a unit's control group path as systemd reports it (relative to systemd's
+// own cgroup namespace), or "" when the unit has none (it is not running).
+func (c *Conn) ControlGroup(ctx context.Context, unit string) (string, error) {
+	p, err := c.bus().GetServicePropertyContext(ctx, unit, "ControlGroup")
+	if err != nil {
+		return "", fmt.Errorf("systemd: ControlGroup of %s: %w", unit, err)
+	}
+	s, _ := p.Value.Value().(string)
+	return s, nil
 }

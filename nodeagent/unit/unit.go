@@ -19,7 +19,8 @@ const SharedUser = "agent"
 // DefaultPython is the interpreter the launcher runs when the agent is not told otherwise.
 const DefaultPython = "/usr/bin/python3"
 
-// Variables the agent owns in every environment file. A profile's own env may not set them.
+// Variables the agent owns in every environment file (and, for the release, that the launcher
+// sets from where `current` resolves). A profile's own env may not set them.
 const (
 	EnvRoot         = "AGENT_ROOT"
 	EnvPythonPath   = "PYTHONPATH"
@@ -28,8 +29,8 @@ const (
 	EnvProfile      = "AGENT_PROFILE"
 	EnvMode         = "AGENT_GATEWAY_MODE"
 	EnvExec         = "AGENT_PROFILE_EXEC"
-	EnvReleaseSHA   = "AGENT_RELEASE_SHA256"
-	EnvReleaseLabel = "AGENT_RELEASE_LABEL"
+	EnvReleaseSHA   = "AGENT_RELEASE_SHA256" // set by the launcher
+	EnvReleaseLabel = "AGENT_RELEASE_LABEL"  // set by the launcher
 	EnvPython       = "AGENT_PYTHON"
 	EnvIsolation    = "AGENT_ISOLATION"
 	EnvConfigHash   = "AGENT_CONFIG_HASH"
@@ -43,9 +44,6 @@ type Settings struct {
 	Isolation v1.IsolationMode
 	Env       []v1.EnvVar
 	Egress    []string
-	// ReleaseSHA256 and ReleaseLabel name the release the env file is written for.
-	ReleaseSHA256 string
-	ReleaseLabel  string
 	// Python is the interpreter the launcher runs; DefaultPython when empty.
 	Python string
 	// ConfigHash, when set, is written into the env file so that a running process shows which
@@ -174,10 +172,10 @@ func EnvFile(s Settings) (string, error) {
 	put(EnvProfile, s.Profile.Name)
 	put(EnvMode, string(s.Mode))
 	put(EnvExec, s.Exec)
-	put(EnvReleaseSHA, s.ReleaseSHA256)
-	put(EnvReleaseLabel, s.ReleaseLabel)
 	put(EnvPython, python)
 	put(EnvIsolation, string(s.Isolation))
+	// No user site-packages, whatever HOME is (the launcher also runs Python with -s).
+	put("PYTHONNOUSERSITE", "1")
 	if s.ConfigHash != "" {
 		put(EnvConfigHash, s.ConfigHash)
 	}

@@ -45,7 +45,24 @@ type Options struct {
 	CrashAtStart bool
 	// CrashAfter builds a release that starts, answers, and exits 4 after this long.
 	CrashAfter time.Duration
+	// Hostile makes the runtime attack the agent that runs it (see the Hostile* constants).
+	Hostile string
+	// SwapTarget is where the HostileSwap runtime points its symlink.
+	SwapTarget string
 }
+
+// Hostile runtimes: a gateway that runs someone's code and turns on its host.
+const (
+	// HostileMute accepts on its status socket and never answers.
+	HostileMute = "mute"
+	// HostileSwap serves normally while it swaps $AGENT_HOME/sub with a symlink to SwapTarget
+	// (renameat2 RENAME_EXCHANGE) as fast as it can, for root to follow.
+	HostileSwap = "swap"
+	// HostileForge serves normally and, as soon as its profile's `current` moves, makes itself
+	// look like the new release: it rewrites its own environment block, moves into the new
+	// release folder and reports the new sha on its status endpoint.
+	HostileForge = "forge"
+)
 
 // Tarball is one built release.
 type Tarball struct {
@@ -62,6 +79,10 @@ func Build(o Options) (*Tarball, error) {
 		o.Tools = []string{"search", "summarize"}
 	}
 	release := map[string]any{"version": o.Version, "tools": o.Tools, "crash_at_start": o.CrashAtStart}
+	if o.Hostile != "" {
+		release["hostile"] = o.Hostile
+		release["swap_target"] = o.SwapTarget
+	}
 	if o.CrashAfter > 0 {
 		release["crash_after"] = o.CrashAfter.Seconds()
 	}
@@ -172,6 +193,7 @@ type Status struct {
 	Profile     string            `json:"profile"`
 	ReleaseSHA  string            `json:"release_sha"`
 	PythonPath  string            `json:"pythonpath"`
+	SysPath     []string          `json:"sys_path"`
 	Version     string            `json:"version"`
 	Tools       []string          `json:"tools"`
 	ReleaseRoot string            `json:"release_root"`
@@ -184,12 +206,12 @@ type Status struct {
 // GetStatus asks a runtime for its status over its unix socket (a path the caller can reach),
 // with the node agent's own client.
 func GetStatus(ctx context.Context, socket string) (*Status, error) {
-	_, raw, err := proof.ReadStatus(ctx, socket)
+	reply, err := proof.ReadStatusSocket(ctx, socket)
 	if err != nil {
 		return nil, err
 	}
 	var st Status
-	return &st, json.Unmarshal(raw, &st)
+	return &st, json.Unmarshal(reply.Raw, &st)
 }
 
 // SampleDir and SampleFile are where config/samples/release.yaml expects the runtime's 1.0.0

@@ -88,6 +88,7 @@ def status(home):
         "profile": os.environ.get("AGENT_PROFILE", ""),
         "release_sha": os.environ.get("AGENT_RELEASE_SHA256", ""),
         "pythonpath": os.environ.get("PYTHONPATH", ""),
+        "sys_path": [os.path.abspath(p or os.curdir) for p in sys.path],
         "version": info["version"],
         "tools": info["tools"],
         "release_root": os.path.dirname(HERE),
@@ -99,6 +100,70 @@ def status(home):
 
 class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+
+
+def mute(path):
+    """Hostile: accept on the status socket and never answer."""
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(path)
+    os.chmod(path, 0o600)
+    s.listen(64)
+    print("agent_cli: mute on %s" % path, flush=True)
+    held = []
+    while True:
+        conn, _ = s.accept()
+        held.append(conn)
+
+
+def swap_forever(home, target):
+    """Hostile: exchange home/sub with a symlink to target, as fast as possible."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    sub, link = os.path.join(home, "sub"), os.path.join(home, "swap")
+    os.makedirs(os.path.join(sub, "deeper"), exist_ok=True)
+    if not os.path.lexists(link):
+        os.symlink(target, link)
+    at_fdcwd, rename_exchange = -100, 2
+    a, b = sub.encode(), link.encode()
+    while True:
+        libc.renameat2(at_fdcwd, a, at_fdcwd, b, rename_exchange)
+
+
+def rewrite_environ(updates):
+    """Hostile: overwrite this process's environment block in place, so /proc/<pid>/environ
+    shows the new values."""
+    import ctypes
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    start, end = int(fields[47]), int(fields[48])  # env_start, env_end (fields 50, 51)
+    old = ctypes.string_at(start, end - start)
+    out = []
+    for kv in old.split(b"\0"):
+        k, _, _ = kv.partition(b"=")
+        if k.decode() in updates:
+            kv = k + b"=" + updates[k.decode()].encode()
+        out.append(kv)
+    new = b"\0".join(out)
+    if len(new) <= len(old):
+        ctypes.memmove(start, new.ljust(len(old), b"\0"), len(old))
+
+
+def forge_forever(snapshot):
+    """Hostile: when `current` moves, look like the new release without restarting."""
+    root = os.environ["AGENT_ROOT"]
+    seen = os.readlink(root)
+    while True:
+        now = os.readlink(root)
+        if now != seen:
+            seen = now
+            target = os.path.realpath(root)
+            sha, _, label = os.path.basename(target).partition("-")
+            rewrite_environ({"AGENT_RELEASE_SHA256": sha, "AGENT_RELEASE_LABEL": label})
+            os.chdir(target)
+            snapshot["release_sha"] = sha
+            snapshot["cwd"] = target
+            snapshot["sys_path"] = [target if p == HERE.rsplit("/", 1)[0] else p for p in snapshot["sys_path"]]
+        threading.Event().wait(0.005)
 
 
 def serve(mode):
@@ -114,8 +179,15 @@ def serve(mode):
         os.unlink(path)  # --replace: a previous instance's socket is taken over
     except FileNotFoundError:
         pass
+    hostile = info.get("hostile")
+    if hostile == "mute":
+        mute(path)
     snapshot = status(home)
     snapshot["mode"] = mode
+    if hostile == "swap":
+        threading.Thread(target=swap_forever, args=(home, info["swap_target"]), daemon=True).start()
+    if hostile == "forge":
+        threading.Thread(target=forge_forever, args=(snapshot,), daemon=True).start()
     if info.get("crash_after"):
         # A release that starts, answers, then dies: what a health probe is for.
         threading.Timer(info["crash_after"], lambda: os._exit(4)).start()

@@ -1,0 +1,213 @@
+package apply_test
+
+import (
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
+	"github.com/agent-gateway/gateway-operator/nodeagent/apply"
+	"github.com/agent-gateway/gateway-operator/nodeagent/proof"
+	"github.com/agent-gateway/gateway-operator/test/agentruntime"
+	"github.com/agent-gateway/gateway-operator/test/systemdhost"
+)
+
+// The TestHostileGateway tests run gateways that attack the agent running them, on real
+// systemd hosts, and check that each attack gains nothing.
+
+// TestHostileGatewaySymlinkSwapGainsNoFile: while the gateway swaps a folder of its home with a
+// symlink to a root-owned folder as fast as it can, the agent re-applies the profile many
+// times, switching it between isolation modes so that every other apply hands the home to
+// another user. The root-owned folder and its file never change hands.
+func TestHostileGatewaySymlinkSwapGainsNoFile(t *testing.T) {
+	f := newFixture(t, systemdhost.Options{})
+	canaryDir := filepath.Join(f.host.Root, "opt/canary")
+	if err := os.MkdirAll(canaryDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	canary := filepath.Join(canaryDir, "shadow")
+	if err := os.WriteFile(canary, []byte("root only"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r := f.publish(agentruntime.Options{Version: "1.0.0", Hostile: agentruntime.HostileSwap, SwapTarget: "/opt/canary"})
+	in := instance("core", r)
+	const applies = 12
+	for i := range applies {
+		in.Isolation = v1.IsolationProduction
+		if i%2 == 1 {
+			in.Isolation = v1.IsolationConvenience
+		}
+		f.mustApply(in)
+		// Let the swapper run a while against the home as the apply left it.
+		time.Sleep(50 * time.Millisecond)
+		for _, p := range []string{canaryDir, canary} {
+			fi, err := os.Lstat(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if st := fi.Sys().(*syscall.Stat_t); st.Uid != 0 || st.Gid != 0 {
+				t.Fatalf("apply %d: %s was taken over by uid %d gid %d", i+1, p, st.Uid, st.Gid)
+			}
+		}
+	}
+	// The swapper really ran: the symlink it plants exists in the home.
+	if _, err := os.Lstat(filepath.Join(f.host.Root, "opt/agent/gateways/core/home/swap")); err != nil {
+		if _, err2 := os.Lstat(filepath.Join(f.host.Root, "opt/agent/gateways/core/home/sub")); err2 != nil {
+			t.Fatalf("the hostile runtime never set up its swap: %v / %v", err, err2)
+		}
+	}
+}
+
+// TestHostileGatewayMuteSocketDoesNotStallSiblings: a gateway that accepts on its status socket
+// and never answers holds only its own apply (for at most the proof timeout); a sibling applied
+// at the same time is changed and proven while the mute one is still waiting.
+func TestHostileGatewayMuteSocketDoesNotStallSiblings(t *testing.T) {
+	f := newFixture(t, systemdhost.Options{})
+	good1 := f.publish(agentruntime.Options{Version: "1.0.0"})
+	good2 := f.publish(agentruntime.Options{Version: "2.0.0"})
+	mute := f.publish(agentruntime.Options{Version: "9.0.0", Hostile: agentruntime.HostileMute})
+	f.mustApply(instance("api", good1))
+	f.applier.ProofTimeout = 8 * proof.StatusTimeout
+
+	muteDone := make(chan error, 1)
+	go func() {
+		_, err := f.applier.Apply(context.Background(), instance("core", mute))
+		muteDone <- err
+	}()
+	// Wait until the mute gateway is up and holding a connection of the agent.
+	deadline := time.Now().Add(30 * time.Second)
+	for f.mainPID("core") == 0 && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	out, err := f.applier.Apply(context.Background(), instance("api", good2))
+	if err != nil {
+		t.Fatalf("the sibling's apply failed while core was mute: %v", err)
+	}
+	select {
+	case err := <-muteDone:
+		t.Fatalf("the mute gateway's apply ended (%v) before the sibling's: nothing was shown", err)
+	default:
+	}
+	if out.Current.Label != "2.0.0" || !out.Restarted {
+		t.Errorf("sibling outcome %+v", out)
+	}
+	f.assertServes("api", good2)
+	select {
+	case err := <-muteDone:
+		var fail *apply.Failure
+		if !errors.As(err, &fail) || fail.Reason != "ProofFailed" {
+			t.Fatalf("mute gateway: %v, want a ProofFailed failure", err)
+		}
+	case <-time.After(10 * f.applier.ProofTimeout):
+		t.Fatal("the mute gateway's apply never ended")
+	}
+}
+
+// TestHostileGatewayForgedProofIsNotTrusted: a gateway that, when its release changes, rewrites
+// its own environment block, moves into the new release folder and reports the new sha on its
+// status endpoint still gets restarted: the agent restarts after every change to what a
+// gateway reads at start, and proves the new process (new PID and kernel start time).
+func TestHostileGatewayForgedProofIsNotTrusted(t *testing.T) {
+	f := newFixture(t, systemdhost.Options{})
+	r1 := f.publish(agentruntime.Options{Version: "1.0.0", Hostile: agentruntime.HostileForge})
+	r2 := f.publish(agentruntime.Options{Version: "2.0.0"})
+	first := f.mustApply(instance("core", r1))
+	out := f.mustApply(instance("core", r2))
+	if !out.Restarted {
+		t.Fatal("the agent took the forging gateway's word and did not restart it")
+	}
+	if out.MainPID == first.MainPID && out.Alignment.StartTime == first.Alignment.StartTime {
+		t.Fatalf("the proof names the old process (pid %d, start %d)", out.MainPID, out.Alignment.StartTime)
+	}
+	st := f.status("core")
+	if st.Version != "2.0.0" || st.PID != int(out.MainPID) {
+		t.Fatalf("the gateway runs version %s as pid %d, want 2.0.0 as %d", st.Version, st.PID, out.MainPID)
+	}
+	if got := strings.Join(out.Alignment.SelfReported, ","); !strings.Contains(got, "environ") || !strings.Contains(got, "status") {
+		t.Errorf("the proof does not say which facts are self-reported: %q", got)
+	}
+	if out.Alignment.ControlGroup == "" || out.Alignment.StartTime == 0 {
+		t.Errorf("the proof lacks the root-controlled facts: %+v", out.Alignment)
+	}
+}
+
+// TestHostileGatewayCannotReadSiblingEnv: env files are root's and 0600; a sibling's gateway,
+// under its own user, is refused.
+func TestHostileGatewayCannotReadSiblingEnv(t *testing.T) {
+	f := newFixture(t, systemdhost.Options{})
+	r := f.publish(agentruntime.Options{Version: "1.0.0"})
+	core, api := instance("core", r), instance("api", r)
+	core.Env = []v1.EnvVar{{Name: "CHANNEL_TOKEN", Value: "s3cret-core-token"}}
+	f.mustApply(core)
+	f.mustApply(api)
+	env := filepath.Join(f.host.Root, "opt/agent/gateways/core/env")
+	fi, err := os.Stat(env)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st := fi.Sys().(*syscall.Stat_t); fi.Mode().Perm() != 0o600 || st.Uid != 0 {
+		t.Fatalf("core's env file: mode %v uid %d, want 0600 root", fi.Mode(), st.Uid)
+	}
+	// Read it as api's user, in api's sandbox, the way api's gateway would.
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	out, err := f.host.Exec(ctx, "systemd-run", "--wait", "--pipe", "--quiet", "--property=User=agent-api",
+		"/usr/bin/cat", "/opt/agent/gateways/core/env")
+	if err == nil || strings.Contains(string(out), "s3cret") {
+		t.Fatalf("agent-api read core's env file: %v\n%s", err, out)
+	}
+	if !strings.Contains(string(out), "Permission denied") {
+		t.Errorf("reading core's env file as agent-api: %v\n%s", err, out)
+	}
+}
+
+// TestHostileGatewayHomeCannotInjectCode: a profile whose env sets HOME to its own home, where
+// its gateway planted a usercustomize module, still imports only from its release and the
+// interpreter's library: the module never runs, and the import path the proof read says so.
+func TestHostileGatewayHomeCannotInjectCode(t *testing.T) {
+	f := newFixture(t, systemdhost.Options{})
+	r1 := f.publish(agentruntime.Options{Version: "1.0.0"})
+	r2 := f.publish(agentruntime.Options{Version: "2.0.0"})
+	in := instance("core", r1)
+	in.Env = []v1.EnvVar{{Name: "HOME", Value: "/opt/agent/gateways/core/home"}}
+	f.mustApply(in)
+	// What a compromised gateway would write into its home for its next start.
+	home := filepath.Join(f.host.Root, "opt/agent/gateways/core/home")
+	marker := "/opt/agent/gateways/core/home/injected"
+	py, err := exec.Command("python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	site := filepath.Join(home, ".local/lib/python"+strings.TrimSpace(string(py))+"/site-packages")
+	if err := os.MkdirAll(site, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(site, "usercustomize.py"), []byte("open('"+marker+"', 'w').write('ran')\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	u := f.status("core").UID
+	for _, p := range []string{filepath.Join(home, ".local"), filepath.Join(home, ".local/lib"), filepath.Dir(site), site, filepath.Join(site, "usercustomize.py")} {
+		if err := os.Lchown(p, u, u); err != nil {
+			t.Fatal(err)
+		}
+	}
+	in.Release = r2
+	out := f.mustApply(in)
+	if _, err := os.Stat(filepath.Join(f.host.Root, marker)); err == nil {
+		t.Fatal("the gateway imported usercustomize from its home")
+	}
+	for _, e := range out.Alignment.SysPath {
+		if strings.HasPrefix(e, "/opt/agent/gateways/core/home") {
+			t.Errorf("the gateway's import path holds its home: %q", out.Alignment.SysPath)
+		}
+	}
+	if len(out.Alignment.SysPath) == 0 {
+		t.Error("the proof holds no import path")
+	}
+}
