@@ -175,6 +175,12 @@ func (a *Applier) Apply(ctx context.Context, in Instance) (*Outcome, error) {
 		return nil, &Failure{Step: StepPrepare, Reason: "HostSetupFailed", Message: err.Error(), Retry: true}
 	}
 	user, err := a.prepareProfile(p, in.Isolation)
+	var conflict *users.ConflictError
+	if errors.As(err, &conflict) {
+		// Someone else's account: only a person can resolve it, and nothing of the profile was
+		// touched.
+		return nil, &Failure{Step: StepPrepare, Reason: "UserConflict", Message: err.Error()}
+	}
 	if err != nil {
 		return nil, &Failure{Step: StepPrepare, Reason: "HostSetupFailed", Message: err.Error(), Retry: true}
 	}
@@ -394,11 +400,11 @@ func (a *Applier) prepareHost() (bool, error) {
 // prepareProfile creates the profile's user and folders: home and logs owned by that user,
 // home 0700 so no sibling can look in.
 func (a *Applier) prepareProfile(p layout.Profile, iso v1.IsolationMode) (*users.User, error) {
-	name := p.User
+	name, role := p.User, users.RoleProfile
 	if iso == v1.IsolationConvenience {
-		name = unit.SharedUser
+		name, role = unit.SharedUser, users.RoleShared
 	}
-	u, err := a.users().Ensure(name)
+	u, err := a.users().Ensure(name, role)
 	if err != nil {
 		return nil, err
 	}
