@@ -48,7 +48,7 @@ func hostState(t *testing.T, root string) string {
 				}
 				fmt.Fprintf(&b, " -> %s", target)
 			case fi.Mode().IsRegular():
-				data, err := os.ReadFile(p)
+				data, err := os.ReadFile(p) //nolint:gosec // the test's own sandbox host, which nothing else changes meanwhile
 				if err != nil {
 					return err
 				}
@@ -137,7 +137,9 @@ func TestExistingUserIsNeverAdopted(t *testing.T) {
 	bar := instance("bar", r2)
 	bar.Isolation = v1.IsolationConvenience
 	_, err = f.applier.Apply(ctx, bar)
-	mustFail(t, err, apply.StepPrepare, "UserConflict")
+	if fail := mustFail(t, err, apply.StepPrepare, "UserConflict"); !strings.Contains(fail.Message, "user agent:") {
+		t.Errorf("the failure does not name the shared user: %s", fail.Message)
+	}
 
 	if after := hostState(t, f.host.Root); after != before {
 		t.Errorf("a refused apply changed the host:\nbefore:\n%s\nafter:\n%s", before, after)

@@ -77,7 +77,7 @@ type record struct {
 	GID  int    `json:"gid"`
 	// Pending is set from just before useradd until its result is recorded: a random mark that
 	// useradd writes into the new user's comment, so that a user found after a crash in between
-	// is recognised as the agent's own. The registry is root's and 0600, so nobody else knows it.
+	// is recognized as the agent's own. The registry is root's and 0600, so nobody else knows it.
 	Pending string `json:"pending,omitempty"`
 }
 
@@ -101,7 +101,7 @@ func (r *registry) put(rec record) {
 // maxRegistrySize bounds what is read; a registry of thousands of users is far below it.
 const maxRegistrySize = 1 << 20
 
-// mu serialises read-modify-write of registries: one agent process drives a host (the host lock),
+// mu serializes read-modify-write of registries: one agent process drives a host (the host lock),
 // but instances and the microVM path may ask for users at the same time.
 var mu sync.Mutex
 
@@ -203,7 +203,7 @@ func (m Manager) create(reg *registry, name string, role Role) (*User, error) {
 	if m.Root != "" && m.Root != "/" {
 		args = append(args, "--prefix", m.Root)
 	}
-	out, err := exec.Command("useradd", append(args, "--", name)...).CombinedOutput() //nolint:gosec // a fixed binary; the name is validated, and no shell is involved
+	out, err := exec.Command("useradd", append(args, "--", name)...).CombinedOutput() //nolint:gosec // a fixed binary, no shell, and "--" before the name
 	if err != nil {
 		return nil, fmt.Errorf("useradd %s: %v: %s", name, err, strings.TrimSpace(string(out)))
 	}

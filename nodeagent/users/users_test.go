@@ -225,7 +225,7 @@ func TestEnsureRefusesARegistryOthersCanWrite(t *testing.T) {
 }
 
 // TestEnsureFinishesACreationCutShort: the agent records its intent, runs useradd and records
-// the result; killed in between, the next Ensure recognises its own user by the mark it chose,
+// the result; killed in between, the next Ensure recognizes its own user by the mark it chose,
 // and nobody else's.
 func TestEnsureFinishesACreationCutShort(t *testing.T) {
 	m := newRoot(t)
