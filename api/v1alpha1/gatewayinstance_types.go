@@ -14,6 +14,7 @@ type GatewayInstanceSpec struct {
 	// +kubebuilder:validation:MaxLength=26
 	// +kubebuilder:validation:Pattern=`^[a-z]([-a-z0-9]*[a-z0-9])?$`
 	// +kubebuilder:validation:XValidation:rule="self == oldSelf",message="profile is immutable"
+	// +kubebuilder:validation:XValidation:rule="!(self in ['microvm'])",message="profile must not be a reserved name (microvm): agent-<name> is then an account the node agent uses for itself"
 	Profile string `json:"profile"`
 
 	// Host is the GatewayHost this instance runs on.

@@ -306,13 +306,15 @@ const (
 // GatewayProfile runs one agent runtime profile (a channel gateway, an HTTP API, an MCP
 // endpoint ...) on every selected host as its own systemd instance `agent-gateway@<name>`.
 // Its name is the profile name: a DNS label of at most 26 characters, so that the profile's
-// user `agent-<name>` fits Linux's 32-character limit.
+// user `agent-<name>` fits Linux's 32-character limit, and not a reserved name (`microvm`, whose
+// `agent-microvm` is the node agent's QEMU user).
 //
 // +kubebuilder:object:root=true
 // +kubebuilder:subresource:status
 // +kubebuilder:resource:scope=Cluster,shortName=gwp,categories=gateway
 // +kubebuilder:validation:XValidation:rule="self.metadata.name.size() <= 26",message="metadata.name: a profile name must be at most 26 characters, so that its user agent-<name> fits in 32"
 // +kubebuilder:validation:XValidation:rule="self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",message="metadata.name: a profile name must be a DNS label: lowercase letters, digits and '-', starting with a letter and ending with a letter or digit"
+// +kubebuilder:validation:XValidation:rule="!(self.metadata.name in ['microvm'])",message="metadata.name: a profile name must not be a reserved name (microvm): agent-<name> is then an account the node agent uses for itself"
 // +kubebuilder:printcolumn:name="Release",type=string,JSONPath=`.spec.release`
 // +kubebuilder:printcolumn:name="Hosts",type=integer,JSONPath=`.status.desired`
 // +kubebuilder:printcolumn:name="Updated",type=integer,JSONPath=`.status.updated`

@@ -3,6 +3,7 @@ package v1alpha1
 import (
 	"fmt"
 	"regexp"
+	"slices"
 )
 
 // MaxProfileNameLength keeps `agent-<profile>` within Linux's 32-character user names.
@@ -10,6 +11,12 @@ const MaxProfileNameLength = 32 - len(ProfileUserPrefix)
 
 // ProfileUserPrefix starts the system user name of every Production-isolated profile.
 const ProfileUserPrefix = "agent-"
+
+// ReservedProfileNames are not profile names: for each, agent-<name> is an account the node
+// agent uses for something else, and a profile must never run as it. agent-microvm is the account
+// QEMU runs tool-run microVMs as. The CRD schemas list the same names (gatewayprofile_types.go,
+// gatewayinstance_types.go); names_test.go checks that they agree.
+var ReservedProfileNames = []string{"microvm"}
 
 var (
 	profileNameRE = regexp.MustCompile(`^[a-z]([-a-z0-9]*[a-z0-9])?$`)
@@ -28,6 +35,8 @@ func ValidateProfileName(name string) error {
 		return fmt.Errorf("profile name %q is %d characters; at most %d fit in the user name %s<profile>", name, len(name), MaxProfileNameLength, ProfileUserPrefix)
 	case !profileNameRE.MatchString(name):
 		return fmt.Errorf("profile name %q is not a DNS label starting with a letter (lowercase letters, digits and '-')", name)
+	case slices.Contains(ReservedProfileNames, name):
+		return fmt.Errorf("profile name %q is reserved: %s%s is an account the node agent uses for itself", name, ProfileUserPrefix, name)
 	}
 	return nil
 }

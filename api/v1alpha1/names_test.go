@@ -1,6 +1,8 @@
 package v1alpha1
 
 import (
+	"os"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -25,6 +27,10 @@ func TestValidateProfileName(t *testing.T) {
 		{"-core", false},
 		{"co re", false},
 		{"core\n", false},
+		// agent-microvm is the node agent's QEMU user.
+		{"microvm", false},
+		{"microvm2", true},
+		{"my-microvm", true},
 	} {
 		err := ValidateProfileName(tc.name)
 		if (err == nil) != tc.ok {
@@ -84,6 +90,9 @@ func FuzzValidateProfileName(f *testing.F) {
 		if ValidateProfileName(name) != nil {
 			return
 		}
+		if slices.Contains(ReservedProfileNames, name) {
+			t.Fatalf("accepted the reserved name %q", name)
+		}
 		if len(ProfileUserPrefix+name) > 32 {
 			t.Fatalf("accepted %q: user name too long", name)
 		}
@@ -96,4 +105,26 @@ func FuzzValidateProfileName(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestReservedNamesInSchemas checks that the CRD rules refuse exactly ReservedProfileNames: the
+// schema markers cannot refer to the Go list, so the two are compared here.
+func TestReservedNamesInSchemas(t *testing.T) {
+	quoted := make([]string, len(ReservedProfileNames))
+	for i, n := range ReservedProfileNames {
+		quoted[i] = "'" + n + "'"
+	}
+	list := "[" + strings.Join(quoted, ", ") + "]"
+	for file, rule := range map[string]string{
+		"gatewayprofile_types.go":  `rule="!(self.metadata.name in ` + list + `)"`,
+		"gatewayinstance_types.go": `rule="!(self in ` + list + `)"`,
+	} {
+		src, err := os.ReadFile(file)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.Contains(string(src), rule) {
+			t.Errorf("%s has no schema rule %s", file, rule)
+		}
+	}
 }

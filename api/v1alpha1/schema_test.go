@@ -110,6 +110,7 @@ func TestCRDsInstalled(t *testing.T) {
 func TestProfileNameValidation(t *testing.T) {
 	mustCreate(t, profile("core"))
 	mustCreate(t, profile(strings.Repeat("a", 26)))
+	mustCreate(t, profile("microvm2"))
 	for _, tc := range []struct{ name, why string }{
 		{"../etc", "metadata.name"},
 		{"Core", "metadata.name"},
@@ -117,6 +118,8 @@ func TestProfileNameValidation(t *testing.T) {
 		{strings.Repeat("a", 27), "metadata.name: a profile name must be at most 26 characters"},
 		{"1core", "metadata.name: a profile name must be a DNS label"},
 		{"core-", "metadata.name"},
+		// agent-microvm is the node agent's QEMU user.
+		{"microvm", "metadata.name: a profile name must not be a reserved name"},
 	} {
 		t.Run(tc.name, func(t *testing.T) { mustReject(t, profile(tc.name), tc.why) })
 	}
@@ -206,16 +209,19 @@ func TestProfileSpecValidation(t *testing.T) {
 
 func TestInstanceNameMatchesSpec(t *testing.T) {
 	gi := func(name string) *v1.GatewayInstance {
+		profile, _, _ := strings.Cut(name, ".")
 		return &v1.GatewayInstance{
 			ObjectMeta: metav1.ObjectMeta{Name: name},
 			Spec: v1.GatewayInstanceSpec{
-				Profile: "core", Host: "node-1",
+				Profile: profile, Host: "node-1",
 				Release: v1.ReleaseArtifact{Name: "r1", URL: "https://example.com/a.tgz", SHA256: sha, Label: "1.0.0"},
 			},
 		}
 	}
 	mustCreate(t, gi("core.node-1"))
 	mustReject(t, gi("core.node-2"), "metadata.name must be <spec.profile>.<spec.host>")
+	// An instance is checked on its own too: the agent would otherwise run it as agent-microvm.
+	mustReject(t, gi("microvm.node-1"), "spec.profile", "reserved name")
 }
 
 func TestToolRunValidation(t *testing.T) {

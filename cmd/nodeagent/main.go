@@ -42,7 +42,7 @@ func main() {
 	zopts := zap.Options{}
 	flag.StringVar(&o.MicroVM.Guest, "microvm-guest", "", "folder with the tool-run microVM's vmlinuz and initramfs.cpio.gz (hack/microvm-guest.sh); empty turns host-local tool runs off")
 	flag.StringVar(&o.MicroVM.QEMU, "microvm-qemu", "", "qemu-system-x86_64 binary (default: from PATH)")
-	flag.StringVar(&o.MicroVM.User, "microvm-user", agent.DefaultMicroVMUser, "unprivileged system user QEMU runs as (created when missing)")
+	flag.StringVar(&o.MicroVM.User, "microvm-user", agent.DefaultMicroVMUser, "unprivileged system user QEMU runs as, created by the agent; an existing user it did not create, and any agent-<profile> name, is refused")
 	flag.StringVar(&o.MicroVM.WorkDir, "microvm-work-dir", agent.DefaultMicroVMWorkDir, "folder for per-run microVM files; keep it short")
 	flag.StringVar(&o.MicroVM.Accel, "microvm-accel", "auto", "tcg, kvm, or auto (KVM when QEMU's user can open /dev/kvm)")
 	flag.IntVar(&o.MicroVM.MemoryMiB, "microvm-memory-mib", microvm.DefaultMemoryMiB, "guest RAM per tool run")

@@ -28,6 +28,7 @@ import (
 	"github.com/agent-gateway/gateway-operator/nodeagent/microvm"
 	"github.com/agent-gateway/gateway-operator/nodeagent/release"
 	"github.com/agent-gateway/gateway-operator/nodeagent/systemd"
+	"github.com/agent-gateway/gateway-operator/nodeagent/unit"
 	"github.com/agent-gateway/gateway-operator/nodeagent/users"
 )
 
@@ -183,7 +184,10 @@ func startMicroVMs(o Options, log logr.Logger) (*microvm.Sockets, error) {
 	if m.WorkDir == "" {
 		m.WorkDir = DefaultMicroVMWorkDir
 	}
-	u, err := users.Manager{Root: o.Root}.Ensure(m.User)
+	if err := checkMicroVMUser(m.User); err != nil {
+		return nil, err
+	}
+	u, err := users.Manager{Root: o.Root}.Ensure(m.User, users.RoleMicroVM)
 	if err != nil {
 		return nil, fmt.Errorf("microVM user: %w", err)
 	}
@@ -200,6 +204,21 @@ func startMicroVMs(o Options, log logr.Logger) (*microvm.Sockets, error) {
 	}
 	log.Info("host-local tool runs on", "accel", runner.Accel(), "user", m.User, "uid", u.UID)
 	return &microvm.Sockets{Executor: runner, Log: log}, nil
+}
+
+// checkMicroVMUser refuses a QEMU user name that a gateway could also be given: the shared
+// Convenience user, or agent-<p> for any name p a profile may have. The default agent-microvm
+// passes because microvm is a reserved profile name; the user registry keeps the roles apart
+// as well.
+func checkMicroVMUser(name string) error {
+	if name == unit.SharedUser {
+		return fmt.Errorf("--microvm-user %s is the user Convenience-mode gateways run as", name)
+	}
+	if p, ok := layout.ProfileOfUser(name); ok {
+		return fmt.Errorf("--microvm-user %s is the user a profile named %s runs as; choose a name outside agent-<profile>, such as the default %s",
+			name, p, DefaultMicroVMUser)
+	}
+	return nil
 }
 
 // Defaults of the host-local microVM path.

@@ -237,17 +237,28 @@ func (a *Applier) Apply(ctx context.Context, in Instance) (*Outcome, error) {
 	return &r.out, nil
 }
 
-// prepare makes the host's shared layout and the profile's user and folders.
+// prepare makes the profile's user, the host's shared layout and the profile's folders. The
+// user comes first: an account the agent did not create stops the apply before anything on
+// the host is written.
 func (r *run) prepare() *Failure {
+	var err error
+	if r.user, err = r.a.ensureUser(r.p, r.in.Isolation); err != nil {
+		var conflict *users.ConflictError
+		if errors.As(err, &conflict) {
+			// Someone else's account: only a person can resolve it.
+			return &Failure{Reason: "UserConflict", Message: err.Error()}
+		}
+		return &Failure{Reason: "HostSetupFailed", Message: err.Error(), Retry: true}
+	}
+	r.out.User = r.user
 	changed, err := r.a.prepareHost()
 	if err != nil {
 		return &Failure{Reason: "HostSetupFailed", Message: err.Error(), Retry: true}
 	}
 	r.changed = r.changed || changed
-	if r.user, err = r.a.prepareProfile(r.p, r.in.Isolation); err != nil {
+	if err := r.a.prepareProfile(r.p, r.user); err != nil {
 		return &Failure{Reason: "HostSetupFailed", Message: err.Error(), Retry: true}
 	}
-	r.out.User = r.user
 	return nil
 }
 
@@ -541,25 +552,27 @@ func (a *Applier) prepareHost() (bool, error) {
 	return launcherChanged || unitsChanged, nil
 }
 
-// prepareProfile creates the profile's user and folders: home and logs owned by that user,
-// home 0700 so no sibling can look in. The profile folder itself is root's; everything inside
-// home and logs is the gateway's to change at any moment, so they are reached only through
-// userfs (fd-relative, never following a symlink) and changed only where they are not as wanted.
-func (a *Applier) prepareProfile(p layout.Profile, iso v1.IsolationMode) (*users.User, error) {
-	name := p.User
+// ensureUser returns the user the profile runs as, creating it if the agent never did:
+// agent-<profile> in Production mode, the shared user in Convenience mode.
+func (a *Applier) ensureUser(p layout.Profile, iso v1.IsolationMode) (*users.User, error) {
+	name, role := p.User, users.RoleProfile
 	if iso == v1.IsolationConvenience {
-		name = unit.SharedUser
+		name, role = unit.SharedUser, users.RoleShared
 	}
-	u, err := a.users().Ensure(name)
-	if err != nil {
-		return nil, err
-	}
+	return a.users().Ensure(name, role)
+}
+
+// prepareProfile creates the profile's folders: home and logs owned by its user, home 0700 so
+// no sibling can look in. The profile folder itself is root's; everything inside home and logs
+// is the gateway's to change at any moment, so they are reached only through userfs
+// (fd-relative, never following a symlink) and changed only where they are not as wanted.
+func (a *Applier) prepareProfile(p layout.Profile, u *users.User) error {
 	if err := os.MkdirAll(a.Host.On(p.Dir), 0o755); err != nil { //nolint:gosec // the profile folder is traversed by its gateway user
-		return nil, err
+		return err
 	}
 	dir, err := userfs.OpenDir(a.Host.On(p.Dir))
 	if err != nil {
-		return nil, err
+		return err
 	}
 	defer dir.Close()
 	owner := userfs.Owner{UID: u.UID, GID: u.GID}
@@ -568,10 +581,10 @@ func (a *Applier) prepareProfile(p layout.Profile, iso v1.IsolationMode) (*users
 		mode os.FileMode
 	}{{path.Base(p.Home), 0o700}, {path.Base(p.Logs), 0o750}} {
 		if err := userfs.EnsureDir(dir, d.name, d.mode, owner); err != nil {
-			return nil, err
+			return err
 		}
 	}
-	return u, nil
+	return nil
 }
 
 // collect removes releases beyond the newest KeepReleases, never one a profile's `current` or

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"path"
 	"path/filepath"
+	"strings"
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
 )
@@ -27,6 +28,9 @@ const (
 	UnitPattern = "agent-gateway@*.service"
 	// DropInName is the agent's drop-in file inside an instance's .d folder.
 	DropInName = "50-gateway-operator.conf"
+	// UsersRegistry lists the system users the agent created (root's, mode 0600); the agent uses
+	// no other account.
+	UsersRegistry = AgentDir + "/users.json"
 )
 
 // Host resolves host paths under a root prefix.
@@ -86,4 +90,12 @@ func ForProfile(name string) (Profile, error) {
 		DropIn:       path.Join(UnitDir, unit+".d", DropInName),
 		User:         v1.ProfileUserPrefix + name,
 	}, nil
+}
+
+// ProfileOfUser returns the profile that runs as user under Production isolation: p for
+// agent-<p> when p is a valid profile name. A reserved name is not a valid profile name, so the
+// agent's own agent-microvm belongs to no profile.
+func ProfileOfUser(user string) (string, bool) {
+	p, ok := strings.CutPrefix(user, v1.ProfileUserPrefix)
+	return p, ok && v1.ValidateProfileName(p) == nil
 }
