@@ -28,6 +28,10 @@ type Limits struct {
 	MaxDownloadBytes int64 // size of the .tar.gz; default 512 MiB
 	MaxUnpackedBytes int64 // sum of regular file sizes after unpacking; default 2 GiB
 	MaxEntries       int   // tar entries; default 100000
+	// MaxHeaderBytes bounds everything the tar reader consumes between entries: headers, PAX
+	// and GNU extended headers (which are not entries of their own), padding and the trailer.
+	// Default 256 MiB, about 2.6 KiB per entry at MaxEntries.
+	MaxHeaderBytes int64
 }
 
 // DefaultLimits returns the limits used for every field left at zero.
@@ -36,6 +40,7 @@ func DefaultLimits() Limits {
 		MaxDownloadBytes: 512 << 20,
 		MaxUnpackedBytes: 2 << 30,
 		MaxEntries:       100000,
+		MaxHeaderBytes:   256 << 20,
 	}
 }
 
@@ -51,6 +56,9 @@ func (l Limits) withDefaults() Limits {
 	}
 	if l.MaxEntries <= 0 {
 		l.MaxEntries = d.MaxEntries
+	}
+	if l.MaxHeaderBytes <= 0 {
+		l.MaxHeaderBytes = d.MaxHeaderBytes
 	}
 	return l
 }
