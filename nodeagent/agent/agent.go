@@ -47,6 +47,9 @@ type Options struct {
 	Python string
 	// KeepReleases is how many releases stay on disk.
 	KeepReleases int
+	// ReleaseFileRoot is the only folder (on the agent's own filesystem) file:// release URLs
+	// may name a file in; empty turns file:// off. See DefaultReleaseFileRoot.
+	ReleaseFileRoot string
 	// HeartbeatInterval is how often the GatewayHost is refreshed.
 	HeartbeatInterval time.Duration
 	// ProofTimeout bounds the wait for a restarted gateway.
@@ -95,6 +98,9 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 	if o.BusAddress == "" {
 		return fmt.Errorf("a D-Bus address for the host's systemd is required")
 	}
+	if o.ReleaseFileRoot != "" && !filepath.IsAbs(o.ReleaseFileRoot) {
+		return fmt.Errorf("the release file folder %q is not an absolute path", o.ReleaseFileRoot)
+	}
 	unlock, err := lockHost(layout.Host{Root: o.Root})
 	if err != nil {
 		return err
@@ -125,7 +131,7 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 	applier := &apply.Applier{
 		Host:         host,
 		Systemd:      sd,
-		Releases:     &release.Store{Dir: host.On(layout.ReleasesDir)},
+		Releases:     &release.Store{Dir: host.On(layout.ReleasesDir), FileRoot: o.ReleaseFileRoot},
 		ProcRoot:     o.ProcRoot,
 		Launcher:     o.Launcher,
 		Python:       o.Python,
@@ -185,6 +191,10 @@ func startMicroVMs(o Options, log logr.Logger) (*microvm.Sockets, error) {
 	log.Info("host-local tool runs on", "accel", runner.Accel(), "user", m.User, "uid", u.UID)
 	return &microvm.Sockets{Executor: runner, Log: log}, nil
 }
+
+// DefaultReleaseFileRoot is the release drop folder: where an administrator puts tarballs that
+// Releases name with file:// URLs (config/samples/release.yaml uses it).
+const DefaultReleaseFileRoot = "/var/lib/gateway-operator/releases"
 
 // Defaults of the host-local microVM path.
 const (

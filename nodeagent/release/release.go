@@ -20,6 +20,8 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
 )
 
@@ -65,7 +67,7 @@ func (l Limits) withDefaults() Limits {
 
 // Artifact is one release to stage.
 type Artifact struct {
-	URL    string // http://, https:// or file:// (file:///abs/path on the agent's own filesystem)
+	URL    string // http://, https:// or file:// (file:///abs/path under Store.FileRoot on the agent's own filesystem)
 	SHA256 string // 64 lowercase hex
 	Label  string // e.g. "1.4.2"; validated with v1alpha1.ValidateReleaseLabel
 }
@@ -76,6 +78,10 @@ type Store struct {
 	Dir        string       // the releases folder, e.g. <root>/opt/agent/releases
 	Limits     Limits       // zero fields => DefaultLimits()
 	HTTPClient *http.Client // nil => a client with sane timeouts
+	// FileRoot is the only folder file:// URLs may name a file in, an absolute path on the
+	// agent's own filesystem; empty turns file:// off. It should be writable by root only. Files
+	// are opened beneath it without following any symlink, and only regular files are read.
+	FileRoot string
 }
 
 // RejectedError means the artifact itself is bad (wrong digest, hostile or oversized tarball,
@@ -163,6 +169,12 @@ func (s *Store) Ensure(ctx context.Context, a Artifact) (string, error) {
 	if err != nil {
 		return "", err
 	}
+	var rel string // a file URL's path inside FileRoot
+	if u.Scheme == "file" {
+		if rel, err = s.fileRel(u); err != nil {
+			return "", err
+		}
+	}
 	final := s.Path(a)
 	switch fi, err := os.Lstat(final); {
 	case err == nil && fi.IsDir():
@@ -176,7 +188,7 @@ func (s *Store) Ensure(ctx context.Context, a Artifact) (string, error) {
 		return "", fmt.Errorf("release %s: %w", a.Label, err)
 	}
 
-	archive, err := s.download(ctx, a, u)
+	archive, err := s.download(ctx, a, u, rel)
 	if err != nil {
 		return "", err
 	}
@@ -255,6 +267,9 @@ func validate(a Artifact) (*url.URL, error) {
 		if u.Opaque != "" || !filepath.IsAbs(u.Path) {
 			return nil, reject(ReasonBadArtifact, "release URL %s is not an absolute file URL (file:///abs/path)", u.Redacted())
 		}
+		if strings.IndexByte(u.Path, 0) >= 0 {
+			return nil, reject(ReasonBadArtifact, "release URL %s has a NUL in its path", u.Redacted())
+		}
 	default:
 		return nil, reject(ReasonBadArtifact, "release URL %s has scheme %q; want http, https or file", u.Redacted(), u.Scheme)
 	}
@@ -263,8 +278,8 @@ func validate(a Artifact) (*url.URL, error) {
 
 // download fetches the artifact into a temp file inside Dir and checks its digest. On success
 // the file is open and positioned at its start; the caller removes it.
-func (s *Store) download(ctx context.Context, a Artifact, u *url.URL) (*os.File, error) {
-	body, size, err := s.open(ctx, u)
+func (s *Store) download(ctx context.Context, a Artifact, u *url.URL, rel string) (*os.File, error) {
+	body, size, err := s.open(ctx, u, rel)
 	if err != nil {
 		return nil, err
 	}
@@ -301,10 +316,11 @@ func (s *Store) download(ctx context.Context, a Artifact, u *url.URL) (*os.File,
 	return f, nil
 }
 
-// open starts reading the artifact and returns its size when known in advance, else -1.
-func (s *Store) open(ctx context.Context, u *url.URL) (io.ReadCloser, int64, error) {
+// open starts reading the artifact and returns its size when known in advance, else -1. rel is
+// a file URL's path inside FileRoot.
+func (s *Store) open(ctx context.Context, u *url.URL, rel string) (io.ReadCloser, int64, error) {
 	if u.Scheme == "file" {
-		return openFile(ctx, u)
+		return s.openFile(ctx, u, rel)
 	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
 	if err != nil {
@@ -335,22 +351,69 @@ func (s *Store) open(ctx context.Context, u *url.URL) (io.ReadCloser, int64, err
 	}
 }
 
-func openFile(ctx context.Context, u *url.URL) (io.ReadCloser, int64, error) {
-	f, err := os.Open(u.Path)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, 0, reject(ReasonNotFound, "%s does not exist", u.Path)
+// outsideFileRoot is the one answer for every file URL that is not under FileRoot. It depends
+// on nothing but the configuration: whether such a path exists, what it is and what it holds
+// must never reach an error or a status.
+func (s *Store) outsideFileRoot() error {
+	if s.FileRoot == "" {
+		return reject(ReasonBadArtifact, "file URLs are turned off on this host (no release file folder is configured)")
 	}
+	return reject(ReasonBadArtifact, "file URLs must name a file under %s", s.FileRoot)
+}
+
+// fileRel returns the path a file URL names relative to FileRoot, judged on its text alone, so
+// that nothing outside FileRoot is ever looked at.
+func (s *Store) fileRel(u *url.URL) (string, error) {
+	if s.FileRoot == "" {
+		return "", s.outsideFileRoot()
+	}
+	if !filepath.IsAbs(s.FileRoot) {
+		return "", fmt.Errorf("the release file folder %q is not an absolute path", s.FileRoot)
+	}
+	rel, err := filepath.Rel(filepath.Clean(s.FileRoot), filepath.Clean(u.Path))
+	if err != nil || rel == "." || !filepath.IsLocal(rel) {
+		return "", s.outsideFileRoot()
+	}
+	return rel, nil
+}
+
+// openFile opens FileRoot/rel for reading. The path is resolved by the kernel beneath FileRoot
+// with no symlink followed anywhere, and O_NONBLOCK keeps a fifo from blocking the open; only a
+// regular file is then read.
+func (s *Store) openFile(ctx context.Context, u *url.URL, rel string) (io.ReadCloser, int64, error) {
+	dir, err := unix.Open(s.FileRoot, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return nil, 0, fmt.Errorf("opening release: %w", err)
+		return nil, 0, fmt.Errorf("opening the release file folder %s: %w", s.FileRoot, err)
 	}
+	defer func() { _ = unix.Close(dir) }()
+	fd, err := unix.Openat2(dir, rel, &unix.OpenHow{
+		Flags:   unix.O_RDONLY | unix.O_NONBLOCK | unix.O_NOFOLLOW | unix.O_NOCTTY | unix.O_CLOEXEC,
+		Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS,
+	})
+	switch {
+	case err == nil:
+	case errors.Is(err, unix.ENOENT):
+		return nil, 0, reject(ReasonNotFound, "%s does not exist", u.Path)
+	case errors.Is(err, unix.ELOOP), errors.Is(err, unix.EXDEV):
+		return nil, 0, reject(ReasonBadArtifact, "%s is a symlink or is reached through one; file URLs may not use symlinks", u.Path)
+	case errors.Is(err, unix.ENOTDIR):
+		return nil, 0, reject(ReasonNotFound, "%s does not exist (a part of its path is not a folder)", u.Path)
+	case errors.Is(err, unix.ENXIO), errors.Is(err, unix.ENODEV):
+		return nil, 0, reject(ReasonBadArtifact, "%s is not a regular file", u.Path)
+	case errors.Is(err, unix.ENOSYS):
+		return nil, 0, fmt.Errorf("opening release %s: file URLs need openat2 (Linux 5.6 or later): %w", u.Path, err)
+	default:
+		return nil, 0, fmt.Errorf("opening release %s: %w", u.Path, err)
+	}
+	f := os.NewFile(uintptr(fd), u.Path)
 	fi, err := f.Stat()
 	if err != nil {
-		f.Close()
+		_ = f.Close()
 		return nil, 0, fmt.Errorf("opening release: %w", err)
 	}
 	// A fifo or device could block forever or never end.
 	if !fi.Mode().IsRegular() {
-		f.Close()
+		_ = f.Close()
 		return nil, 0, reject(ReasonBadArtifact, "%s is not a regular file", u.Path)
 	}
 	return struct {
