@@ -18,6 +18,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -82,7 +84,23 @@ type Store struct {
 	// agent's own filesystem; empty turns file:// off. It should be writable by root only. Files
 	// are opened beneath it without following any symlink, and only regular files are read.
 	FileRoot string
+	// FetchTimeout bounds one whole download, from connecting to the last byte; zero means
+	// DefaultFetchTimeout.
+	FetchTimeout time.Duration
+	// StallWindow and StallMinBytes cut off a download that hangs or trickles: in every
+	// StallWindow from the start of the request at least StallMinBytes more must arrive. Zero
+	// means DefaultStallWindow and DefaultStallMinBytes.
+	StallWindow   time.Duration
+	StallMinBytes int64
 }
+
+// Defaults of a Store's download deadlines. A download at the default limit of 512 MiB needs
+// about 300 KB/s to finish in time; below about 1 KiB/s it counts as stalled.
+const (
+	DefaultFetchTimeout  = 30 * time.Minute
+	DefaultStallWindow   = time.Minute
+	DefaultStallMinBytes = 64 << 10
+)
 
 // RejectedError means the artifact itself is bad (wrong digest, hostile or oversized tarball,
 // bad URL scheme, bad label/sha): retrying will not help. Reason is a short CamelCase word, one
@@ -129,10 +147,8 @@ func (s *Store) Path(a Artifact) string {
 
 func (s *Store) limits() Limits { return s.Limits.withDefaults() }
 
-// defaultClient bounds each phase of a request; the overall timeout still lets a full-size
-// download finish on a slow link.
+// defaultClient bounds each phase of a request; download bounds the whole of it.
 var defaultClient = &http.Client{
-	Timeout: 30 * time.Minute,
 	Transport: &http.Transport{
 		Proxy:                 http.ProxyFromEnvironment,
 		DialContext:           (&net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
@@ -279,9 +295,31 @@ func validate(a Artifact) (*url.URL, error) {
 // download fetches the artifact into a temp file inside Dir and checks its digest. On success
 // the file is open and positioned at its start; the caller removes it.
 func (s *Store) download(ctx context.Context, a Artifact, u *url.URL, rel string) (*os.File, error) {
-	body, size, err := s.open(ctx, u, rel)
+	timeout := orDefault(s.FetchTimeout, DefaultFetchTimeout)
+	window := orDefault(s.StallWindow, DefaultStallWindow)
+	minBytes := orDefault(s.StallMinBytes, DefaultStallMinBytes)
+	fctx, stall := context.WithCancelCause(ctx)
+	defer stall(nil)
+	fctx, cancel := context.WithTimeoutCause(fctx, timeout, fmt.Errorf("the download did not finish within %v", timeout))
+	defer cancel()
+	got := new(atomic.Int64)
+	stopWatch := watchProgress(got, window, minBytes, stall)
+	defer stopWatch()
+	// A cut-off download is the link's fault, not the artifact's: a plain error, retried.
+	cutOff := func(err error) error {
+		if ctx.Err() == nil && fctx.Err() != nil {
+			return context.Cause(fctx)
+		}
+		return err
+	}
+
+	body, size, err := s.open(fctx, u, rel)
 	if err != nil {
-		return nil, err
+		var rej *RejectedError
+		if errors.As(err, &rej) {
+			return nil, err
+		}
+		return nil, fmt.Errorf("release %s: downloading %s: %w", a.Label, u.Redacted(), cutOff(err))
 	}
 	defer body.Close()
 	limit := s.limits().MaxDownloadBytes
@@ -302,9 +340,10 @@ func (s *Store) download(ctx context.Context, a Artifact, u *url.URL, rel string
 	}()
 
 	h := sha256.New()
-	n, err := io.Copy(io.MultiWriter(f, h), io.LimitReader(body, limit+1))
+	n, err := io.Copy(io.MultiWriter(f, h), io.LimitReader(progressReader{body, got}, limit+1))
+	stopWatch()
 	if err != nil {
-		return nil, fmt.Errorf("release %s: downloading %s: %w", a.Label, u.Redacted(), err)
+		return nil, fmt.Errorf("release %s: downloading %s: %w", a.Label, u.Redacted(), cutOff(err))
 	}
 	if n > limit {
 		return nil, reject(ReasonTooLarge, "%s is more than %d bytes, the download limit", u.Redacted(), limit)
@@ -330,7 +369,7 @@ func (s *Store) open(ctx context.Context, u *url.URL, rel string) (io.ReadCloser
 	req.Header.Set("Accept-Encoding", "identity")
 	resp, err := s.client().Do(req)
 	if err != nil {
-		return nil, 0, fmt.Errorf("downloading release: %w", err)
+		return nil, 0, err
 	}
 	code := resp.StatusCode
 	if code >= 200 && code <= 299 {
@@ -420,6 +459,51 @@ func (s *Store) openFile(ctx context.Context, u *url.URL, rel string) (io.ReadCl
 		io.Reader
 		io.Closer
 	}{ctxReader{ctx, f}, f}, fi.Size(), nil
+}
+
+func orDefault[T time.Duration | int64](v, d T) T {
+	if v <= 0 {
+		return d
+	}
+	return v
+}
+
+// watchProgress calls stall once fewer than minBytes more have been counted in got during one
+// window, and returns a function that stops watching.
+func watchProgress(got *atomic.Int64, window time.Duration, minBytes int64, stall context.CancelCauseFunc) func() {
+	done := make(chan struct{})
+	go func() {
+		t := time.NewTicker(window)
+		defer t.Stop()
+		var last int64
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				n := got.Load()
+				if n-last < minBytes {
+					stall(fmt.Errorf("the download stalled: %d bytes arrived in the last %v; at least %d are needed", n-last, window, minBytes))
+					return
+				}
+				last = n
+			}
+		}
+	}()
+	var once sync.Once
+	return func() { once.Do(func() { close(done) }) }
+}
+
+// progressReader adds the bytes read through it to n.
+type progressReader struct {
+	r io.Reader
+	n *atomic.Int64
+}
+
+func (c progressReader) Read(p []byte) (int, error) {
+	k, err := c.r.Read(p)
+	c.n.Add(int64(k))
+	return k, err
 }
 
 // ctxReader stops a long local copy or extraction when ctx is done.
