@@ -33,6 +33,7 @@ func main() {
 	flag.StringVar(&o.Launcher, "launcher", filepath.Join(filepath.Dir(self), "launch"), "the launch binary to install on the host")
 	flag.StringVar(&o.Python, "python", unit.DefaultPython, "the interpreter gateways run")
 	flag.IntVar(&o.KeepReleases, "keep-releases", 5, "releases kept on disk per host")
+	flag.StringVar(&o.ReleaseFileRoot, "release-file-root", agent.DefaultReleaseFileRoot, "the only folder file:// release URLs may name a file in (root-writable only); empty turns file:// off")
 	flag.DurationVar(&o.HeartbeatInterval, "heartbeat-interval", 10*time.Second, "how often the GatewayHost heartbeat is written")
 	flag.DurationVar(&o.ProofTimeout, "proof-timeout", 30*time.Second, "how long a restarted gateway has to answer on its status endpoint")
 	flag.IntVar(&o.ConcurrentApplies, "concurrent-applies", agent.DefaultConcurrentApplies, "profiles applied at once; a hung profile holds only one of these")

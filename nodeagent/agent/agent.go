@@ -50,6 +50,9 @@ type Options struct {
 	Python string
 	// KeepReleases is how many releases stay on disk.
 	KeepReleases int
+	// ReleaseFileRoot is the only folder (on the agent's own filesystem) file:// release URLs
+	// may name a file in; empty turns file:// off. See DefaultReleaseFileRoot.
+	ReleaseFileRoot string
 	// HeartbeatInterval is how often the GatewayHost is refreshed.
 	HeartbeatInterval time.Duration
 	// ProofTimeout bounds the wait for a restarted gateway.
@@ -102,6 +105,9 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 	if o.BusAddress == "" {
 		return fmt.Errorf("a D-Bus address for the host's systemd is required")
 	}
+	if o.ReleaseFileRoot != "" && !filepath.IsAbs(o.ReleaseFileRoot) {
+		return fmt.Errorf("the release file folder %q is not an absolute path", o.ReleaseFileRoot)
+	}
 	unlock, err := lockHost(layout.Host{Root: o.Root})
 	if err != nil {
 		return err
@@ -132,7 +138,7 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 	applier := &apply.Applier{
 		Host:         host,
 		Systemd:      sd,
-		Releases:     &release.Store{Dir: host.On(layout.ReleasesDir)},
+		Releases:     &release.Store{Dir: host.On(layout.ReleasesDir), FileRoot: o.ReleaseFileRoot},
 		ProcRoot:     o.ProcRoot,
 		Launcher:     o.Launcher,
 		Python:       o.Python,
@@ -220,6 +226,10 @@ func checkMicroVMUser(name string) error {
 	}
 	return nil
 }
+
+// DefaultReleaseFileRoot is the release drop folder: where an administrator puts tarballs that
+// Releases name with file:// URLs (config/samples/release.yaml uses it).
+const DefaultReleaseFileRoot = "/var/lib/gateway-operator/releases"
 
 // Defaults of the host-local microVM path.
 const (

@@ -44,7 +44,8 @@ func newServer(t *testing.T, tls bool, body []byte) (*httptest.Server, *atomic.I
 	return srv, hits
 }
 
-// writeArtifact stores data as a file outside the releases folder and returns its file:// URL.
+// writeArtifact stores data as a file outside the releases folder (in the store's FileRoot, when
+// dir is the base newStore returned) and returns its file:// URL.
 func writeArtifact(t *testing.T, dir string, data []byte) string {
 	t.Helper()
 	p := filepath.Join(dir, "artifact.tar.gz")
@@ -57,7 +58,7 @@ func writeArtifact(t *testing.T, dir string, data []byte) string {
 func newStore(t *testing.T) (*Store, string) {
 	t.Helper()
 	base := tempDir(t)
-	return &Store{Dir: filepath.Join(base, "opt/agent/releases")}, base
+	return &Store{Dir: filepath.Join(base, "opt/agent/releases"), FileRoot: base}, base
 }
 
 // assertNoLeftovers fails if the releases folder holds anything but the given names.

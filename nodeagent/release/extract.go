@@ -21,6 +21,10 @@ const (
 	maxComponentLen = 255
 	// maxSymlinkDepth matches the kernel's limit on nested symlinks (MAXSYMLINKS).
 	maxSymlinkDepth = 40
+	// maxEntryHeaderBytes bounds what the tar reader consumes to find one entry: its header,
+	// its PAX or GNU extended headers and the previous entry's padding. Real archives need a
+	// few KiB; the names and link targets it could carry are limited to maxNameLen anyway.
+	maxEntryHeaderBytes = 64 << 10
 )
 
 // Mode bits of a tar header (the C values, not Go's fs.FileMode bits).
@@ -60,9 +64,15 @@ func Extract(r io.Reader, dest string, lim Limits) error {
 	if err != nil {
 		return x.readErr(err, "gzip header")
 	}
-	tr := tar.NewReader(zr)
+	meter := &headerMeter{r: zr, entryLimit: maxEntryHeaderBytes, totalLimit: x.lim.MaxHeaderBytes}
+	tr := tar.NewReader(meter)
 	for n := 1; ; n++ {
+		meter.begin()
 		hdr, err := tr.Next()
+		meter.active = false
+		if meter.over {
+			return meter.reject(n)
+		}
 		if err == io.EOF {
 			break
 		}
@@ -88,6 +98,50 @@ func Extract(r io.Reader, dest string, lim Limits) error {
 		}
 	}
 	return x.finish()
+}
+
+// errHeaderBudget stops archive/tar once a headerMeter's budget is spent.
+var errHeaderBudget = errors.New("header budget spent")
+
+// headerMeter counts the bytes archive/tar reads inside Next. PAX and GNU extended headers are
+// consumed there without ever being returned as entries, so without this bound a stream of
+// consecutive extended headers would cost unbounded work under any entry limit. Reading fails
+// as soon as a budget is spent, so such a stream is refused after at most one budget of work.
+type headerMeter struct {
+	r          io.Reader
+	active     bool  // inside Next
+	entry      int64 // bytes read by the current Next
+	total      int64 // bytes read by every Next so far
+	entryLimit int64
+	totalLimit int64
+	over       bool
+}
+
+func (m *headerMeter) begin() { m.active, m.entry = true, 0 }
+
+func (m *headerMeter) Read(p []byte) (int, error) {
+	if !m.active {
+		return m.r.Read(p)
+	}
+	if m.over {
+		return 0, errHeaderBudget
+	}
+	n, err := m.r.Read(p)
+	m.entry += int64(n)
+	m.total += int64(n)
+	if m.entry > m.entryLimit || m.total > m.totalLimit {
+		m.over = true
+		return n, errHeaderBudget
+	}
+	return n, err
+}
+
+// reject explains which budget the search for entry #n spent.
+func (m *headerMeter) reject(n int) error {
+	if m.entry > m.entryLimit {
+		return reject(ReasonTooLarge, "entry #%d: its headers (with any PAX or GNU extended headers before it) take more than %d bytes", n, m.entryLimit)
+	}
+	return reject(ReasonTooLarge, "the archive's headers (PAX and GNU extended headers included) take more than %d bytes, at entry #%d", m.totalLimit, n)
 }
 
 func checkEmpty(dest string) error {

@@ -5,6 +5,8 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -70,6 +72,9 @@ func hostileCases(tb testing.TB) []hostileCase {
 		{name: "setuid symlink", ents: []ent{withMode(symlink("s", "x"), 0o4777)}, reason: ReasonUnsafeArchive},
 		{name: "too many entries", ents: []ent{reg("a", ""), reg("b", ""), reg("c", ""), reg("d", "")}, lim: Limits{MaxEntries: 3}, reason: ReasonTooLarge},
 		{name: "too many entries counting pax globals", ents: validEntries(), lim: Limits{MaxEntries: len(validEntries()) - 1}, reason: ReasonTooLarge},
+		{name: "consecutive pax headers", raw: gz(tb, headerFlood(tb, 100, false)), reason: ReasonTooLarge},
+		{name: "consecutive gnu long-name headers", raw: gz(tb, headerFlood(tb, 100, true)), reason: ReasonTooLarge},
+		{name: "pax headers over the archive's header budget", ents: paxEntries(8), lim: Limits{MaxHeaderBytes: 8 << 10}, reason: ReasonTooLarge},
 		{name: "file over unpacked limit", ents: []ent{reg("big", strings.Repeat("0", 101))}, lim: Limits{MaxUnpackedBytes: 100}, reason: ReasonTooLarge},
 		{name: "files over unpacked limit", ents: []ent{reg("a", strings.Repeat("0", 40)), reg("b", strings.Repeat("0", 40)), reg("c", strings.Repeat("0", 40))}, lim: Limits{MaxUnpackedBytes: 100}, reason: ReasonTooLarge},
 		{name: "duplicate file", ents: []ent{x, x}, reason: ReasonUnsafeArchive},
@@ -269,4 +274,66 @@ func randomBytes(seed uint64, n int) []byte {
 		b[i] = byte(s)
 	}
 	return b
+}
+
+// paxEntries are n files that each carry a PAX record, about 1.5 KiB of headers apiece.
+func paxEntries(n int) []ent {
+	var ents []ent
+	for i := range n {
+		e := reg(fmt.Sprintf("f%d", i), "x")
+		e.hdr.PAXRecords = map[string]string{"comment": "one record"}
+		ents = append(ents, e)
+	}
+	return ents
+}
+
+// TestExtractHeaderFlood feeds a large stream of consecutive PAX headers, none of which is an
+// entry: it must be refused after reading little of it, naming the headers.
+func TestExtractHeaderFlood(t *testing.T) {
+	const n = 1 << 16 // 64 MiB of headers once unpacked
+	for _, gnu := range []bool{false, true} {
+		data := gz(t, headerFlood(t, n, gnu))
+		in := &countingReader{r: bytes.NewReader(data)}
+		err := Extract(in, tempDir(t), Limits{MaxEntries: 1})
+		rej, ok := asRejected(err)
+		if !ok || rej.Reason != ReasonTooLarge || !strings.Contains(rej.Message, "headers") {
+			t.Fatalf("gnu=%v: Extract: %v; want TooLarge naming the headers", gnu, err)
+		}
+		t.Logf("gnu=%v: %v; read %d of %d compressed bytes", gnu, rej, in.n, len(data))
+		if in.n > int64(len(data)/4) {
+			t.Errorf("gnu=%v: read %d of %d compressed bytes before refusing", gnu, in.n, len(data))
+		}
+	}
+}
+
+// TestExtractHeadersWithinBudget checks that ordinary PAX archives fit the default budget and
+// that the budget is inclusive.
+func TestExtractHeadersWithinBudget(t *testing.T) {
+	data := tgz(t, paxEntries(8)...)
+	if err := Extract(bytes.NewReader(data), tempDir(t), Limits{}); err != nil {
+		t.Fatalf("default limits: %v", err)
+	}
+	// Everything archive/tar reads while looking for entries: the whole stream but the eight
+	// one-byte bodies.
+	raw := rawTar(t, paxEntries(8)...)
+	budget := int64(len(raw)) - 8
+	if err := Extract(bytes.NewReader(data), tempDir(t), Limits{MaxHeaderBytes: budget}); err != nil {
+		t.Fatalf("a budget of exactly %d bytes: %v", budget, err)
+	}
+	err := Extract(bytes.NewReader(data), tempDir(t), Limits{MaxHeaderBytes: budget - 1})
+	if rej, ok := asRejected(err); !ok || rej.Reason != ReasonTooLarge {
+		t.Fatalf("a budget of %d bytes: %v; want TooLarge", budget-1, err)
+	}
+}
+
+// countingReader counts the bytes read through it.
+type countingReader struct {
+	r io.Reader
+	n int64
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n += int64(n)
+	return n, err
 }

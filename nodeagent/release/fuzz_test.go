@@ -30,6 +30,8 @@ func FuzzExtract(f *testing.F) {
 func FuzzTarStream(f *testing.F) {
 	f.Add(rawTar(f, validEntries()...))
 	f.Add(nulNameTar(f))
+	f.Add(headerFlood(f, 100, false))
+	f.Add(headerFlood(f, 100, true))
 	for _, c := range hostileCases(f) {
 		if c.raw == nil {
 			f.Add(rawTar(f, c.ents...))

@@ -110,6 +110,31 @@ func nulNameTar(tb testing.TB) []byte {
 	return data
 }
 
+// headerFlood is a tar stream whose one small file is preceded by n copies of an extended
+// header: PAX records when gnu is false, else GNU long-name headers. archive/tar consumes all of
+// them inside a single Next call, so none of them is an entry.
+func headerFlood(tb testing.TB, n int, gnu bool) []byte {
+	tb.Helper()
+	e := reg("f", "x")
+	if gnu {
+		e.hdr.Name = strings.Repeat("g", 200) // too long for ustar: one long-name header
+		e.hdr.Format = tar.FormatGNU
+	} else {
+		e.hdr.PAXRecords = map[string]string{"comment": "flood"}
+	}
+	one := rawTar(tb, e)
+	const ext = 1024 // the extended header's block and its one block of data
+	if one[156] != tar.TypeXHeader && one[156] != tar.TypeGNULongName {
+		tb.Fatalf("the first header has type %q; want an extended header", one[156])
+	}
+	var buf bytes.Buffer
+	for range n {
+		buf.Write(one[:ext])
+	}
+	buf.Write(one)
+	return buf.Bytes()
+}
+
 func sha(data []byte) string {
 	s := sha256.Sum256(data)
 	return hex.EncodeToString(s[:])

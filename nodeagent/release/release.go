@@ -18,7 +18,11 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
 )
@@ -28,6 +32,10 @@ type Limits struct {
 	MaxDownloadBytes int64 // size of the .tar.gz; default 512 MiB
 	MaxUnpackedBytes int64 // sum of regular file sizes after unpacking; default 2 GiB
 	MaxEntries       int   // tar entries; default 100000
+	// MaxHeaderBytes bounds everything the tar reader consumes between entries: headers, PAX
+	// and GNU extended headers (which are not entries of their own), padding and the trailer.
+	// Default 256 MiB, about 2.6 KiB per entry at MaxEntries.
+	MaxHeaderBytes int64
 }
 
 // DefaultLimits returns the limits used for every field left at zero.
@@ -36,6 +44,7 @@ func DefaultLimits() Limits {
 		MaxDownloadBytes: 512 << 20,
 		MaxUnpackedBytes: 2 << 30,
 		MaxEntries:       100000,
+		MaxHeaderBytes:   256 << 20,
 	}
 }
 
@@ -52,12 +61,15 @@ func (l Limits) withDefaults() Limits {
 	if l.MaxEntries <= 0 {
 		l.MaxEntries = d.MaxEntries
 	}
+	if l.MaxHeaderBytes <= 0 {
+		l.MaxHeaderBytes = d.MaxHeaderBytes
+	}
 	return l
 }
 
 // Artifact is one release to stage.
 type Artifact struct {
-	URL    string // http://, https:// or file:// (file:///abs/path on the agent's own filesystem)
+	URL    string // http://, https:// or file:// (file:///abs/path under Store.FileRoot on the agent's own filesystem)
 	SHA256 string // 64 lowercase hex
 	Label  string // e.g. "1.4.2"; validated with v1alpha1.ValidateReleaseLabel
 }
@@ -68,7 +80,27 @@ type Store struct {
 	Dir        string       // the releases folder, e.g. <root>/opt/agent/releases
 	Limits     Limits       // zero fields => DefaultLimits()
 	HTTPClient *http.Client // nil => a client with sane timeouts
+	// FileRoot is the only folder file:// URLs may name a file in, an absolute path on the
+	// agent's own filesystem; empty turns file:// off. It should be writable by root only. Files
+	// are opened beneath it without following any symlink, and only regular files are read.
+	FileRoot string
+	// FetchTimeout bounds one whole download, from connecting to the last byte; zero means
+	// DefaultFetchTimeout.
+	FetchTimeout time.Duration
+	// StallWindow and StallMinBytes cut off a download that hangs or trickles: in every
+	// StallWindow from the start of the request at least StallMinBytes more must arrive. Zero
+	// means DefaultStallWindow and DefaultStallMinBytes.
+	StallWindow   time.Duration
+	StallMinBytes int64
 }
+
+// Defaults of a Store's download deadlines. A download at the default limit of 512 MiB needs
+// about 300 KB/s to finish in time; below about 1 KiB/s it counts as stalled.
+const (
+	DefaultFetchTimeout  = 30 * time.Minute
+	DefaultStallWindow   = time.Minute
+	DefaultStallMinBytes = 64 << 10
+)
 
 // RejectedError means the artifact itself is bad (wrong digest, hostile or oversized tarball,
 // bad URL scheme, bad label/sha): retrying will not help. Reason is a short CamelCase word, one
@@ -115,10 +147,8 @@ func (s *Store) Path(a Artifact) string {
 
 func (s *Store) limits() Limits { return s.Limits.withDefaults() }
 
-// defaultClient bounds each phase of a request; the overall timeout still lets a full-size
-// download finish on a slow link.
+// defaultClient bounds each phase of a request; download bounds the whole of it.
 var defaultClient = &http.Client{
-	Timeout: 30 * time.Minute,
 	Transport: &http.Transport{
 		Proxy:                 http.ProxyFromEnvironment,
 		DialContext:           (&net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
@@ -155,6 +185,12 @@ func (s *Store) Ensure(ctx context.Context, a Artifact) (string, error) {
 	if err != nil {
 		return "", err
 	}
+	var rel string // a file URL's path inside FileRoot
+	if u.Scheme == "file" {
+		if rel, err = s.fileRel(u); err != nil {
+			return "", err
+		}
+	}
 	final := s.Path(a)
 	switch fi, err := os.Lstat(final); {
 	case err == nil && fi.IsDir():
@@ -168,7 +204,7 @@ func (s *Store) Ensure(ctx context.Context, a Artifact) (string, error) {
 		return "", fmt.Errorf("release %s: %w", a.Label, err)
 	}
 
-	archive, err := s.download(ctx, a, u)
+	archive, err := s.download(ctx, a, u, rel)
 	if err != nil {
 		return "", err
 	}
@@ -247,6 +283,9 @@ func validate(a Artifact) (*url.URL, error) {
 		if u.Opaque != "" || !filepath.IsAbs(u.Path) {
 			return nil, reject(ReasonBadArtifact, "release URL %s is not an absolute file URL (file:///abs/path)", u.Redacted())
 		}
+		if strings.IndexByte(u.Path, 0) >= 0 {
+			return nil, reject(ReasonBadArtifact, "release URL %s has a NUL in its path", u.Redacted())
+		}
 	default:
 		return nil, reject(ReasonBadArtifact, "release URL %s has scheme %q; want http, https or file", u.Redacted(), u.Scheme)
 	}
@@ -255,10 +294,32 @@ func validate(a Artifact) (*url.URL, error) {
 
 // download fetches the artifact into a temp file inside Dir and checks its digest. On success
 // the file is open and positioned at its start; the caller removes it.
-func (s *Store) download(ctx context.Context, a Artifact, u *url.URL) (*os.File, error) {
-	body, size, err := s.open(ctx, u)
+func (s *Store) download(ctx context.Context, a Artifact, u *url.URL, rel string) (*os.File, error) {
+	timeout := orDefault(s.FetchTimeout, DefaultFetchTimeout)
+	window := orDefault(s.StallWindow, DefaultStallWindow)
+	minBytes := orDefault(s.StallMinBytes, DefaultStallMinBytes)
+	fctx, stall := context.WithCancelCause(ctx)
+	defer stall(nil)
+	fctx, cancel := context.WithTimeoutCause(fctx, timeout, fmt.Errorf("the download did not finish within %v", timeout))
+	defer cancel()
+	got := new(atomic.Int64)
+	stopWatch := watchProgress(got, window, minBytes, stall)
+	defer stopWatch()
+	// A cut-off download is the link's fault, not the artifact's: a plain error, retried.
+	cutOff := func(err error) error {
+		if ctx.Err() == nil && fctx.Err() != nil {
+			return context.Cause(fctx)
+		}
+		return err
+	}
+
+	body, size, err := s.open(fctx, u, rel)
 	if err != nil {
-		return nil, err
+		var rej *RejectedError
+		if errors.As(err, &rej) {
+			return nil, err
+		}
+		return nil, fmt.Errorf("release %s: downloading %s: %w", a.Label, u.Redacted(), cutOff(err))
 	}
 	defer body.Close()
 	limit := s.limits().MaxDownloadBytes
@@ -279,9 +340,10 @@ func (s *Store) download(ctx context.Context, a Artifact, u *url.URL) (*os.File,
 	}()
 
 	h := sha256.New()
-	n, err := io.Copy(io.MultiWriter(f, h), io.LimitReader(body, limit+1))
+	n, err := io.Copy(io.MultiWriter(f, h), io.LimitReader(progressReader{body, got}, limit+1))
+	stopWatch()
 	if err != nil {
-		return nil, fmt.Errorf("release %s: downloading %s: %w", a.Label, u.Redacted(), err)
+		return nil, fmt.Errorf("release %s: downloading %s: %w", a.Label, u.Redacted(), cutOff(err))
 	}
 	if n > limit {
 		return nil, reject(ReasonTooLarge, "%s is more than %d bytes, the download limit", u.Redacted(), limit)
@@ -293,10 +355,11 @@ func (s *Store) download(ctx context.Context, a Artifact, u *url.URL) (*os.File,
 	return f, nil
 }
 
-// open starts reading the artifact and returns its size when known in advance, else -1.
-func (s *Store) open(ctx context.Context, u *url.URL) (io.ReadCloser, int64, error) {
+// open starts reading the artifact and returns its size when known in advance, else -1. rel is
+// a file URL's path inside FileRoot.
+func (s *Store) open(ctx context.Context, u *url.URL, rel string) (io.ReadCloser, int64, error) {
 	if u.Scheme == "file" {
-		return openFile(ctx, u)
+		return s.openFile(ctx, u, rel)
 	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
 	if err != nil {
@@ -306,7 +369,7 @@ func (s *Store) open(ctx context.Context, u *url.URL) (io.ReadCloser, int64, err
 	req.Header.Set("Accept-Encoding", "identity")
 	resp, err := s.client().Do(req)
 	if err != nil {
-		return nil, 0, fmt.Errorf("downloading release: %w", err)
+		return nil, 0, err
 	}
 	code := resp.StatusCode
 	if code >= 200 && code <= 299 {
@@ -326,28 +389,120 @@ func (s *Store) open(ctx context.Context, u *url.URL) (io.ReadCloser, int64, err
 	}
 }
 
-func openFile(ctx context.Context, u *url.URL) (io.ReadCloser, int64, error) {
-	f, err := os.Open(u.Path) //nolint:gosec // a file:// release URL names a local path by design
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, 0, reject(ReasonNotFound, "%s does not exist", u.Path)
+// outsideFileRoot is the one answer for every file URL that is not under FileRoot. It depends
+// on nothing but the configuration: whether such a path exists, what it is and what it holds
+// must never reach an error or a status.
+func (s *Store) outsideFileRoot() error {
+	if s.FileRoot == "" {
+		return reject(ReasonBadArtifact, "file URLs are turned off on this host (no release file folder is configured)")
 	}
+	return reject(ReasonBadArtifact, "file URLs must name a file under %s", s.FileRoot)
+}
+
+// fileRel returns the path a file URL names relative to FileRoot, judged on its text alone, so
+// that nothing outside FileRoot is ever looked at.
+func (s *Store) fileRel(u *url.URL) (string, error) {
+	if s.FileRoot == "" {
+		return "", s.outsideFileRoot()
+	}
+	if !filepath.IsAbs(s.FileRoot) {
+		return "", fmt.Errorf("the release file folder %q is not an absolute path", s.FileRoot)
+	}
+	rel, err := filepath.Rel(filepath.Clean(s.FileRoot), filepath.Clean(u.Path))
+	if err != nil || rel == "." || !filepath.IsLocal(rel) {
+		return "", s.outsideFileRoot()
+	}
+	return rel, nil
+}
+
+// openFile opens FileRoot/rel for reading. The path is resolved by the kernel beneath FileRoot
+// with no symlink followed anywhere, and O_NONBLOCK keeps a fifo from blocking the open; only a
+// regular file is then read.
+func (s *Store) openFile(ctx context.Context, u *url.URL, rel string) (io.ReadCloser, int64, error) {
+	dir, err := unix.Open(s.FileRoot, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return nil, 0, fmt.Errorf("opening release: %w", err)
+		return nil, 0, fmt.Errorf("opening the release file folder %s: %w", s.FileRoot, err)
 	}
+	defer func() { _ = unix.Close(dir) }()
+	fd, err := unix.Openat2(dir, rel, &unix.OpenHow{
+		Flags:   unix.O_RDONLY | unix.O_NONBLOCK | unix.O_NOFOLLOW | unix.O_NOCTTY | unix.O_CLOEXEC,
+		Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS,
+	})
+	switch {
+	case err == nil:
+	case errors.Is(err, unix.ENOENT):
+		return nil, 0, reject(ReasonNotFound, "%s does not exist", u.Path)
+	case errors.Is(err, unix.ELOOP), errors.Is(err, unix.EXDEV):
+		return nil, 0, reject(ReasonBadArtifact, "%s is a symlink or is reached through one; file URLs may not use symlinks", u.Path)
+	case errors.Is(err, unix.ENOTDIR):
+		return nil, 0, reject(ReasonNotFound, "%s does not exist (a part of its path is not a folder)", u.Path)
+	case errors.Is(err, unix.ENXIO), errors.Is(err, unix.ENODEV):
+		return nil, 0, reject(ReasonBadArtifact, "%s is not a regular file", u.Path)
+	case errors.Is(err, unix.ENOSYS):
+		return nil, 0, fmt.Errorf("opening release %s: file URLs need openat2 (Linux 5.6 or later): %w", u.Path, err)
+	default:
+		return nil, 0, fmt.Errorf("opening release %s: %w", u.Path, err)
+	}
+	f := os.NewFile(uintptr(fd), u.Path)
 	fi, err := f.Stat()
 	if err != nil {
-		f.Close()
+		_ = f.Close()
 		return nil, 0, fmt.Errorf("opening release: %w", err)
 	}
 	// A fifo or device could block forever or never end.
 	if !fi.Mode().IsRegular() {
-		f.Close()
+		_ = f.Close()
 		return nil, 0, reject(ReasonBadArtifact, "%s is not a regular file", u.Path)
 	}
 	return struct {
 		io.Reader
 		io.Closer
 	}{ctxReader{ctx, f}, f}, fi.Size(), nil
+}
+
+func orDefault[T time.Duration | int64](v, d T) T {
+	if v <= 0 {
+		return d
+	}
+	return v
+}
+
+// watchProgress calls stall once fewer than minBytes more have been counted in got during one
+// window, and returns a function that stops watching.
+func watchProgress(got *atomic.Int64, window time.Duration, minBytes int64, stall context.CancelCauseFunc) func() {
+	done := make(chan struct{})
+	go func() {
+		t := time.NewTicker(window)
+		defer t.Stop()
+		var last int64
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				n := got.Load()
+				if n-last < minBytes {
+					stall(fmt.Errorf("the download stalled: %d bytes arrived in the last %v; at least %d are needed", n-last, window, minBytes))
+					return
+				}
+				last = n
+			}
+		}
+	}()
+	var once sync.Once
+	return func() { once.Do(func() { close(done) }) }
+}
+
+// progressReader adds the bytes read through it to n.
+type progressReader struct {
+	r io.Reader
+	n *atomic.Int64
+}
+
+func (c progressReader) Read(p []byte) (int, error) {
+	k, err := c.r.Read(p)
+	c.n.Add(int64(k))
+	return k, err
 }
 
 // ctxReader stops a long local copy or extraction when ctx is done.

@@ -23,6 +23,18 @@ import (
 
 func TestMain(m *testing.M) { os.Exit(systemdhost.RunWithLeakCheck(m)) }
 
+// dropDir is a folder for a test's release tarballs inside the agents' release drop folder
+// (the default --release-file-root), the only place file:// release URLs may point into.
+func dropDir(t *testing.T) string {
+	t.Helper()
+	d, err := os.MkdirTemp(agentruntime.SampleDir, "e2e-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(d) })
+	return d
+}
+
 func up(t *testing.T, hosts ...string) *stack.Stack {
 	t.Helper()
 	if os.Geteuid() != 0 {
@@ -156,7 +168,7 @@ func TestSamplesReachTwoHosts(t *testing.T) {
 
 	// A second release, for core only.
 	tb := agentruntime.MustBuild(t, agentruntime.Options{Version: "2.0.0"})
-	tarball := filepath.Join(t.TempDir(), "agent-runtime-2.0.0.tar.gz")
+	tarball := filepath.Join(dropDir(t), "agent-runtime-2.0.0.tar.gz")
 	if err := os.WriteFile(tarball, tb.Data, 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -218,7 +230,7 @@ spec:
 func TestCanaryCatchesBrokenRelease(t *testing.T) {
 	s := up(t, "edge-a", "edge-b", "edge-c")
 	ctx := context.Background()
-	dir := t.TempDir()
+	dir := dropDir(t)
 	publish := func(o agentruntime.Options) string {
 		tb := agentruntime.MustBuild(t, o)
 		tarball := filepath.Join(dir, tb.Label+".tar.gz")
