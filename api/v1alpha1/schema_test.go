@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -12,11 +13,14 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/yaml"
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
 	"github.com/agent-gateway/gateway-operator/test/controlplane"
+	"github.com/agent-gateway/gateway-operator/test/repo"
 )
 
 // These tests run against a real kube-apiserver and etcd with the generated CRDs installed:
@@ -352,4 +356,29 @@ func TestGatewayResourcesValidation(t *testing.T) {
 	}
 	gi.Spec.Resources.TasksMax = 1
 	mustReject(t, gi, "spec.resources.tasksMax")
+}
+
+// TestSamplesAreValid: every object in config/samples is accepted by the API server as written.
+func TestSamplesAreValid(t *testing.T) {
+	dir, err := repo.Path("config/samples")
+	if err != nil {
+		t.Fatal(err)
+	}
+	files, err := filepath.Glob(filepath.Join(dir, "*.yaml"))
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no samples in %s: %v", dir, err)
+	}
+	for _, f := range files {
+		b, err := os.ReadFile(f) //nolint:gosec // the repository's own samples
+		if err != nil {
+			t.Fatal(err)
+		}
+		var obj unstructured.Unstructured
+		if err := yaml.Unmarshal(b, &obj.Object); err != nil {
+			t.Fatalf("%s: %v", f, err)
+		}
+		if err := cp.Client.Create(context.Background(), &obj, client.DryRunAll); err != nil {
+			t.Errorf("%s: %v", filepath.Base(f), err)
+		}
+	}
 }
