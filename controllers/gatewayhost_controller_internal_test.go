@@ -36,6 +36,15 @@ func TestConfigHashFollowsSpec(t *testing.T) {
 	if a == configHashOf(t, "2.0.0") {
 		t.Error("a different release kept the hash")
 	}
+	capped := func(tasks int32) string {
+		p := &v1.GatewayProfile{ObjectMeta: metav1.ObjectMeta{Name: "core"}, Spec: v1.GatewayProfileSpec{Release: "r"}}
+		p.Spec.Resources.TasksMax = tasks
+		r := &v1.Release{ObjectMeta: metav1.ObjectMeta{Name: "r"}, Spec: v1.ReleaseSpec{SHA256: "x", Label: "1.0.0"}}
+		return profileSpec(p, r).forHost("h").ConfigHash
+	}
+	if capped(64) == capped(128) {
+		t.Error("a different tasksMax kept the hash")
+	}
 }
 
 func configHashOf(t *testing.T, label string) string {

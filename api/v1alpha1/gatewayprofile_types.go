@@ -1,6 +1,7 @@
 package v1alpha1
 
 import (
+	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 )
@@ -60,7 +61,45 @@ type GatewaySettings struct {
 	// +kubebuilder:default=Retain
 	// +optional
 	HomeRetention HomeRetention `json:"homeRetention,omitempty"`
+
+	// Resources caps the memory and tasks of the gateway on each host, in both isolation modes,
+	// so that one gateway cannot starve its siblings or the node agent. Default: memoryMax 1Gi,
+	// tasksMax 512.
+	// +kubebuilder:default={}
+	// +optional
+	Resources GatewayResources `json:"resources,omitempty"`
 }
+
+// GatewayResources caps what one gateway's processes may use together on a host. systemd
+// enforces it on the profile's unit; changing it restarts the gateway, like any other setting.
+type GatewayResources struct {
+	// MemoryMax is the most memory the gateway's processes may use together (systemd
+	// MemoryMax=; swap is off for the unit, MemorySwapMax=0). Past it the kernel kills the
+	// gateway and systemd restarts it. From 64Mi to 64Gi; default 1Gi.
+	// +kubebuilder:default="1Gi"
+	// +kubebuilder:validation:XValidation:rule="quantity(string(self)).compareTo(quantity('64Mi')) >= 0 && quantity(string(self)).compareTo(quantity('64Gi')) <= 0",message="memoryMax must be from 64Mi to 64Gi"
+	// +optional
+	MemoryMax *resource.Quantity `json:"memoryMax,omitempty"`
+
+	// TasksMax is the most processes and threads the gateway may have at once (systemd
+	// TasksMax=); past it fork and thread creation fail. From 16 to 65536; default 512.
+	// +kubebuilder:validation:Minimum=16
+	// +kubebuilder:validation:Maximum=65536
+	// +kubebuilder:default=512
+	// +optional
+	TasksMax int32 `json:"tasksMax,omitempty"`
+}
+
+// Defaults and bounds of GatewayResources, as the CRD schema states them. The node agent applies
+// the defaults to a field that is unset and checks the bounds again before rendering a unit.
+const (
+	DefaultGatewayMemoryMax = "1Gi"
+	MinGatewayMemoryMax     = "64Mi"
+	MaxGatewayMemoryMax     = "64Gi"
+	DefaultGatewayTasksMax  = 512
+	MinGatewayTasksMax      = 16
+	MaxGatewayTasksMax      = 65536
+)
 
 // GatewayProfileSpec is which release runs as this profile, and on which hosts.
 // +kubebuilder:validation:XValidation:rule="self.mode != 'script' || has(self.exec)",message="exec is required when mode is script",fieldPath=".exec"

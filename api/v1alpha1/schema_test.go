@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -12,11 +13,14 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/yaml"
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
 	"github.com/agent-gateway/gateway-operator/test/controlplane"
+	"github.com/agent-gateway/gateway-operator/test/repo"
 )
 
 // These tests run against a real kube-apiserver and etcd with the generated CRDs installed:
@@ -256,6 +260,12 @@ func TestExplain(t *testing.T) {
 			t.Errorf("kubectl explain gatewayprofile.spec does not show %q:\n%s", want, out)
 		}
 	}
+	out = kubectl(t, "explain", "gatewayprofile.spec.resources")
+	for _, want := range []string{"memoryMax", "tasksMax", "64Mi to 64Gi", "default 1Gi", "16 to 65536"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("kubectl explain gatewayprofile.spec.resources does not show %q:\n%s", want, out)
+		}
+	}
 	out = kubectl(t, "explain", "release.spec.sha256")
 	if !strings.Contains(out, "64 lowercase hex") {
 		t.Errorf("kubectl explain release.spec.sha256:\n%s", out)
@@ -303,5 +313,78 @@ func TestRolloutValidation(t *testing.T) {
 	if d.Spec.Rollout.MaxUnavailable == nil || d.Spec.Rollout.MaxUnavailable.IntValue() != 1 ||
 		d.Spec.Rollout.ProgressDeadlineSeconds != 600 || d.Spec.Rollout.AutoRollback == nil || !*d.Spec.Rollout.AutoRollback {
 		t.Errorf("rollout defaults: %+v", d.Spec.Rollout)
+	}
+}
+
+// TestGatewayResourcesValidation: the resource caps are defaulted, bounded, and refused with a
+// message naming the field, on profiles and on the instances the controller writes.
+func TestGatewayResourcesValidation(t *testing.T) {
+	res := func(name, mem string, tasks int32) *v1.GatewayProfile {
+		p := profile(name)
+		if mem != "" {
+			q := resource.MustParse(mem)
+			p.Spec.Resources.MemoryMax = &q
+		}
+		p.Spec.Resources.TasksMax = tasks
+		return p
+	}
+	for _, tc := range []struct {
+		name, mem string
+		tasks     int32
+		wants     []string
+	}{
+		{"rs1", "63Mi", 0, []string{"spec.resources.memoryMax", "memoryMax must be from 64Mi to 64Gi"}},
+		{"rs2", "65Gi", 0, []string{"spec.resources.memoryMax", "memoryMax must be from 64Mi to 64Gi"}},
+		{"rs3", "-1Gi", 0, []string{"memoryMax must be from 64Mi to 64Gi"}},
+		{"rs4", "", 15, []string{"spec.resources.tasksMax", "greater than or equal to 16"}},
+		{"rs5", "", 65537, []string{"spec.resources.tasksMax", "less than or equal to 65536"}},
+		{"rs6", "", -1, []string{"spec.resources.tasksMax"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) { mustReject(t, res(tc.name, tc.mem, tc.tasks), tc.wants...) })
+	}
+	mustCreate(t, res("rs-min", v1.MinGatewayMemoryMax, v1.MinGatewayTasksMax))
+	mustCreate(t, res("rs-max", v1.MaxGatewayMemoryMax, v1.MaxGatewayTasksMax))
+	mustCreate(t, res("rs-bytes", "1073741824", 100))
+
+	d := profile("rs-defaults")
+	mustCreate(t, d)
+	if d.Spec.Resources.MemoryMax == nil || d.Spec.Resources.MemoryMax.Cmp(resource.MustParse(v1.DefaultGatewayMemoryMax)) != 0 ||
+		d.Spec.Resources.TasksMax != v1.DefaultGatewayTasksMax {
+		t.Errorf("resources defaults: %+v, want memoryMax %s and tasksMax %d", d.Spec.Resources, v1.DefaultGatewayMemoryMax, v1.DefaultGatewayTasksMax)
+	}
+
+	gi := &v1.GatewayInstance{
+		ObjectMeta: metav1.ObjectMeta{Name: "core.node-rs"},
+		Spec: v1.GatewayInstanceSpec{
+			Profile: "core", Host: "node-rs",
+			Release: v1.ReleaseArtifact{Name: "r1", URL: "https://example.com/a.tgz", SHA256: sha, Label: "1.0.0"},
+		},
+	}
+	gi.Spec.Resources.TasksMax = 1
+	mustReject(t, gi, "spec.resources.tasksMax")
+}
+
+// TestSamplesAreValid: every object in config/samples is accepted by the API server as written.
+func TestSamplesAreValid(t *testing.T) {
+	dir, err := repo.Path("config/samples")
+	if err != nil {
+		t.Fatal(err)
+	}
+	files, err := filepath.Glob(filepath.Join(dir, "*.yaml"))
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no samples in %s: %v", dir, err)
+	}
+	for _, f := range files {
+		b, err := os.ReadFile(f) //nolint:gosec // the repository's own samples
+		if err != nil {
+			t.Fatal(err)
+		}
+		var obj unstructured.Unstructured
+		if err := yaml.Unmarshal(b, &obj.Object); err != nil {
+			t.Fatalf("%s: %v", f, err)
+		}
+		if err := cp.Client.Create(context.Background(), &obj, client.DryRunAll); err != nil {
+			t.Errorf("%s: %v", filepath.Base(f), err)
+		}
 	}
 }

@@ -13,6 +13,7 @@ import (
 	eventsv1 "k8s.io/api/events/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
+	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
@@ -137,6 +138,8 @@ func TestAgentAppliesItsOwnInstances(t *testing.T) {
 	})
 
 	gi := newInstance("core", "node-a", r1, u1)
+	mem := resource.MustParse("256Mi")
+	gi.Spec.Resources = v1.GatewayResources{MemoryMax: &mem, TasksMax: 64}
 	other := newInstance("core", "node-b", r1, u1)
 	for _, o := range []*v1.GatewayInstance{gi, other} {
 		if err := c.Create(ctx, o); err != nil {
@@ -163,6 +166,11 @@ func TestAgentAppliesItsOwnInstances(t *testing.T) {
 		t.Errorf("Isolated condition: %+v", iso)
 	}
 	firstPID := got.Status.MainPID
+	// The instance's resource caps reach the unit.
+	dropIn, err := os.ReadFile(filepath.Join(h.Root, "etc/systemd/system/agent-gateway@core.service.d/50-gateway-operator.conf"))
+	if err != nil || !strings.Contains(string(dropIn), "\nMemoryMax=268435456\n") || !strings.Contains(string(dropIn), "\nTasksMax=64\n") {
+		t.Errorf("core's drop-in lacks the instance's caps (%v):\n%s", err, dropIn)
+	}
 
 	base := got.DeepCopy()
 	got.Spec.Release = v1.ReleaseArtifact{Name: "agent-2.0.0", URL: u2, SHA256: r2.SHA256, Label: r2.Label}

@@ -7,11 +7,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
+	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/builder"
@@ -90,6 +92,7 @@ func (r *InstanceReconciler) Reconcile(ctx context.Context, req ctrl.Request) (c
 		DeniedTools: gi.Spec.DeniedTools,
 		KeepFailed:  gi.Spec.AutoRollback != nil && !*gi.Spec.AutoRollback,
 	}
+	in.MemoryMax, in.TasksMax = limits(gi.Spec.Resources)
 	if hp := gi.Spec.HealthProbe; hp != nil {
 		in.Probe = apply.Probe{Count: int(max(hp.SuccessThreshold, 1)), Period: time.Duration(max(hp.PeriodSeconds, 1)) * time.Second}
 	}
@@ -144,6 +147,23 @@ func (r *InstanceReconciler) Reconcile(ctx context.Context, req ctrl.Request) (c
 		return ctrl.Result{RequeueAfter: ReproveInterval}, nil
 	}
 	return ctrl.Result{RequeueAfter: ReproveInterval}, nil
+}
+
+// limits converts an instance's resource caps to bytes and a count; unset stays zero, the
+// renderer's default. The renderer checks the bounds; a quantity beyond int64 becomes the
+// largest int64 of its sign so that the check refuses it instead of it wrapping around.
+func limits(r v1.GatewayResources) (memory, tasks int64) {
+	if q := r.MemoryMax; q != nil {
+		switch {
+		case q.Cmp(*resource.NewQuantity(math.MaxInt64, resource.BinarySI)) > 0:
+			memory = math.MaxInt64
+		case q.Cmp(*resource.NewQuantity(math.MinInt64, resource.BinarySI)) < 0:
+			memory = math.MinInt64
+		default:
+			memory = q.Value() // a fraction of a byte rounds up
+		}
+	}
+	return memory, int64(r.TasksMax)
 }
 
 // deletionStarted lets through the update that marks an instance for deletion.

@@ -70,6 +70,8 @@ type Instance struct {
 	// Probe, when its Count is set, probes the gateway's status endpoint Count times, Period
 	// apart, after the proof.
 	Probe Probe
+	// MemoryMax (bytes) and TasksMax cap the gateway's unit; zero means the API's default.
+	MemoryMax, TasksMax int64
 }
 
 // Probe is a health probe of a gateway's status endpoint after its proof.
@@ -425,7 +427,7 @@ type rendered struct {
 func (a *Applier) settings(p layout.Profile, in Instance) unit.Settings {
 	return unit.Settings{
 		Profile: p, Mode: in.Mode, Exec: in.Exec, Isolation: in.Isolation, Env: in.Env, Egress: in.Egress,
-		Python: a.python(),
+		Python: a.python(), MemoryMax: in.MemoryMax, TasksMax: in.TasksMax,
 	}
 }
 

@@ -265,3 +265,25 @@ func (c *Conn) ControlGroup(ctx context.Context, unit string) (string, error) {
 	s, _ := p.Value.Value().(string)
 	return s, nil
 }
+
+// Limits are the resource caps systemd holds for a service; math.MaxUint64 means "infinity".
+type Limits struct {
+	MemoryMax, MemorySwapMax, TasksMax uint64
+}
+
+// Limits reads a service's MemoryMax, MemorySwapMax and TasksMax as systemd loaded them.
+func (c *Conn) Limits(ctx context.Context, unit string) (Limits, error) {
+	props, err := c.conn.GetUnitTypePropertiesContext(ctx, unit, "Service")
+	if err != nil {
+		return Limits{}, fmt.Errorf("systemd: limits of %s: %w", unit, err)
+	}
+	var l Limits
+	for name, dst := range map[string]*uint64{"MemoryMax": &l.MemoryMax, "MemorySwapMax": &l.MemorySwapMax, "TasksMax": &l.TasksMax} {
+		v, ok := props[name].(uint64)
+		if !ok {
+			return Limits{}, fmt.Errorf("systemd: %s of %s has type %T", name, unit, props[name])
+		}
+		*dst = v
+	}
+	return l, nil
+}

@@ -9,6 +9,8 @@ import (
 	"sort"
 	"strings"
 
+	"k8s.io/apimachinery/pkg/api/resource"
+
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
 	"github.com/agent-gateway/gateway-operator/nodeagent/layout"
 )
@@ -49,6 +51,48 @@ type Settings struct {
 	// ConfigHash, when set, is written into the env file so that a running process shows which
 	// rendering it was started from.
 	ConfigHash string
+	// MemoryMax is the gateway's memory cap in bytes and TasksMax its cap on processes and
+	// threads; zero means the API's default. EnvFile refuses values outside the API's bounds.
+	MemoryMax int64
+	TasksMax  int64
+}
+
+// The API's defaults and bounds of a gateway's resource caps, in the units systemd takes.
+var (
+	defaultMemoryMax = bytesOf(v1.DefaultGatewayMemoryMax)
+	minMemoryMax     = bytesOf(v1.MinGatewayMemoryMax)
+	maxMemoryMax     = bytesOf(v1.MaxGatewayMemoryMax)
+)
+
+func bytesOf(quantity string) int64 {
+	q := resource.MustParse(quantity)
+	return q.Value()
+}
+
+// limits returns the caps to render: the defaults for those left at zero.
+func (s Settings) limits() (memory, tasks int64) {
+	memory, tasks = s.MemoryMax, s.TasksMax
+	if memory == 0 {
+		memory = defaultMemoryMax
+	}
+	if tasks == 0 {
+		tasks = v1.DefaultGatewayTasksMax
+	}
+	return memory, tasks
+}
+
+// checkLimits refuses caps outside the API's bounds, whatever the API server allowed: a
+// MemoryMax= or TasksMax= of "infinity", 0 or 1 would not contain a gateway, or not let it run.
+func (s Settings) checkLimits() error {
+	memory, tasks := s.limits()
+	bytes := func(n int64) string { return resource.NewQuantity(n, resource.BinarySI).String() }
+	if memory < minMemoryMax || memory > maxMemoryMax {
+		return fmt.Errorf("resources.memoryMax %s is outside %s to %s", bytes(memory), v1.MinGatewayMemoryMax, v1.MaxGatewayMemoryMax)
+	}
+	if tasks < v1.MinGatewayTasksMax || tasks > v1.MaxGatewayTasksMax {
+		return fmt.Errorf("resources.tasksMax %d is outside %d to %d", tasks, v1.MinGatewayTasksMax, v1.MaxGatewayTasksMax)
+	}
+	return nil
 }
 
 // Template is the text of /etc/systemd/system/agent-gateway@.service. It sets no PYTHONPATH and
@@ -112,18 +156,24 @@ var hardening = []string{
 	"RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
 }
 
-// DropIn is the text of the instance's drop-in. Production mode runs the profile as its own user
-// under the hardening above, with IP traffic denied but for the allowlist and writes allowed only
-// to its home and logs. Convenience mode runs it as the shared user and hardens nothing else.
+// DropIn is the text of the instance's drop-in. Both modes cap the gateway's memory (with no
+// swap, so the cap is real) and tasks. Production mode runs the profile as its own user under the
+// hardening above, with IP traffic denied but for the allowlist and writes allowed only to its
+// home and logs. Convenience mode runs it as the shared user and hardens nothing else. The caps
+// are checked by EnvFile, which the agent renders from the same Settings before writing either.
 func DropIn(s Settings) string {
 	var b strings.Builder
 	b.WriteString("# Managed by the gateway-operator node agent; rewritten on every apply.\n[Service]\n")
+	memory, tasks := s.limits()
+	caps := fmt.Sprintf("MemoryMax=%d\nMemorySwapMax=0\nTasksMax=%d\n", memory, tasks)
 	if s.Isolation == v1.IsolationConvenience {
 		fmt.Fprintf(&b, "# Convenience isolation: every profile shares one user; state is separated by folder only.\n")
 		fmt.Fprintf(&b, "User=%s\nGroup=%s\n", SharedUser, SharedUser)
+		b.WriteString(caps)
 		return b.String()
 	}
 	fmt.Fprintf(&b, "User=%s\nGroup=%s\n", s.Profile.User, s.Profile.User)
+	b.WriteString(caps)
 	for _, h := range hardening {
 		b.WriteString(h + "\n")
 	}
@@ -145,7 +195,12 @@ func reserved(name string) bool {
 // EnvFile renders the profile's EnvironmentFile. AGENT_ROOT and PYTHONPATH are declared exactly
 // once, through the profile's own `current` link; the profile's env comes after the agent's
 // variables and may not set any of them (checked here again, whatever the API server allowed).
+// It also refuses resource caps out of bounds: it is the renderer with an error, and the agent
+// runs it on the same Settings as DropIn before writing either file.
 func EnvFile(s Settings) (string, error) {
+	if err := s.checkLimits(); err != nil {
+		return "", err
+	}
 	python := s.Python
 	if python == "" {
 		python = DefaultPython

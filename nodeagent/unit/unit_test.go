@@ -139,3 +139,70 @@ func TestSetsPythonPath(t *testing.T) {
 		}
 	}
 }
+
+// TestDropInCapsResources: both modes cap memory (without swap) and tasks, with the API's
+// defaults when the instance leaves them unset.
+func TestDropInCapsResources(t *testing.T) {
+	for _, tc := range []struct {
+		name            string
+		iso             v1.IsolationMode
+		memory, tasks   int64
+		wantMem, wantTs string
+	}{
+		{"production defaults", v1.IsolationProduction, 0, 0, "1073741824", "512"},
+		{"production set", v1.IsolationProduction, 256 << 20, 64, "268435456", "64"},
+		{"convenience defaults", v1.IsolationConvenience, 0, 0, "1073741824", "512"},
+		{"convenience set", v1.IsolationConvenience, 2 << 30, 4096, "2147483648", "4096"},
+		{"only tasks set", v1.IsolationProduction, 0, 100, "1073741824", "100"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := settings(t)
+			s.Isolation, s.MemoryMax, s.TasksMax = tc.iso, tc.memory, tc.tasks
+			d := DropIn(s)
+			for key, want := range map[string]string{"MemoryMax": tc.wantMem, "MemorySwapMax": "0", "TasksMax": tc.wantTs} {
+				if n := count(d, key); n != 1 {
+					t.Errorf("%s set %d times", key, n)
+				}
+				if !strings.Contains(d, "\n"+key+"="+want+"\n") {
+					t.Errorf("drop-in lacks %s=%s:\n%s", key, want, d)
+				}
+			}
+			if _, err := EnvFile(s); err != nil {
+				t.Errorf("EnvFile refused caps in bounds: %v", err)
+			}
+		})
+	}
+}
+
+// TestEnvFileRefusesCapsOutOfBounds: the agent checks the API's bounds again before a cap
+// reaches a unit.
+func TestEnvFileRefusesCapsOutOfBounds(t *testing.T) {
+	for _, tc := range []struct {
+		name          string
+		memory, tasks int64
+		want          string // "" when accepted
+	}{
+		{"memory at min", 64 << 20, 0, ""},
+		{"memory at max", 64 << 30, 0, ""},
+		{"memory below min", 64<<20 - 1, 0, "resources.memoryMax 67108863 is outside 64Mi to 64Gi"},
+		{"memory above max", 64<<30 + 1, 0, "resources.memoryMax"},
+		{"memory negative", -1, 0, "resources.memoryMax -1 is outside"},
+		{"tasks at min", 0, 16, ""},
+		{"tasks at max", 0, 65536, ""},
+		{"tasks below min", 0, 15, "resources.tasksMax 15 is outside 16 to 65536"},
+		{"tasks above max", 0, 65537, "resources.tasksMax 65537"},
+		{"tasks negative", 0, -1, "resources.tasksMax -1"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := settings(t)
+			s.MemoryMax, s.TasksMax = tc.memory, tc.tasks
+			_, err := EnvFile(s)
+			switch {
+			case tc.want == "" && err != nil:
+				t.Errorf("EnvFile refused: %v", err)
+			case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+				t.Errorf("EnvFile error = %v, want one containing %q", err, tc.want)
+			}
+		})
+	}
+}
