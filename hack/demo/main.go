@@ -33,9 +33,11 @@ import (
 
 const hostName = "demo-host"
 
-// microVMDir holds the demo agent's per-run microVM folders: short (QEMU's unix sockets live
-// there) and reachable by QEMU's unprivileged user.
-const microVMDir = "/run/gateway-operator-demo/microvm"
+// microVMDir holds the demo agent's per-run microVM folders, a path on the demo host: short
+// (QEMU's unix sockets live there) and on the host's own root folder, which the agent reaches
+// under its --root (the host's /run is a tmpfs only the host sees). It goes with the state
+// folder.
+const microVMDir = "/var/lib/gateway-demo-vm"
 
 func stateDir() string {
 	cache := os.Getenv("XDG_CACHE_HOME")
@@ -161,7 +163,6 @@ func down() error {
 	systemdhost.SweepStale()
 	left, _ := systemdhost.Leftovers()
 	_ = os.RemoveAll(stateDir())
-	_ = os.RemoveAll(filepath.Dir(microVMDir))
 	_ = os.Remove(filepath.Join(agentruntime.SampleDir, agentruntime.SampleFile))
 	if len(left) > 0 {
 		return fmt.Errorf("left behind: %v", left)

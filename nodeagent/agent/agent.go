@@ -81,12 +81,15 @@ type MicroVMOptions struct {
 	QEMU string
 	// User is the system user QEMU runs as, created under Root when missing.
 	User string
-	// WorkDir holds the per-run folders; keep it short (unix socket paths).
+	// WorkDir holds the per-run folders, a path on the host; keep it short (unix socket paths).
 	WorkDir string
 	// Accel is tcg, kvm or auto.
 	Accel string
 	// MemoryMiB, OutputCap and MaxConcurrent size each VM and the host's share.
 	MemoryMiB, OutputCap, MaxConcurrent int
+	// MemoryOverheadMiB is what QEMU may use beyond the guest's RAM before its unit's
+	// MemoryMax stops it.
+	MemoryOverheadMiB int
 }
 
 // Scheme has the kinds the agent reads and writes.
@@ -147,7 +150,7 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 		BeforeStep:   o.BeforeStep,
 		Log:          log.WithName("apply"),
 	}
-	toolRuns, err := startMicroVMs(o, log.WithName("microvm"))
+	toolRuns, err := startMicroVMs(o, sd, log.WithName("microvm"))
 	if err != nil {
 		return err
 	}
@@ -178,8 +181,9 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 	return mgr.Start(ctx)
 }
 
-// startMicroVMs prepares the tool-run runner and its sockets, or returns nil when off.
-func startMicroVMs(o Options, log logr.Logger) (*microvm.Sockets, error) {
+// startMicroVMs prepares the tool-run runner and its sockets, or returns nil when off. Each
+// QEMU runs in a transient unit of the host's systemd (sd), with its own limits.
+func startMicroVMs(o Options, sd *systemd.Conn, log logr.Logger) (*microvm.Sockets, error) {
 	m := o.MicroVM
 	if m.Guest == "" {
 		return nil, nil
@@ -201,9 +205,11 @@ func startMicroVMs(o Options, log logr.Logger) (*microvm.Sockets, error) {
 		return nil, fmt.Errorf("microVM user %s has uid %d gid %d: not an unprivileged id", u.Name, u.UID, u.GID)
 	}
 	runner, err := microvm.NewRunner(microvm.Config{
+		Systemd: sd, Root: o.Root,
 		QEMU: m.QEMU, Kernel: filepath.Join(m.Guest, "vmlinuz"), Initramfs: filepath.Join(m.Guest, "initramfs.cpio.gz"),
 		WorkDir: m.WorkDir, UID: uint32(u.UID), GID: uint32(u.GID), Accel: m.Accel, //nolint:gosec // range checked above
-		MemoryMiB: m.MemoryMiB, OutputCap: m.OutputCap, MaxConcurrent: m.MaxConcurrent, Log: log,
+		MemoryMiB: m.MemoryMiB, MemoryOverheadMiB: m.MemoryOverheadMiB, OutputCap: m.OutputCap,
+		MaxConcurrent: m.MaxConcurrent, Log: log,
 	})
 	if err != nil {
 		return nil, err

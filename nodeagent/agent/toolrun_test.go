@@ -26,14 +26,13 @@ import (
 // socket; deleting the instance takes the socket away.
 func TestAgentServesToolRunsToItsGateways(t *testing.T) {
 	kernel, _ := microvmguest.Files(t)
-	workDir := microvmguest.WorkDir(t)
 	ctx := context.Background()
 	c := cp.Client
 	srv := agentruntime.Serve(t)
 	r1 := agentruntime.MustBuild(t, agentruntime.Options{Version: "1.0.0"})
 	u1 := srv.Add("r1.tar.gz", r1.Data)
 	h := startAgent(t, "node-vm", func(o *agent.Options) {
-		o.MicroVM = agent.MicroVMOptions{Guest: filepath.Dir(kernel), WorkDir: workDir, Accel: "tcg"}
+		o.MicroVM = agent.MicroVMOptions{Guest: filepath.Dir(kernel), WorkDir: microvmguest.WorkDir, Accel: "tcg"}
 	})
 
 	core, api := newInstance("core", "node-vm", r1, u1), newInstance("api", "node-vm", r1, u1)

@@ -19,8 +19,8 @@ import (
 )
 
 // BenchmarkMicroVMRoundTrip measures a tool run as a gateway sees it (connect to its socket,
-// send the request, the agent boots a microVM as an unprivileged user under seccomp, the guest
-// runs the command, the reply comes back) beside a bare qemu-system-x86_64 boot, as root and
+// send the request, the agent has systemd start a microVM in a transient unit, as an
+// unprivileged user under seccomp, the guest runs the command, the reply comes back) beside a bare qemu-system-x86_64 boot, as root and
 // without QMP, of the same kernel, initramfs and job, run until the guest powers off.
 // Ten of each per iteration, interleaved, under TCG.
 func BenchmarkMicroVMRoundTrip(b *testing.B) {

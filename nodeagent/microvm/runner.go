@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -21,6 +22,9 @@ import (
 	"github.com/go-logr/logr"
 	"github.com/google/renameio/v2"
 	"github.com/kata-containers/kata-containers/src/runtime/pkg/govmm/qemu"
+	"golang.org/x/sys/unix"
+
+	"github.com/agent-gateway/gateway-operator/nodeagent/systemd"
 )
 
 // Defaults of a Runner.
@@ -32,32 +36,55 @@ const (
 	QuitGrace = 2 * time.Second
 	// seccompSandbox turns on QEMU's seccomp filter and denies what a VM never needs.
 	seccompSandbox = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+	// killWait bounds the wait for QEMU to go after systemd was told to kill it.
+	killWait = 10 * time.Second
+	// collectWait bounds the wait for systemd to forget a stopped unit.
+	collectWait = 5 * time.Second
+	// stderrTail is how much of QEMU's own output is kept for error messages.
+	stderrTail = 4 << 10
+)
+
+// Files of the work folder and of each run's folder.
+const (
+	kernelFile   = "vmlinuz"
+	initrdFile   = "initrd"
+	qmpSocket    = "qmp.sock"
+	serialSocket = "serial.sock"
 )
 
 // Config describes how the Runner boots its microVMs.
 type Config struct {
+	// Systemd starts each QEMU as a transient service with resource limits (see unit.go).
+	// Required: without it NewRunner fails rather than run guests in the agent's own cgroup,
+	// where a guest could get the agent killed by the OOM killer.
+	Systemd *systemd.Conn
+	// Root is the prefix under which the agent reaches the host's filesystem ("/" when empty).
+	// QEMU and WorkDir are paths on the host; Kernel and Initramfs are read by the agent.
+	Root string
 	// QEMU is the qemu-system-x86_64 binary (looked up in PATH when empty).
 	QEMU string
 	// Kernel and Initramfs are the guest built by hack/microvm-guest.sh.
 	Kernel, Initramfs string
 	// WorkDir holds one private folder per run. It must be short enough for the unix socket
-	// paths QEMU creates in it (about 80 bytes).
+	// paths QEMU connects to in it (about 80 bytes).
 	WorkDir string
-	// UID and GID run QEMU; both must be non-zero.
+	// UID and GID run QEMU; both must be non-zero and known to the host's passwd and group.
 	UID, GID uint32
 	// Accel is "tcg", "kvm" or "auto" (KVM when /dev/kvm is usable by UID/GID, else TCG).
 	Accel string
 	// MemoryMiB is the guest's RAM; OutputCap the bytes kept per stream.
 	MemoryMiB, OutputCap int
+	// MemoryOverheadMiB is what QEMU may use beyond the guest's RAM: its unit's MemoryMax is
+	// MemoryMiB + MemoryOverheadMiB (default DefaultMemoryOverheadMiB).
+	MemoryOverheadMiB int
 	// MaxConcurrent is how many VMs run at once (default 1); others wait for a slot.
 	MaxConcurrent int
 	Log           logr.Logger
 }
 
-// Runner boots one microVM per request.
+// Runner boots one microVM per request, each QEMU in a transient systemd service of its own.
 type Runner struct {
 	cfg        Config
-	kernel     string // the guest kernel copied into WorkDir, readable by UID
 	initramfs  []byte // the base initramfs, padded to 4 bytes
 	accel      string
 	groups     []uint32
@@ -67,8 +94,14 @@ type Runner struct {
 
 // NewRunner checks the configuration and prepares the guest files. It does not boot anything.
 func NewRunner(cfg Config) (*Runner, error) {
+	if cfg.Systemd == nil {
+		return nil, errors.New("microvm: a systemd connection is required: every QEMU runs in a transient unit with memory and task limits")
+	}
 	if cfg.UID == 0 || cfg.GID == 0 {
 		return nil, errors.New("microvm: QEMU must run as a non-root user and group")
+	}
+	if cfg.Root == "" {
+		cfg.Root = "/"
 	}
 	if cfg.QEMU == "" {
 		p, err := exec.LookPath("qemu-system-x86_64")
@@ -80,6 +113,12 @@ func NewRunner(cfg Config) (*Runner, error) {
 	if cfg.MemoryMiB == 0 {
 		cfg.MemoryMiB = DefaultMemoryMiB
 	}
+	if cfg.MemoryOverheadMiB == 0 {
+		cfg.MemoryOverheadMiB = DefaultMemoryOverheadMiB
+	}
+	if cfg.MemoryMiB < 0 || cfg.MemoryOverheadMiB < 0 {
+		return nil, fmt.Errorf("microvm: memory %d MiB + overhead %d MiB must not be negative", cfg.MemoryMiB, cfg.MemoryOverheadMiB)
+	}
 	if cfg.OutputCap == 0 {
 		cfg.OutputCap = DefaultOutputCap
 	}
@@ -89,11 +128,12 @@ func NewRunner(cfg Config) (*Runner, error) {
 	if cfg.MaxConcurrent <= 0 {
 		cfg.MaxConcurrent = 1
 	}
-	if !filepath.IsAbs(cfg.WorkDir) {
-		return nil, fmt.Errorf("microvm: work folder %q is not absolute", cfg.WorkDir)
+	if !filepath.IsAbs(cfg.WorkDir) || !filepath.IsAbs(cfg.QEMU) {
+		return nil, fmt.Errorf("microvm: work folder %q and QEMU %q must be absolute paths", cfg.WorkDir, cfg.QEMU)
 	}
+	cfg.WorkDir = filepath.Clean(cfg.WorkDir)
 	// <WorkDir>/<16 hex>/serial.sock must fit a unix socket address (107 bytes).
-	if n := len(cfg.WorkDir) + 1 + 16 + len("/serial.sock"); n > 107 {
+	if n := len(cfg.WorkDir) + 1 + 16 + 1 + len(serialSocket); n > 107 {
 		return nil, fmt.Errorf("microvm: work folder %q is too long for unix socket paths", cfg.WorkDir)
 	}
 	r := &Runner{cfg: cfg, slots: make(chan struct{}, cfg.MaxConcurrent)}
@@ -103,21 +143,24 @@ func NewRunner(cfg Config) (*Runner, error) {
 	return r, nil
 }
 
+// onHost is where the agent reaches a host path.
+func (r *Runner) onHost(p string) string { return filepath.Join(r.cfg.Root, p) }
+
 // prepare makes the work folder traversable (but not listable) by QEMU's user, copies the
 // kernel where that user can read it and loads the base initramfs.
 func (r *Runner) prepare() error {
-	if err := os.MkdirAll(r.cfg.WorkDir, 0o711); err != nil { //nolint:gosec // traversable, not listable, by QEMU's user
+	work := r.onHost(r.cfg.WorkDir)
+	if err := os.MkdirAll(work, 0o711); err != nil { //nolint:gosec // traversable, not listable, by QEMU's user
 		return fmt.Errorf("microvm: %w", err)
 	}
-	if err := os.Chmod(r.cfg.WorkDir, 0o711); err != nil { //nolint:gosec // traversable, not listable, by QEMU's user
+	if err := os.Chmod(work, 0o711); err != nil { //nolint:gosec // traversable, not listable, by QEMU's user
 		return fmt.Errorf("microvm: %w", err)
 	}
 	kernel, err := os.ReadFile(r.cfg.Kernel)
 	if err != nil {
 		return fmt.Errorf("microvm: guest kernel: %w", err)
 	}
-	r.kernel = filepath.Join(r.cfg.WorkDir, "vmlinuz")
-	if err := renameio.WriteFile(r.kernel, kernel, 0o444); err != nil {
+	if err := renameio.WriteFile(filepath.Join(work, kernelFile), kernel, 0o444); err != nil {
 		return fmt.Errorf("microvm: %w", err)
 	}
 	base, err := os.ReadFile(r.cfg.Initramfs)
@@ -129,7 +172,7 @@ func (r *Runner) prepare() error {
 
 	r.accel, r.groups = r.cfg.Accel, nil
 	if r.accel == "" || r.accel == "auto" {
-		r.accel, r.groups = pickAccel(r.cfg.UID, r.cfg.GID)
+		r.accel, r.groups = pickAccel(r.onHost("/dev/kvm"), r.cfg.UID, r.cfg.GID)
 	}
 	if r.accel != "tcg" && r.accel != "kvm" {
 		return fmt.Errorf("microvm: acceleration %q is not tcg, kvm or auto", r.cfg.Accel)
@@ -151,10 +194,10 @@ func (r *Runner) Accel() string { return r.accel }
 // KernelArgs is the guest kernel's command line.
 func (r *Runner) KernelArgs() string { return r.kernelArgs }
 
-// pickAccel uses KVM when QEMU's user could open /dev/kvm through its group (the usual `kvm`
-// group), adding that group to QEMU's credentials.
-func pickAccel(uid, gid uint32) (string, []uint32) {
-	fi, err := os.Stat("/dev/kvm")
+// pickAccel uses KVM when QEMU's user could open the KVM device through its group (the usual
+// `kvm` group), adding that group to QEMU's credentials.
+func pickAccel(kvm string, uid, gid uint32) (string, []uint32) {
+	fi, err := os.Stat(kvm)
 	if err != nil {
 		return "tcg", nil
 	}
@@ -217,110 +260,103 @@ func (r *Runner) Run(ctx context.Context, req Request) (Result, error) {
 	return res, err
 }
 
+// errExited is the cause of a run's context when QEMU is gone before the run is over.
+var errExited = errors.New("qemu exited before the guest started")
+
 // vm is one running QEMU.
 type vm struct {
-	dir    string
-	cmd    *exec.Cmd
+	unit   string
 	qmp    *qemu.QMP
 	qmpOff chan struct{}
+	// exited is closed when QEMU's output reaches end of file: QEMU is gone and systemd has
+	// released the unit's copy of the pipe.
 	exited chan struct{}
-	stderr *capped
+	stderr *tail
 }
 
 func (r *Runner) boot(ctx context.Context, req Request) (Result, error) {
 	log := r.cfg.Log
 	failed := Result{Phase: Error, ExitCode: -1}
-	var id [8]byte
+	var idBytes [8]byte
 	var nonceBytes [16]byte
-	if _, err := rand.Read(id[:]); err != nil {
+	if _, err := rand.Read(idBytes[:]); err != nil {
 		return failed, err
 	}
 	if _, err := rand.Read(nonceBytes[:]); err != nil {
 		return failed, err
 	}
+	id := hex.EncodeToString(idBytes[:])
 	nonce := hex.EncodeToString(nonceBytes[:])
 	job, err := JobArchive(req, nonce, r.cfg.OutputCap)
 	if err != nil {
 		return failed, err
 	}
 
-	dir := filepath.Join(r.cfg.WorkDir, hex.EncodeToString(id[:]))
+	// The run's folder is root's; QEMU's group may only traverse it and read or connect to
+	// what the agent put there, so QEMU cannot swap anything the agent later opens.
+	hostDir := path.Join(r.cfg.WorkDir, id)
+	dir := r.onHost(hostDir)
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		return failed, err
 	}
 	defer os.RemoveAll(dir)
-	if err := os.Chown(dir, int(r.cfg.UID), int(r.cfg.GID)); err != nil {
-		return failed, err
-	}
-	initrd := filepath.Join(dir, "initrd")
-	if err := writeOwned(initrd, r.cfg.UID, r.cfg.GID, r.initramfs, job); err != nil {
-		return failed, err
-	}
-
-	// The QMP listener is made here and handed to QEMU, so the agent can connect at once.
-	qmpPath := filepath.Join(dir, "qmp.sock")
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: qmpPath, Net: "unix"})
+	dirFD, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return failed, err
 	}
-	ln.SetUnlinkOnClose(false)
-	lnFile, err := ln.File()
-	ln.Close()
+	defer unix.Close(dirFD)
+	if err := writeShared(filepath.Join(dir, initrdFile), r.cfg.GID, r.initramfs, job); err != nil {
+		return failed, err
+	}
+	// Short socket addresses through the folder's handle, whatever the root prefix.
+	qmpLn, err := r.listen(dirFD, qmpSocket)
 	if err != nil {
 		return failed, err
 	}
-	defer lnFile.Close()
-	serialPath := filepath.Join(dir, "serial.sock")
-
-	qlog := qmpLogger{log: log.WithName("qmp")}
-	config := qemu.Config{
-		Path: r.cfg.QEMU,
-		// QEMU is stopped by this package (QMP quit, then kill), never by a context.
-		Ctx:  context.Background(),
-		Name: "toolrun-" + hex.EncodeToString(id[:]),
-		Uid:  r.cfg.UID, Gid: r.cfg.GID, Groups: r.groups,
-		Machine: qemu.Machine{Type: qemu.MachineTypeMicrovm, Acceleration: r.accel},
-		Memory:  qemu.Memory{Size: strconv.Itoa(r.cfg.MemoryMiB) + "M"},
-		SMP:     qemu.SMP{CPUs: 1},
-		Kernel:  qemu.Kernel{Path: r.kernel, InitrdPath: initrd, Params: r.kernelArgs},
-		QMPSockets: []qemu.QMPSocket{{
-			Type: qemu.Unix, Protocol: qemu.Qmp, FD: lnFile, Server: true, NoWait: true,
-		}},
-		Devices: []qemu.Device{
-			qemu.CharDevice{Backend: qemu.Socket, Driver: qemu.LegacySerial, ID: "serial0", Path: serialPath},
-			qemu.LegacySerialDevice{Chardev: "serial0"},
-		},
-		// No default devices (no NIC, no disk), no user config, no display, exit on reboot,
-		// and the CPU stays stopped until the host has the serial line.
-		Knobs:          qemu.Knobs{NoUserConfig: true, NoDefaults: true, NoGraphic: true, NoReboot: true, Stopped: true},
-		SeccompSandbox: seccompSandbox,
+	defer qmpLn.Close()
+	serialLn, err := r.listen(dirFD, serialSocket)
+	if err != nil {
+		return failed, err
 	}
+	defer serialLn.Close()
+	if err := unix.Fchownat(dirFD, "", 0, int(r.cfg.GID), unix.AT_EMPTY_PATH); err != nil {
+		return failed, err
+	}
+	if err := unix.Fchmodat(unix.AT_FDCWD, procFD(dirFD), 0o710, 0); err != nil {
+		return failed, err
+	}
+
 	began := time.Now()
 	var launched, connected, reported time.Duration
-	cmd, stderr, err := qemu.LaunchQemu(config, qlog)
-	if err != nil {
-		return failed, fmt.Errorf("start qemu: %w", err)
-	}
-	launched = time.Since(began)
-	v := &vm{dir: dir, cmd: cmd, exited: make(chan struct{}), stderr: &capped{max: 16 << 10}}
-	go func() {
-		_, _ = io.Copy(v.stderr, stderr)
-		_ = cmd.Wait()
-		close(v.exited)
-	}()
+	v, err := r.start(ctx, id, hostDir, req.Timeout())
 	defer func() {
-		log.V(1).Info("microVM done", "launchMillis", launched.Milliseconds(), "qmpReadyMillis", connected.Milliseconds(),
+		log.V(1).Info("microVM done", "unit", v.unit, "launchMillis", launched.Milliseconds(), "qmpReadyMillis", connected.Milliseconds(),
 			"reportMillis", reported.Milliseconds(), "stoppedMillis", time.Since(began).Milliseconds())
 	}()
 	defer r.stop(v)
-
-	if err := v.connectQMP(ctx, qmpPath, qlog); err != nil {
+	if err != nil {
+		v.waitExit(500 * time.Millisecond)
 		return v.failure(err), nil
 	}
+	launched = time.Since(began)
+
+	// QEMU exiting ends every wait below at once, not only the run's timeout.
+	runCtx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	go func() {
+		select {
+		case <-v.exited:
+			cancel(errExited)
+		case <-runCtx.Done():
+		}
+	}()
+	if err := v.connectQMP(runCtx, qmpLn, r.cfg.UID, qmpLogger{log: log.WithName("qmp")}); err != nil {
+		return v.broke(runCtx, err), nil
+	}
 	connected = time.Since(began)
-	serial, err := dialUnix(ctx, serialPath)
+	serial, err := accept(runCtx, serialLn, r.cfg.UID)
 	if err != nil {
-		return v.failure(fmt.Errorf("serial line: %w", err)), nil
+		return v.broke(runCtx, fmt.Errorf("serial line: %w", err)), nil
 	}
 	defer serial.Close()
 	type report struct {
@@ -332,8 +368,8 @@ func (r *Runner) boot(ctx context.Context, req Request) (Result, error) {
 		rep, err := readReport(serial, nonce, r.cfg.OutputCap, serialLimit(r.cfg.OutputCap))
 		reports <- report{rep, err}
 	}()
-	if err := v.qmp.ExecuteCont(ctx); err != nil {
-		return v.failure(fmt.Errorf("start the guest: %w", err)), nil
+	if err := v.qmp.ExecuteCont(runCtx); err != nil {
+		return v.broke(runCtx, fmt.Errorf("start the guest: %w", err)), nil
 	}
 
 	select {
@@ -344,10 +380,7 @@ func (r *Runner) boot(ctx context.Context, req Request) (Result, error) {
 				return Result{Phase: Error, ExitCode: -1, Message: rp.err.Error()}, nil
 			}
 			// The guest stopped talking: wait briefly for QEMU's own account of why.
-			select {
-			case <-v.exited:
-			case <-time.After(500 * time.Millisecond):
-			}
+			v.waitExit(500 * time.Millisecond)
 			return v.failure(rp.err), nil
 		}
 		return rp.rep.result(r.cfg.OutputCap), nil
@@ -360,22 +393,113 @@ func (r *Runner) boot(ctx context.Context, req Request) (Result, error) {
 	}
 }
 
-// failure describes a VM that broke off, with what QEMU said on stderr.
+// start asks systemd to run QEMU in a transient unit of its own. The returned vm is valid even
+// with an error, so that the caller stops and forgets whatever was started.
+func (r *Runner) start(ctx context.Context, id, hostDir string, timeout time.Duration) (*vm, error) {
+	v := &vm{unit: UnitPrefix + id + ".service", exited: make(chan struct{}), stderr: &tail{max: stderrTail}}
+	out, in, err := os.Pipe()
+	if err != nil {
+		close(v.exited)
+		return v, err
+	}
+	err = r.cfg.Systemd.StartTransient(ctx, v.unit, r.unitProperties(id, hostDir, timeout, in))
+	// systemd holds its own copy while the unit lives: end of file means QEMU is gone.
+	_ = in.Close()
+	go func() {
+		_, _ = io.Copy(v.stderr, out)
+		_ = out.Close()
+		close(v.exited)
+	}()
+	if err != nil {
+		return v, fmt.Errorf("start qemu: %w", err)
+	}
+	return v, nil
+}
+
+// listen makes a socket QEMU connects to in the run's folder: root's, and connectable by
+// QEMU's group only.
+func (r *Runner) listen(dirFD int, name string) (*net.UnixListener, error) {
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Net: "unix", Name: procFD(dirFD) + "/" + name})
+	if err != nil {
+		return nil, err
+	}
+	// The folder is removed as a whole.
+	ln.SetUnlinkOnClose(false)
+	if err := unix.Fchownat(dirFD, name, 0, int(r.cfg.GID), unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		_ = ln.Close()
+		return nil, err
+	}
+	if err := unix.Fchmodat(dirFD, name, 0o660, 0); err != nil {
+		_ = ln.Close()
+		return nil, err
+	}
+	return ln, nil
+}
+
+// accept takes one connection on ln, from a process of uid, or gives up when ctx ends. The
+// listener takes no further connection afterwards.
+func accept(ctx context.Context, ln *net.UnixListener, uid uint32) (*net.UnixConn, error) {
+	stop := context.AfterFunc(ctx, func() { _ = ln.SetDeadline(time.Now()) })
+	conn, err := ln.AcceptUnix()
+	stop()
+	_ = ln.Close()
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, context.Cause(ctx)
+		}
+		return nil, err
+	}
+	peer, err := peerUID(conn)
+	if err == nil && peer != int(uid) {
+		err = fmt.Errorf("uid %d connected, not QEMU's user %d", peer, uid)
+	}
+	if err != nil {
+		_ = conn.Close()
+		return nil, err
+	}
+	return conn, nil
+}
+
+// waitExit waits up to d for QEMU to be gone.
+func (v *vm) waitExit(d time.Duration) {
+	select {
+	case <-v.exited:
+	case <-time.After(d):
+	}
+}
+
+// broke describes a step that failed while QEMU was starting: when QEMU has exited (the
+// step's connection often notices first), that is the reason, with what QEMU said.
+func (v *vm) broke(ctx context.Context, err error) Result {
+	if ctx.Err() == nil || errors.Is(context.Cause(ctx), errExited) {
+		v.waitExit(500 * time.Millisecond)
+	}
+	select {
+	case <-v.exited:
+		return v.failure(errExited)
+	default:
+		return v.failure(err)
+	}
+}
+
+// failure describes a VM that broke off, with the end of what QEMU wrote.
 func (v *vm) failure(err error) Result {
 	msg := err.Error()
 	if s := strings.TrimSpace(v.stderr.String()); s != "" {
 		msg += ": qemu: " + s
+	} else if errors.Is(err, errExited) {
+		msg += " (it wrote nothing; the host's journal of " + v.unit + " may say why)"
 	}
 	return Result{Phase: Error, ExitCode: -1, Message: msg}
 }
 
-func (v *vm) connectQMP(ctx context.Context, path string, log qemu.QMPLog) error {
-	conn, err := dialUnix(ctx, path)
+func (v *vm) connectQMP(ctx context.Context, ln *net.UnixListener, uid uint32, log qemu.QMPLog) error {
+	conn, err := accept(ctx, ln, uid)
 	if err != nil {
 		return fmt.Errorf("qmp: %w", err)
 	}
 	v.qmpOff = make(chan struct{})
-	// QEMU greets only once it is initialized; if it dies first, the connection drops.
+	// QEMU greets once it is initialized; if it dies first, the connection drops.
 	q, _, err := qemu.QMPStartWithConn(ctx, conn, qemu.QMPConfig{Logger: log}, v.qmpOff)
 	if err != nil {
 		conn.Close()
@@ -386,8 +510,10 @@ func (v *vm) connectQMP(ctx context.Context, path string, log qemu.QMPLog) error
 	return q.ExecuteQMPCapabilities(ctx)
 }
 
-// stop ends the VM: a QMP quit first, SIGKILL if QEMU is still there after QuitGrace.
+// stop ends the VM: a QMP quit first, then systemd kills the unit if QEMU is still there after
+// QuitGrace; last it waits until systemd has forgotten the unit.
 func (r *Runner) stop(v *vm) {
+	log := r.cfg.Log.WithValues("unit", v.unit)
 	select {
 	case <-v.exited:
 	default:
@@ -399,38 +525,48 @@ func (r *Runner) stop(v *vm) {
 		select {
 		case <-v.exited:
 		case <-time.After(QuitGrace):
-			r.cfg.Log.Info("qemu did not quit; killing it", "pid", v.cmd.Process.Pid)
-			_ = v.cmd.Process.Kill()
-			<-v.exited
+			log.Info("qemu did not quit; killing it")
+			ctx, cancel := context.WithTimeout(context.Background(), killWait)
+			if err := r.cfg.Systemd.Kill(ctx, v.unit, syscall.SIGKILL); err != nil {
+				log.Error(err, "kill qemu")
+			}
+			select {
+			case <-v.exited:
+			case <-ctx.Done():
+				log.Error(ctx.Err(), "qemu is still running; systemd stops it at its RuntimeMaxSec")
+			}
+			cancel()
 		}
 	}
 	if v.qmp != nil {
 		v.qmp.Shutdown()
 		<-v.qmpOff
 	}
+	r.forget(v.unit, log)
 }
 
-// dialUnix connects to a unix socket QEMU creates, retrying until it exists.
-func dialUnix(ctx context.Context, path string) (net.Conn, error) {
-	var d net.Dialer
+// forget waits until systemd has collected the unit, clearing a failed state that would keep
+// it.
+func (r *Runner) forget(unit string, log logr.Logger) {
+	ctx, cancel := context.WithTimeout(context.Background(), collectWait)
+	defer cancel()
 	for {
-		conn, err := d.DialContext(ctx, "unix", path)
-		if err == nil {
-			return conn, nil
+		state, err := r.cfg.Systemd.LoadState(ctx, unit)
+		if err == nil && state == "not-found" {
+			return
 		}
-		if !errors.Is(err, os.ErrNotExist) && !errors.Is(err, syscall.ECONNREFUSED) {
-			return nil, err
-		}
+		_ = r.cfg.Systemd.ResetFailed(ctx, unit)
 		select {
 		case <-ctx.Done():
-			return nil, err
-		case <-time.After(2 * time.Millisecond):
+			log.Error(err, "systemd still has the unit", "loadState", state)
+			return
+		case <-time.After(20 * time.Millisecond):
 		}
 	}
 }
 
-// writeOwned writes parts into a new file readable only by uid.
-func writeOwned(path string, uid, gid uint32, parts ...[]byte) error {
+// writeShared writes parts into a new root-owned file that only gid may read.
+func writeShared(path string, gid uint32, parts ...[]byte) error {
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o400) //nolint:gosec // a new file in the run's root-owned folder
 	if err != nil {
 		return err
@@ -441,33 +577,38 @@ func writeOwned(path string, uid, gid uint32, parts ...[]byte) error {
 			return err
 		}
 	}
-	if err := f.Chown(int(uid), int(gid)); err != nil {
+	if err := f.Chown(0, int(gid)); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Chmod(0o440); err != nil {
 		f.Close()
 		return err
 	}
 	return f.Close()
 }
 
-// capped keeps the first max bytes written to it and drops the rest.
-type capped struct {
+// tail keeps the last max bytes written to it.
+type tail struct {
 	mu  sync.Mutex
 	buf []byte
 	max int
 }
 
-func (c *capped) Write(p []byte) (int, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if room := c.max - len(c.buf); room > 0 {
-		c.buf = append(c.buf, p[:min(room, len(p))]...)
+func (t *tail) Write(p []byte) (int, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.buf = append(t.buf, p...)
+	if over := len(t.buf) - t.max; over > 0 {
+		t.buf = append(t.buf[:0], t.buf[over:]...)
 	}
 	return len(p), nil
 }
 
-func (c *capped) String() string {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return string(c.buf)
+func (t *tail) String() string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return string(t.buf)
 }
 
 // qmpLogger sends govmm's log lines to logr.

@@ -206,16 +206,32 @@ func (srv *server) inPlace() bool {
 	return err == nil && st.Mode&unix.S_IFMT == unix.S_IFSOCK && int(st.Uid) == srv.owner.UID
 }
 
+// Backoff after a failed accept: errors such as EMFILE or ENOBUFS pass, so the server waits a
+// little and goes on; only closing the socket ends it.
+const (
+	acceptBackoffMin = 5 * time.Millisecond
+	acceptBackoffMax = time.Second
+)
+
 func (s *Sockets) serve(srv *server) {
 	log := s.Log.WithValues("profile", srv.profile)
+	backoff := time.Duration(0)
 	for {
 		conn, err := srv.ln.AcceptUnix()
 		if err != nil {
-			if srv.ctx.Err() == nil {
-				log.Error(err, "tool-run socket stopped")
+			if srv.ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
+				return
 			}
-			return
+			backoff = min(max(2*backoff, acceptBackoffMin), acceptBackoffMax)
+			log.Error(err, "accept on the tool-run socket failed; retrying", "backoff", backoff)
+			select {
+			case <-srv.ctx.Done():
+				return
+			case <-time.After(backoff):
+			}
+			continue
 		}
+		backoff = 0
 		s.wg.Add(1)
 		go func() {
 			defer s.wg.Done()

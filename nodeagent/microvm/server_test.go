@@ -2,6 +2,7 @@ package microvm_test
 
 import (
 	"encoding/json"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -10,7 +11,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/go-logr/logr/funcr"
 	"github.com/go-logr/logr/testr"
+	"golang.org/x/sys/unix"
 	"sigs.k8s.io/controller-runtime/pkg/metrics"
 
 	"github.com/agent-gateway/gateway-operator/nodeagent/microvm"
@@ -239,5 +242,84 @@ func TestSocketIsNeverCreatedThroughALink(t *testing.T) {
 	}
 	if fi, err := os.Lstat(filepath.Join(run, microvm.SocketName)); err != nil || fi.Mode().Type() != os.ModeSocket {
 		t.Fatalf("socket not in place of the link: %v %v", fi, err)
+	}
+}
+
+// TestSocketKeepsServingAfterAcceptErrors: an accept that fails (here EMFILE, with the agent
+// out of file descriptors) does not end the socket; the waiting client is served once the
+// agent has descriptors again.
+func TestSocketKeepsServingAfterAcceptErrors(t *testing.T) {
+	_, homes := profileHomes(t)
+	acceptErrors := make(chan string, 100)
+	log := funcr.New(func(prefix, args string) {
+		if strings.Contains(args, "accept") {
+			select {
+			case acceptErrors <- args:
+			default:
+			}
+		}
+	}, funcr.Options{})
+	// No request gets as far as a VM here: root's is refused at the peer check.
+	s := &microvm.Sockets{Log: log}
+	t.Cleanup(s.Close)
+	if err := s.Ensure("alice", homes["alice"], alice); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(homes["alice"], "run", microvm.SocketName)
+
+	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// From here on no new descriptor can be opened: the server's accept fails with EMFILE
+	// while the connection waits in the backlog.
+	var saved unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &saved); err != nil {
+		t.Fatal(err)
+	}
+	restore := func() {
+		if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &saved); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(restore)
+	lowest := uint64(0)
+	for ; ; lowest++ {
+		if _, err := unix.FcntlInt(uintptr(lowest), unix.F_GETFD, 0); err == unix.EBADF {
+			break
+		}
+	}
+	if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &unix.Rlimit{Cur: lowest, Max: saved.Max}); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Connect(fd, &unix.SockaddrUnix{Name: sock}); err != nil {
+		restore()
+		t.Fatal(err)
+	}
+	select {
+	case msg := <-acceptErrors:
+		t.Logf("the server saw: %s", msg)
+	case <-time.After(10 * time.Second):
+		restore()
+		t.Fatal("the server's accept did not fail while the agent had no descriptor left")
+	}
+	restore()
+
+	conn, err := net.FileConn(os.NewFile(uintptr(fd), "client"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(20 * time.Second))
+	if err := json.NewEncoder(conn).Encode(microvm.Request{Command: []string{"true"}}); err != nil {
+		t.Fatal(err)
+	}
+	_ = conn.(*net.UnixConn).CloseWrite()
+	var res microvm.Result
+	if err := json.NewDecoder(conn).Decode(&res); err != nil {
+		t.Fatalf("no reply after the accept errors: %v", err)
+	}
+	if res.Phase != microvm.Rejected || !strings.Contains(res.Message, "not the user of profile alice") {
+		t.Fatalf("reply %+v, want root refused by the peer check", res)
 	}
 }

@@ -2,6 +2,7 @@ package microvm_test
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -11,6 +12,8 @@ import (
 
 	"github.com/agent-gateway/gateway-operator/nodeagent/microvm"
 	"github.com/agent-gateway/gateway-operator/test/microvmguest"
+	"github.com/agent-gateway/gateway-operator/test/poll"
+	"github.com/agent-gateway/gateway-operator/test/systemdhost"
 )
 
 func run(t *testing.T, r *microvm.Runner, req microvm.Request) microvm.Result {
@@ -45,23 +48,70 @@ func TestVMReturnsStdoutStderrAndExitCode(t *testing.T) {
 }
 
 func TestVMTimeoutStopsTheVM(t *testing.T) {
-	r := microvmguest.Runner(t, microvm.Config{})
+	r, h := microvmguest.Start(t, microvm.Config{})
 	done := make(chan microvm.Result)
 	go func() {
 		res, _ := r.Run(context.Background(), microvm.Request{Command: []string{"sleep", "600"}, TimeoutSeconds: 5})
 		done <- res
 	}()
 	// While it runs, QEMU is an unprivileged process under a seccomp filter.
-	var pid int
-	deadline := time.Now().Add(5 * time.Second)
-	for pid == 0 && time.Now().Before(deadline) {
-		pid = findQEMU(t)
-		time.Sleep(20 * time.Millisecond)
+	unit, pid := waitQEMU(t, h)
+	var fields map[string]string
+	poll.Until(t, "QEMU's seccomp filter (QEMU sets it while it starts)", 10*time.Second, func() (bool, string) {
+		fields = procStatus(t, h.ProcPath(pid, "status"))
+		return fields["Seccomp"] == "2", fmt.Sprint(fields)
+	})
+	for k, want := range map[string]string{
+		"Uid": "64531 64531 64531 64531", "Gid": "64531 64531 64531 64531",
+		"Seccomp": "2", "NoNewPrivs": "1", "CapEff": "0000000000000000", "CapPrm": "0000000000000000",
+	} {
+		if fields[k] != want {
+			t.Errorf("QEMU's %s is %q, want %q", k, fields[k], want)
+		}
 	}
-	if pid == 0 {
-		t.Fatal("no QEMU process of the run was found")
+	// Its own group only: nothing that opens a device or a file of another group.
+	if g := fields["Groups"]; g != "" && g != "64531" {
+		t.Errorf("QEMU's supplementary groups are %q, want none but its own", g)
 	}
-	status, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "status"))
+	res := <-done
+	if res.Phase != microvm.TimedOut {
+		t.Fatalf("phase %s, want TimedOut (%+v)", res.Phase, res)
+	}
+	if _, err := os.Stat(h.ProcPath(pid, "")); err == nil {
+		t.Fatalf("QEMU (pid %d) still runs after the timeout", pid)
+	}
+	assertUnitGone(t, h, unit)
+	t.Logf("timed out after %d ms: %s", res.DurationMillis, res.Message)
+}
+
+// waitQEMU waits for the run's unit on h and returns it with QEMU's pid (as h's systemd sees it).
+func waitQEMU(t *testing.T, h *systemdhost.Host) (string, uint32) {
+	t.Helper()
+	sd := h.Dial(t)
+	var unit string
+	var pid uint32
+	poll.Until(t, "a running tool-run unit", 20*time.Second, func() (bool, string) {
+		units, err := sd.RunningInstances(context.Background(), microvm.UnitPrefix+"*.service")
+		if err != nil {
+			return false, err.Error()
+		}
+		for u, p := range units {
+			unit, pid = u, p
+		}
+		if len(units) != 1 || pid == 0 {
+			return false, fmt.Sprint(units)
+		}
+		// Until systemd's child has become QEMU, it is still root.
+		cmdline, _ := os.ReadFile(h.ProcPath(pid, "cmdline"))
+		return strings.Contains(string(cmdline), "toolrun-"), fmt.Sprintf("%s: %q", unit, cmdline)
+	})
+	return unit, pid
+}
+
+// procStatus reads a /proc/<pid>/status file into a map.
+func procStatus(t *testing.T, path string) map[string]string {
+	t.Helper()
+	status, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -71,57 +121,23 @@ func TestVMTimeoutStopsTheVM(t *testing.T) {
 			fields[k] = strings.Join(strings.Fields(v), " ")
 		}
 	}
-	for k, want := range map[string]string{
-		"Uid": "64531 64531 64531 64531", "Gid": "64531 64531 64531 64531", "Groups": "",
-		"Seccomp": "2", "NoNewPrivs": "1", "CapEff": "0000000000000000", "CapPrm": "0000000000000000",
-	} {
-		if fields[k] != want {
-			t.Errorf("QEMU's %s is %q, want %q", k, fields[k], want)
-		}
-	}
-	res := <-done
-	if res.Phase != microvm.TimedOut {
-		t.Fatalf("phase %s, want TimedOut (%+v)", res.Phase, res)
-	}
-	if _, err := os.Stat(filepath.Join("/proc", strconv.Itoa(pid))); err == nil {
-		t.Fatalf("QEMU (pid %d) still runs after the timeout", pid)
-	}
-	t.Logf("timed out after %d ms: %s", res.DurationMillis, res.Message)
+	return fields
 }
 
-// findQEMU returns the pid of a QEMU started by a runner of this test, or 0.
-func findQEMU(t *testing.T) int {
-	entries, _ := os.ReadDir("/proc")
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		cmdline, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if err != nil {
-			continue
-		}
-		if strings.Contains(string(cmdline), "toolrun-") && strings.Contains(string(cmdline), "/tmp/gwvm") {
-			if ppid := parentOf(pid); ppid == os.Getpid() {
-				return pid
-			}
+// assertUnitGone fails the test when h's systemd still knows unit (when given) or any tool-run
+// unit.
+func assertUnitGone(t *testing.T, h *systemdhost.Host, unit string) {
+	t.Helper()
+	if unit != "" {
+		state, err := h.Dial(t).LoadState(context.Background(), unit)
+		if err != nil || state != "not-found" {
+			t.Errorf("unit %s after the run: LoadState %q (%v), want not-found", unit, state, err)
 		}
 	}
-	return 0
-}
-
-func parentOf(pid int) int {
-	status, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "status"))
-	if err != nil {
-		return 0
+	out, err := h.Systemctl(context.Background(), "list-units", "--all", "--no-legend", "--plain", microvm.UnitPrefix+"*")
+	if err != nil || strings.TrimSpace(string(out)) != "" {
+		t.Errorf("tool-run units left after the run (%v):\n%s", err, out)
 	}
-	for _, line := range strings.Split(string(status), "\n") {
-		if v, ok := strings.CutPrefix(line, "PPid:\t"); ok {
-			n, _ := strconv.Atoi(v)
-			return n
-		}
-	}
-	return 0
 }
 
 func TestVMGuestSeesNoHostFileNoNetworkNoDisk(t *testing.T) {

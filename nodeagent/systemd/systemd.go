@@ -273,7 +273,7 @@ type Limits struct {
 
 // Limits reads a service's MemoryMax, MemorySwapMax and TasksMax as systemd loaded them.
 func (c *Conn) Limits(ctx context.Context, unit string) (Limits, error) {
-	props, err := c.conn.GetUnitTypePropertiesContext(ctx, unit, "Service")
+	props, err := c.bus().GetUnitTypePropertiesContext(ctx, unit, "Service")
 	if err != nil {
 		return Limits{}, fmt.Errorf("systemd: limits of %s: %w", unit, err)
 	}

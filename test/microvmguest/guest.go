@@ -1,9 +1,10 @@
 // Package microvmguest gives tests a real microVM runner: QEMU from the host (hack/host-deps.sh)
 // and the guest kernel + initramfs of hack/microvm-guest.sh, whose folder `make test` passes in
-// GATEWAY_MICROVM_GUEST.
+// GATEWAY_MICROVM_GUEST, started by a real systemd (test/systemdhost) as the agent does.
 package microvmguest
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,6 +13,7 @@ import (
 	"github.com/go-logr/logr/testr"
 
 	"github.com/agent-gateway/gateway-operator/nodeagent/microvm"
+	"github.com/agent-gateway/gateway-operator/test/systemdhost"
 )
 
 // QEMUUser and QEMUGroup are the unprivileged ids tests run QEMU as.
@@ -40,28 +42,56 @@ func Files(t testing.TB) (kernel, initramfs string) {
 	return filepath.Join(dir, "vmlinuz"), filepath.Join(dir, "initramfs.cpio.gz")
 }
 
-// WorkDir makes a short folder under /tmp for per-run folders (unix socket paths must stay
-// short) and removes it when the test ends.
-func WorkDir(t testing.TB) string {
+// WorkDir is the folder, inside a test host, that holds the runs' folders: on the host's root
+// folder itself (not a tmpfs of the sandbox), so the test reaches it under the host's Root.
+const WorkDir = "/var/lib/gwvm"
+
+// AddQEMUUser adds QEMUUser and QEMUGroup to a test host's passwd and group, as "gwvm".
+func AddQEMUUser(t testing.TB, h *systemdhost.Host) {
 	t.Helper()
-	dir, err := os.MkdirTemp("/tmp", "gwvm")
-	if err != nil {
-		t.Fatal(err)
+	for file, line := range map[string]string{
+		"etc/passwd": fmt.Sprintf("gwvm:x:%d:%d::/nonexistent:/usr/sbin/nologin\n", QEMUUser, QEMUGroup),
+		"etc/group":  fmt.Sprintf("gwvm:x:%d:\n", QEMUGroup),
+	} {
+		f, err := os.OpenFile(filepath.Join(h.Root, file), os.O_WRONLY|os.O_APPEND, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = f.WriteString(line)
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
 	}
-	t.Cleanup(func() { _ = os.RemoveAll(dir) })
-	return dir
 }
 
-// Runner returns a runner under TCG (the same on every CI machine), with cfg's non-zero fields
-// taking precedence over the test defaults.
+// Runner returns a runner under TCG (the same on every CI machine) on a fresh systemd host,
+// with cfg's non-zero fields taking precedence over the test defaults.
 func Runner(t testing.TB, cfg microvm.Config) *microvm.Runner {
 	t.Helper()
+	r, _ := Start(t, cfg)
+	return r
+}
+
+// Start boots a systemd host (torn down by t.Cleanup) and returns a runner whose QEMUs run
+// there, each in its own transient unit, with cfg's non-zero fields taking precedence over the
+// test defaults.
+func Start(t testing.TB, cfg microvm.Config) (*microvm.Runner, *systemdhost.Host) {
+	t.Helper()
 	kernel, initramfs := Files(t)
+	h := systemdhost.Start(t, systemdhost.Options{})
+	AddQEMUUser(t, h)
+	if cfg.Systemd == nil {
+		cfg.Systemd = h.Dial(t)
+	}
+	cfg.Root = h.Root
 	if cfg.Kernel == "" {
 		cfg.Kernel, cfg.Initramfs = kernel, initramfs
 	}
 	if cfg.WorkDir == "" {
-		cfg.WorkDir = WorkDir(t)
+		cfg.WorkDir = WorkDir
 	}
 	if cfg.UID == 0 {
 		cfg.UID, cfg.GID = QEMUUser, QEMUGroup
@@ -76,5 +106,5 @@ func Runner(t testing.TB, cfg microvm.Config) *microvm.Runner {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return r
+	return r, h
 }
