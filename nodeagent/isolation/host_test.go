@@ -47,14 +47,14 @@ var egress = []string{"10.0.0.0/8", "192.0.2.7"}
 // twoProfiles is a real systemd host running the Production profiles core and api, brought up
 // by the agent's own apply, and a verifier for it.
 type twoProfiles struct {
-	t        *testing.T
+	t        testing.TB
 	host     *systemdhost.Host
 	verifier *isolation.Verifier
 	core     layout.Profile
 	api      layout.Profile
 }
 
-func startTwoProfiles(t *testing.T) *twoProfiles {
+func startTwoProfiles(t testing.TB) *twoProfiles {
 	h := systemdhost.Start(t, systemdhost.Options{})
 	conn := h.Dial(t)
 	applier := &apply.Applier{
@@ -64,7 +64,7 @@ func startTwoProfiles(t *testing.T) *twoProfiles {
 		ProcRoot:     fmt.Sprintf("/proc/%d/root/proc", h.PID),
 		Launcher:     launchBin,
 		ProofTimeout: 20 * time.Second,
-		Log:          testr.New(t),
+		Log:          testr.NewWithInterface(t, testr.Options{}),
 	}
 	server := agentruntime.Serve(t)
 	tb := agentruntime.MustBuild(t, agentruntime.Options{Version: "1.0.0"})

@@ -103,7 +103,7 @@ func newEvidence(checks []Check, score string) Evidence {
 const (
 	DefaultMaxExposure     = 2.0
 	DefaultProbeTimeout    = 20 * time.Second
-	DefaultConnectTimeout  = 500 * time.Millisecond
+	DefaultConnectTimeout  = 250 * time.Millisecond
 	DefaultExposureTimeout = 30 * time.Second
 )
 
@@ -120,7 +120,8 @@ type Verifier struct {
 	// zero.
 	ProbeTimeout time.Duration
 	// ConnectTimeout bounds the probe's connection attempt: a dropped connection costs this
-	// much. DefaultConnectTimeout when zero.
+	// much. The target is local, so an answer (accept or refusal) comes within the connect
+	// call itself; DefaultConnectTimeout when zero.
 	ConnectTimeout time.Duration
 	// ExposureTimeout bounds one `systemd-analyze security`; DefaultExposureTimeout when zero.
 	ExposureTimeout time.Duration

@@ -4,7 +4,8 @@
 // would try (read a sibling's home and env file, create a file in /etc, connect outside the
 // egress allowlist, hold a capability) and exits with one bit set per attempt that succeeded.
 // Its only inputs are the root-owned unit and EnvironmentFile, and the agent reads its exit
-// status from systemd, so a gateway cannot make it report anything.
+// status from systemd, not from anything a gateway can write; a gateway that kills the probe
+// makes the proof fail, never pass.
 package probe
 
 import (
