@@ -1,6 +1,7 @@
 // Command launch starts one gateway profile. agent-gateway@<profile>.service runs it with the
 // profile's environment file; it checks that the environment is consistent, prints one alignment
-// banner line, moves into the release tree and execs the runtime.
+// banner line, moves into the release tree and execs the runtime. With --probe it runs the
+// isolation probe instead (agent-gateway-probe@<profile>.service) and exits with its result.
 package main
 
 import (
@@ -8,10 +9,19 @@ import (
 	"os"
 	"syscall"
 
+	"github.com/agent-gateway/gateway-operator/nodeagent/isolation/probe"
 	"github.com/agent-gateway/gateway-operator/nodeagent/launcher"
 )
 
 func main() {
+	if len(os.Args) == 2 && os.Args[1] == "--probe" {
+		cfg, err := probe.FromEnv(os.Environ())
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "launch --probe: %v\n", err)
+			os.Exit(probe.ExitUsage)
+		}
+		os.Exit(probe.Run(cfg, os.Stdout))
+	}
 	plan, err := launcher.Resolve(os.Environ(), os.Getpid())
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "launch: %v\n", err)

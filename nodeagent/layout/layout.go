@@ -99,3 +99,23 @@ func ProfileOfUser(user string) (string, bool) {
 	p, ok := strings.CutPrefix(user, v1.ProfileUserPrefix)
 	return p, ok && v1.ValidateProfileName(p) == nil
 }
+
+// The isolation probe: a second template whose instance runs once, as a profile's user, under a
+// drop-in identical to that profile's gateway drop-in (see nodeagent/isolation).
+const (
+	// ProbeTemplateUnit is the probe's template unit.
+	ProbeTemplateUnit = "agent-gateway-probe@.service"
+	// ProbeDir holds each probe run's arguments, <profile>.env, readable by root only.
+	ProbeDir = AgentDir + "/probe"
+)
+
+// ProbeUnit is the systemd unit name of a profile's isolation probe.
+func ProbeUnit(profile string) string { return "agent-gateway-probe@" + profile + ".service" }
+
+// ProbeEnv is the EnvironmentFile of a profile's isolation probe.
+func ProbeEnv(profile string) string { return path.Join(ProbeDir, profile+".env") }
+
+// ProbeDropIn is the drop-in of a profile's isolation probe: the same text as the gateway's.
+func ProbeDropIn(profile string) string {
+	return path.Join(UnitDir, ProbeUnit(profile)+".d", DropInName)
+}

@@ -287,3 +287,73 @@ func (c *Conn) Limits(ctx context.Context, unit string) (Limits, error) {
 	}
 	return l, nil
 }
+
+// ServiceProperties returns every property of a service's org.freedesktop.systemd1.Service
+// interface: the effective settings systemd runs it with, after every drop-in.
+func (c *Conn) ServiceProperties(ctx context.Context, unit string) (map[string]any, error) {
+	props, err := c.bus().GetUnitTypePropertiesContext(ctx, unit, "Service")
+	if err != nil {
+		return nil, fmt.Errorf("systemd: properties of %s: %w", unit, err)
+	}
+	return props, nil
+}
+
+// RunOnce runs a Type=oneshot service with RemainAfterExit=yes once more, waits until it has
+// finished, reads the exit status of its main process and stops it again. RemainAfterExit keeps
+// the finished unit loaded, so its exit status can be read before systemd unloads it. If ctx
+// ends first the run is stopped. A run whose main process did not exit by itself (killed, or
+// never started) is an error; a process that systemd could not start reports systemd's own exit
+// status (203 for exec, 217 for user, ...).
+func (c *Conn) RunOnce(ctx context.Context, unit string) (int, error) {
+	before, err := c.mainExit(ctx, unit)
+	if err != nil {
+		return 0, err
+	}
+	// Whatever happens, leave the unit stopped and not failed, within a bound of its own.
+	defer func() {
+		stopCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = c.Stop(stopCtx, unit)
+		_ = c.ResetFailed(stopCtx, unit)
+	}()
+	// Restart, not Start: a run left active by an interrupted caller must not stand in for this one.
+	err = c.Restart(ctx, unit)
+	var job *JobError
+	if err != nil && !errors.As(err, &job) {
+		return 0, err
+	}
+	after, err2 := c.mainExit(ctx, unit)
+	switch {
+	case err2 != nil:
+		return 0, err2
+	case after.at == before.at:
+		return 0, errors.Join(fmt.Errorf("systemd: %s finished without running its main process", unit), err)
+	case after.code != cldExited:
+		return 0, fmt.Errorf("systemd: %s: main process did not exit by itself (code %d, status %d)", unit, after.code, after.status)
+	}
+	return int(after.status), nil
+}
+
+// cldExited is the si_code systemd reports in ExecMainCode for a process that exited by itself.
+const cldExited = 1
+
+type mainExit struct {
+	code, status int32
+	at           uint64
+}
+
+// mainExit reads how and when a service's main process last exited.
+func (c *Conn) mainExit(ctx context.Context, unit string) (mainExit, error) {
+	props, err := c.ServiceProperties(ctx, unit)
+	if err != nil {
+		return mainExit{}, err
+	}
+	code, ok1 := props["ExecMainCode"].(int32)
+	status, ok2 := props["ExecMainStatus"].(int32)
+	at, ok3 := props["ExecMainExitTimestampMonotonic"].(uint64)
+	if !ok1 || !ok2 || !ok3 {
+		return mainExit{}, fmt.Errorf("systemd: %s reports no main process exit (ExecMainCode %T, ExecMainStatus %T, ExecMainExitTimestampMonotonic %T)",
+			unit, props["ExecMainCode"], props["ExecMainStatus"], props["ExecMainExitTimestampMonotonic"])
+	}
+	return mainExit{code: code, status: status, at: at}, nil
+}
