@@ -128,6 +128,32 @@ type IsolationProof struct {
 	// Message says in words how isolated the instance is, e.g. that Convenience mode is not.
 	// +optional
 	Message string `json:"message,omitempty"`
+
+	// Checks is the evidence the agent gathered on the host, none of it from the gateway: the
+	// unit's effective sandbox read back from systemd, a probe of the agent's own run as the
+	// profile's user inside the same sandbox (siblings' homes and env files unreadable, /etc
+	// read-only, a connection outside the allowlist dropped, no capabilities) and the exposure
+	// score. Isolated is True only when every check passed.
+	// +listType=map
+	// +listMapKey=name
+	// +kubebuilder:validation:MaxItems=32
+	// +optional
+	Checks []IsolationCheck `json:"checks,omitempty"`
+}
+
+// IsolationCheck is one piece of isolation evidence.
+type IsolationCheck struct {
+	// Name of the check, e.g. ProtectSystem, SiblingHomesUnreadable, ExposureScore.
+	// +kubebuilder:validation:MaxLength=64
+	Name string `json:"name"`
+
+	// Passed is true when the check held.
+	Passed bool `json:"passed"`
+
+	// Message says what was found.
+	// +kubebuilder:validation:MaxLength=1024
+	// +optional
+	Message string `json:"message,omitempty"`
 }
 
 // GatewayInstanceStatus is written by the instance's host agent only.

@@ -198,9 +198,9 @@ func (r *InstanceReconciler) reportSuccess(gi *v1.GatewayInstance, out *apply.Ou
 	set(gi, v1.ConditionReady, metav1.ConditionTrue, "Applied", "running release "+out.Current.Label, gen)
 	set(gi, v1.ConditionDegraded, metav1.ConditionFalse, "Applied", "the last apply succeeded", gen)
 	if out.Isolated {
-		set(gi, v1.ConditionIsolated, metav1.ConditionTrue, "Production", fmt.Sprintf("%s (exposure score %s)", iso.Message, orUnknown(iso.ExposureScore)), gen)
+		set(gi, v1.ConditionIsolated, metav1.ConditionTrue, out.IsolationReason, iso.Message, gen)
 	} else {
-		set(gi, v1.ConditionIsolated, metav1.ConditionFalse, "Convenience", iso.Message, gen)
+		set(gi, v1.ConditionIsolated, metav1.ConditionFalse, orUnknown(out.IsolationReason), iso.Message, gen)
 	}
 }
 

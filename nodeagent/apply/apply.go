@@ -21,6 +21,7 @@ import (
 	"github.com/google/renameio/v2"
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
+	"github.com/agent-gateway/gateway-operator/nodeagent/isolation"
 	"github.com/agent-gateway/gateway-operator/nodeagent/layout"
 	"github.com/agent-gateway/gateway-operator/nodeagent/proof"
 	"github.com/agent-gateway/gateway-operator/nodeagent/release"
@@ -97,8 +98,11 @@ type Outcome struct {
 	Alignment v1.AlignmentProof
 	// Isolation describes how the instance is sandboxed.
 	Isolation v1.IsolationProof
-	// Isolated is true for a Production instance running as its own user.
+	// Isolated is true when every isolation check gathered on the host held.
 	Isolated bool
+	// IsolationReason is the Isolated condition's reason: Verified, Convenience,
+	// EvidenceUnavailable, or the name of the first check that failed.
+	IsolationReason string
 	// ConfigHash digests everything rendered for the instance.
 	ConfigHash string
 	// User is the user the gateway runs as.
@@ -149,9 +153,9 @@ type Applier struct {
 	// Log receives one line per decision.
 	Log logr.Logger
 
-	hostMu      sync.Mutex        // host-wide steps: shared files, daemon-reload, GC
-	mu          sync.Mutex        // the fields below
-	scores      map[string]string // exposure score by drop-in text, measured once
+	hostMu      sync.Mutex // host-wide steps: shared files, daemon-reload, GC
+	mu          sync.Mutex // the fields below
+	verifier    *isolation.Verifier
 	restarts    map[string]uint64 // restarts this agent asked for, by unit
 	launcherSum string            // sha256 of the installed launcher
 }
@@ -369,7 +373,7 @@ func (r *run) record() *Failure {
 	}
 	r.undo = nil // the new release is the last good one now
 	r.out.LastGood = &r.target
-	r.out.Isolation, r.out.Isolated = r.a.isolation(r.ctx, r.p, r.in.Isolation, r.want.dropIn, r.user)
+	r.out.Isolation, r.out.Isolated, r.out.IsolationReason = r.a.isolation(r.ctx, r.p, r.want.settings, r.user)
 	return nil
 }
 

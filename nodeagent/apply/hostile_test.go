@@ -211,3 +211,41 @@ func TestHostileGatewayHomeCannotInjectCode(t *testing.T) {
 		t.Error("the proof holds no import path")
 	}
 }
+
+// TestIsolatedRestsOnHostEvidence: Isolated is set from evidence the agent gathers on the host,
+// not from the configuration: with two Production profiles every check holds; a drop-in someone
+// adds by hand that turns ProtectSystem off makes the next apply report Isolated false, naming
+// ProtectSystem, although the agent's own drop-in never changed.
+func TestIsolatedRestsOnHostEvidence(t *testing.T) {
+	f := newFixture(t, systemdhost.Options{})
+	r := f.publish(agentruntime.Options{Version: "1.0.0"})
+	f.mustApply(instance("api", r))
+	out := f.mustApply(instance("core", r))
+	if !out.Isolated || out.IsolationReason != "Verified" || len(out.Isolation.Checks) < 10 {
+		t.Fatalf("two Production profiles: isolated %v (%s), %d checks: %s", out.Isolated, out.IsolationReason, len(out.Isolation.Checks), out.Isolation.Message)
+	}
+	for _, c := range out.Isolation.Checks {
+		if !c.Passed {
+			t.Errorf("check %s failed: %s", c.Name, c.Message)
+		}
+	}
+	override := filepath.Join(f.host.Root, "etc/systemd/system/agent-gateway@core.service.d/zz-override.conf")
+	if err := os.WriteFile(override, []byte("[Service]\nProtectSystem=no\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if outp, err := f.host.Systemctl(ctx, "daemon-reload"); err != nil {
+		t.Fatalf("daemon-reload: %v\n%s", err, outp)
+	}
+	if outp, err := f.host.Systemctl(ctx, "restart", "agent-gateway@core.service"); err != nil {
+		t.Fatalf("restart: %v\n%s", err, outp)
+	}
+	out = f.mustApply(instance("core", r))
+	if out.Isolated || out.IsolationReason != "ProtectSystem" {
+		t.Fatalf("with ProtectSystem=no added by hand: isolated %v, reason %q: %s", out.Isolated, out.IsolationReason, out.Isolation.Message)
+	}
+	if !strings.Contains(out.Isolation.Message, "ProtectSystem") {
+		t.Errorf("the message does not name the failed check: %s", out.Isolation.Message)
+	}
+}

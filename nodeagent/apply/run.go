@@ -6,9 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"os/exec"
 	"path"
-	"regexp"
 	"strings"
 	"time"
 
@@ -16,6 +14,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
+	"github.com/agent-gateway/gateway-operator/nodeagent/isolation"
 	"github.com/agent-gateway/gateway-operator/nodeagent/layout"
 	"github.com/agent-gateway/gateway-operator/nodeagent/proof"
 	"github.com/agent-gateway/gateway-operator/nodeagent/unit"
@@ -393,54 +392,43 @@ func (r *run) rollback(f *Failure) (*Outcome, error) {
 	return out, f
 }
 
-var exposureRE = regexp.MustCompile(`Overall exposure level for \S+: ([0-9]+\.[0-9]+)`)
-
-// isolation reports how the instance is sandboxed. The exposure score is measured by
-// `systemd-analyze security` once per distinct drop-in.
-func (a *Applier) isolation(ctx context.Context, p layout.Profile, iso v1.IsolationMode, dropIn string, u *users.User) (v1.IsolationProof, bool) {
-	if iso == v1.IsolationConvenience {
+// isolation gathers the evidence behind the instance's Isolated condition on the host (see
+// nodeagent/isolation): the unit's effective sandbox read back from systemd, a probe of the
+// agent's own run as the profile's user inside that sandbox, and the exposure score. It returns
+// the proof, whether every check held, and the reason for the condition.
+func (a *Applier) isolation(ctx context.Context, p layout.Profile, s unit.Settings, u *users.User) (v1.IsolationProof, bool, string) {
+	if s.Isolation == v1.IsolationConvenience {
 		return v1.IsolationProof{User: u.Name, Message: "Convenience mode: every profile runs as the shared user " + u.Name +
-			"; profiles are separated by folder only and are NOT isolated from each other"}, false
+			"; profiles are separated by folder only and are NOT isolated from each other"}, false, "Convenience"
 	}
 	a.mu.Lock()
-	score, ok := a.scores[dropIn]
+	if a.verifier == nil {
+		a.verifier = &isolation.Verifier{Systemd: a.Systemd, Host: a.Host}
+	}
+	v := a.verifier
 	a.mu.Unlock()
-	if !ok {
-		var err error
-		score, err = a.exposure(ctx, p.Unit)
-		if err != nil {
-			a.Log.Error(err, "measuring the unit's exposure", "profile", p.Name)
-		} else {
-			a.mu.Lock()
-			if a.scores == nil {
-				a.scores = map[string]string{}
-			}
-			a.scores[dropIn] = score
-			a.mu.Unlock()
-		}
+	siblings, err := isolation.Siblings(a.Host, p.Name)
+	var ev isolation.Evidence
+	if err == nil {
+		ev, err = v.Verify(ctx, p, s, siblings)
 	}
-	return v1.IsolationProof{User: u.Name, ExposureScore: score,
-		Message: "Production mode: own user " + u.Name + ", read-only system, no capabilities, IP traffic denied but for the allowlist"}, true
-}
-
-// exposure runs `systemd-analyze security` on the unit files under the root prefix.
-func (a *Applier) exposure(ctx context.Context, unitName string) (string, error) {
-	// A fixed binary and a validated unit name, without a shell.
-	cmd := exec.CommandContext(ctx, "systemd-analyze", "security", "--offline=yes", "--root="+a.Host.Root, "--no-pager", unitName) //nolint:gosec // see above
-	cmd.Env = append(os.Environ(), "SYSTEMD_COLORS=0")
-	out, err := cmd.CombinedOutput()
-	m := exposureRE.FindSubmatch(out)
-	if m == nil {
-		return "", fmt.Errorf("systemd-analyze security %s: %v: %s", unitName, err, lastLine(out))
+	if err != nil {
+		a.Log.Error(err, "gathering isolation evidence", "profile", p.Name)
+		return v1.IsolationProof{User: u.Name, Message: "the isolation evidence could not be gathered: " + err.Error()}, false, "EvidenceUnavailable"
 	}
-	return string(m[1]), nil
+	proof := v1.IsolationProof{User: u.Name, ExposureScore: ev.ExposureScore, Message: ev.Message()}
+	for _, c := range ev.Checks {
+		proof.Checks = append(proof.Checks, v1.IsolationCheck{Name: c.Name, Passed: c.Passed, Message: c.Message})
+	}
+	if !ev.Isolated {
+		return proof, false, ev.Failed
+	}
+	return proof, true, "Verified"
 }
 
-func lastLine(b []byte) string {
-	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
-	return lines[len(lines)-1]
-}
-
+// Remove stops and disables a profile's unit and removes its env file, links, drop-in and
+// isolation probe. The home folder is kept unless purge is set. Removing an absent profile
+// succeeds.
 func (a *Applier) Remove(ctx context.Context, profile string, purge bool) error {
 	p, err := layout.ForProfile(profile)
 	if err != nil {
@@ -463,6 +451,9 @@ func (a *Applier) Remove(ctx context.Context, profile string, purge bool) error 
 		}
 	}
 	if err := os.RemoveAll(a.Host.On(p.DropInDir)); err != nil {
+		return err
+	}
+	if err := isolation.Uninstall(a.Host, p.Name); err != nil {
 		return err
 	}
 	if purge {
