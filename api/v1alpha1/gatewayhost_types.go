@@ -57,7 +57,9 @@ type GatewayHostStatus struct {
 	// +optional
 	LastHeartbeatTime *metav1.Time `json:"lastHeartbeatTime,omitempty"`
 
-	// Conditions: Ready (the agent runs and reaches systemd), Reachable (heartbeat is fresh).
+	// Conditions: Ready (the agent runs and reaches systemd), Reachable (heartbeat is fresh),
+	// StagingSpace (a gateway that fills its home cannot keep the agent from staging a release:
+	// the releases' filesystem keeps space only root may use, or homes live elsewhere).
 	// +listType=map
 	// +listMapKey=type
 	// +optional

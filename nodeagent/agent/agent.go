@@ -166,7 +166,7 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 	}
 	if err := mgr.Add(&Heartbeat{Client: mgr.GetClient(), Host: o.HostName, Labels: o.HostLabels,
 		Version: o.Version, Systemd: sd, Interval: o.HeartbeatInterval,
-		Capabilities: probeCapabilities(host, toolRuns != nil)}); err != nil {
+		Capabilities: probeCapabilities(host, toolRuns != nil), Space: applier.StagingSpace}); err != nil {
 		return err
 	}
 	if o.ProbeAddr != "0" && o.ProbeAddr != "" {

@@ -13,6 +13,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
+	"github.com/agent-gateway/gateway-operator/nodeagent/apply"
 	"github.com/agent-gateway/gateway-operator/nodeagent/layout"
 	"github.com/agent-gateway/gateway-operator/nodeagent/systemd"
 )
@@ -49,6 +50,9 @@ type Heartbeat struct {
 	Interval time.Duration
 	// Capabilities are reported on every heartbeat (see HostCapabilities).
 	Capabilities v1.HostCapabilities
+	// Space measures what the releases' filesystem keeps for the agent alone; it sets the
+	// StagingSpace condition when not nil.
+	Space func() (apply.StagingSpace, error)
 }
 
 // Start registers the host, then beats every Interval.
@@ -102,6 +106,30 @@ func (h *Heartbeat) beatOnce(ctx context.Context) error {
 		ready.Status, ready.Reason, ready.Message = metav1.ConditionFalse, "SystemdUnreachable", err.Error()
 	}
 	meta.SetStatusCondition(&gh.Status.Conditions, ready)
+	if h.Space != nil {
+		meta.SetStatusCondition(&gh.Status.Conditions, stagingCondition(h.Space, gh.Generation))
+	}
 	// Optimistic lock: the controller manager writes the Reachable condition of this status.
 	return h.Client.Status().Patch(ctx, &gh, client.MergeFromWithOptions(base, client.MergeFromWithOptimisticLock{}))
+}
+
+// ConditionStagingSpace says whether a gateway that fills its home can keep the agent from
+// staging a release: True when the releases' filesystem keeps enough space for root alone (or
+// homes live elsewhere).
+const ConditionStagingSpace = "StagingSpace"
+
+func stagingCondition(space func() (apply.StagingSpace, error), gen int64) metav1.Condition {
+	c := metav1.Condition{Type: ConditionStagingSpace, ObservedGeneration: gen}
+	s, err := space()
+	switch {
+	case err != nil:
+		c.Status, c.Reason, c.Message = metav1.ConditionUnknown, "NotMeasured", err.Error()
+	case !s.Shared:
+		c.Status, c.Reason, c.Message = metav1.ConditionTrue, "SeparateFilesystem", s.String()
+	case s.OK(apply.DefaultMinStagingReserve):
+		c.Status, c.Reason, c.Message = metav1.ConditionTrue, "RootReserve", s.String()
+	default:
+		c.Status, c.Reason, c.Message = metav1.ConditionFalse, "NoRootReserve", s.String()
+	}
+	return c
 }

@@ -1,10 +1,14 @@
 package agent
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"testing"
 
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/agent-gateway/gateway-operator/nodeagent/apply"
 	"github.com/agent-gateway/gateway-operator/nodeagent/layout"
 )
 
@@ -40,5 +44,26 @@ func TestProbeCapabilities(t *testing.T) {
 	}
 	if c := probeCapabilities(host, false); !c.Kata {
 		t.Errorf("host with %s: %+v, want Kata", shim, c)
+	}
+}
+
+// TestStagingCondition: the GatewayHost says whether a gateway filling its home can keep the
+// agent from staging a release.
+func TestStagingCondition(t *testing.T) {
+	for _, tc := range []struct {
+		space  apply.StagingSpace
+		err    error
+		status metav1.ConditionStatus
+		reason string
+	}{
+		{apply.StagingSpace{Shared: false}, nil, metav1.ConditionTrue, "SeparateFilesystem"},
+		{apply.StagingSpace{Shared: true, Reserved: 1 << 30}, nil, metav1.ConditionTrue, "RootReserve"},
+		{apply.StagingSpace{Shared: true, Reserved: 1 << 20}, nil, metav1.ConditionFalse, "NoRootReserve"},
+		{apply.StagingSpace{}, errors.New("statfs: no such file"), metav1.ConditionUnknown, "NotMeasured"},
+	} {
+		c := stagingCondition(func() (apply.StagingSpace, error) { return tc.space, tc.err }, 3)
+		if c.Type != ConditionStagingSpace || c.Status != tc.status || c.Reason != tc.reason || c.Message == "" || c.ObservedGeneration != 3 {
+			t.Errorf("%+v / %v: condition %+v, want %s %s", tc.space, tc.err, c, tc.status, tc.reason)
+		}
 	}
 }

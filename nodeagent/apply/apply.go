@@ -15,6 +15,7 @@ import (
 	"path"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/go-logr/logr"
@@ -274,6 +275,13 @@ func (r *run) stage() *Failure {
 		var rej *release.RejectedError
 		if errors.As(err, &rej) {
 			return &Failure{Reason: rej.Reason, Message: rej.Message}
+		}
+		if errors.Is(err, syscall.ENOSPC) {
+			msg := err.Error()
+			if space, serr := r.a.StagingSpace(); serr == nil {
+				msg += "; " + space.String()
+			}
+			return &Failure{Reason: "NoSpace", Message: msg, Retry: true}
 		}
 		return &Failure{Reason: "FetchFailed", Message: err.Error(), Retry: true}
 	}

@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -248,4 +249,98 @@ func TestIsolatedRestsOnHostEvidence(t *testing.T) {
 	if !strings.Contains(out.Isolation.Message, "ProtectSystem") {
 		t.Errorf("the message does not name the failed check: %s", out.Isolation.Message)
 	}
+}
+
+// loopFilesystem makes an ext4 filesystem of size MiB in a file, with reservePercent of its
+// blocks for root only, mounts it and returns the mount point; it is unmounted when the test
+// ends (after anything registered later, such as a host booted on it).
+func loopFilesystem(t *testing.T, sizeMiB, reservePercent int) string {
+	t.Helper()
+	img := filepath.Join(t.TempDir(), "fs.img")
+	if err := os.WriteFile(img, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(img, int64(sizeMiB)<<20); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("mkfs.ext4", "-q", "-F", "-m", strconv.Itoa(reservePercent), img).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4: %v\n%s", err, out)
+	}
+	mnt, err := os.MkdirTemp("", "gwfs")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("mount", "-o", "loop", img, mnt).CombinedOutput(); err != nil {
+		_ = os.Remove(mnt)
+		t.Fatalf("mount: %v\n%s", err, out)
+	}
+	t.Cleanup(func() {
+		if out, err := exec.Command("umount", mnt).CombinedOutput(); err != nil {
+			t.Errorf("umount %s: %v\n%s", mnt, err, out)
+		}
+		_ = os.Remove(mnt)
+	})
+	return mnt
+}
+
+// TestHostileGatewayFillingItsHomeCannotStopAFix: a gateway fills the filesystem its home
+// shares with the releases, as far as it can. It runs as an unprivileged user, so the blocks
+// ext4 keeps for root stay free, and the agent still stages and applies the next release. The
+// agent reports the reserve (StagingSpace) and, on a filesystem without one, why staging fails.
+func TestHostileGatewayFillingItsHomeCannotStopAFix(t *testing.T) {
+	mnt := loopFilesystem(t, 96, 20)
+	f := newFixture(t, systemdhost.Options{Dir: mnt})
+	r1 := f.publish(agentruntime.Options{Version: "1.0.0"})
+	r2 := f.publish(agentruntime.Options{Version: "2.0.0"})
+	f.mustApply(instance("core", r1))
+	space, err := f.applier.StagingSpace()
+	if err != nil || !space.Shared || !space.OK(apply.DefaultMinStagingReserve>>4) {
+		t.Fatalf("staging space %+v, %v: want a shared filesystem with a root reserve", space, err)
+	}
+
+	// What a hostile gateway can do: write as its own user until the filesystem refuses.
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	out, _ := f.host.Exec(ctx, "setpriv", "--reuid=agent-core", "--regid=agent-core", "--clear-groups", "--",
+		"dd", "if=/dev/zero", "of=/opt/agent/gateways/core/home/fill", "bs=1M")
+	if !strings.Contains(string(out), "No space left on device") {
+		t.Fatalf("the gateway's user did not fill the filesystem:\n%s", out)
+	}
+	space, err = f.applier.StagingSpace()
+	if err != nil || space.Available > 1<<20 || space.Reserved < 8<<20 {
+		t.Fatalf("after the fill: %+v, %v", space, err)
+	}
+	t.Logf("after the fill: %s", space)
+
+	got := f.mustApply(instance("core", r2))
+	if got.Current.Label != "2.0.0" {
+		t.Fatalf("outcome %+v", got)
+	}
+	f.assertServes("core", r2)
+}
+
+// TestStagingWithoutRootReserveSaysWhy: on a filesystem that keeps nothing for root, a full home
+// makes staging fail; the failure is retried and says what to change.
+func TestStagingWithoutRootReserveSaysWhy(t *testing.T) {
+	mnt := loopFilesystem(t, 64, 0)
+	f := newFixture(t, systemdhost.Options{Dir: mnt})
+	r1 := f.publish(agentruntime.Options{Version: "1.0.0"})
+	r2 := f.publish(agentruntime.Options{Version: "2.0.0"})
+	f.mustApply(instance("core", r1))
+	if space, err := f.applier.StagingSpace(); err != nil || space.OK(apply.DefaultMinStagingReserve) {
+		t.Fatalf("staging space %+v, %v: want a shared filesystem without a reserve", space, err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	// Nothing is kept for root here, so filling the filesystem to the last block is the same
+	// whoever does it; the fill runs as root to leave no partial block behind.
+	for _, bs := range []string{"1M", "4k"} {
+		_, _ = f.host.Exec(ctx, "dd", "if=/dev/zero", "of=/opt/agent/gateways/core/home/fill-"+bs, "bs="+bs)
+	}
+	_, err := f.applier.Apply(context.Background(), instance("core", r2))
+	var fail *apply.Failure
+	if !errors.As(err, &fail) || fail.Reason != "NoSpace" || !fail.Retry || !strings.Contains(fail.Message, "tune2fs") {
+		t.Fatalf("apply on a full filesystem without reserve: %v", err)
+	}
+	f.assertServes("core", r1)
 }
