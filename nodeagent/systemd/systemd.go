@@ -49,13 +49,36 @@ func (c *Conn) bus() *sdbus.Conn {
 	if c.conn.Connected() {
 		return c.conn
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), redialTimeout)
-	defer cancel()
-	if fresh, err := connect(ctx, c.address); err == nil {
+	if fresh, err := c.redial(); err == nil {
 		c.conn.Close()
 		c.conn = fresh
 	}
 	return c.conn
+}
+
+// redial connects again, giving up after redialTimeout. The connection lives on after this
+// returns, so its context is not the bounded one: the bound is kept here instead.
+func (c *Conn) redial() (*sdbus.Conn, error) {
+	type result struct {
+		conn *sdbus.Conn
+		err  error
+	}
+	done := make(chan result, 1)
+	go func() {
+		conn, err := connect(context.Background(), c.address)
+		done <- result{conn, err}
+	}()
+	select {
+	case r := <-done:
+		return r.conn, r.err
+	case <-time.After(redialTimeout):
+		go func() {
+			if r := <-done; r.conn != nil {
+				r.conn.Close()
+			}
+		}()
+		return nil, fmt.Errorf("systemd: connect to %s again: no answer within %s", c.address, redialTimeout)
+	}
 }
 
 // Ping checks that systemd answers on the bus (dialing again if the connection was lost).
