@@ -60,13 +60,21 @@ type Input struct {
 	Promoted  bool
 	// Promote is true when a person asked to end the canary pause now.
 	Promote bool
+	// Started is when this rollout began: a failure of a host moved before then belongs to an
+	// earlier rollout and does not halt this one; the host is applied again.
+	Started time.Time
+	// Rollback is true when the target is the last release this profile completed a rollout
+	// to: it was proven on these hosts already, so there is no canary step.
+	Rollback bool
 }
 
 // Decision is what to do next and how to report it.
 type Decision struct {
 	// Move lists the hosts whose instance moves to the target now, in rollout order.
 	Move []string
-	// Retry lists failed hosts to apply again (after a person resumed).
+	// Retry lists hosts already asked for the target that failed before this rollout began:
+	// their agents apply the target again now.
+	Retry []string
 	Phase v1.RolloutPhase
 	Step  string
 	// Updated, Pending and Failed count hosts; FailedHosts says which failed and why.
@@ -137,6 +145,7 @@ const (
 	inFlight              // moved, not yet aligned long enough
 	done                  // moved and available
 	failed                // moved and failed, or past its deadline
+	stale                 // on the target, but failed in an earlier rollout: applied again
 )
 
 // Plan decides the next step of a rollout.
@@ -160,11 +169,18 @@ func Plan(in Input) Decision {
 	var d Decision
 	var requeue []time.Duration
 	states := make(map[string]state, len(hosts))
-	unavailable := 0
+	// serving marks the hosts that serve a release now; any other host may move at any time,
+	// since moving it costs no availability (the way a DaemonSet replaces unavailable pods
+	// first).
+	serving := make(map[string]bool, len(hosts))
+	unavailable, inFlights := 0, 0
 	for _, h := range hosts {
 		inst, exists := in.Instances[h.Name]
+		earlier := !in.Started.IsZero() && inst.MovedAt.Before(in.Started)
 		st := pending
 		switch {
+		case exists && inst.OnTarget && inst.Degraded && earlier:
+			st = stale
 		case exists && inst.OnTarget && inst.Degraded:
 			st = failed
 			d.FailedHosts = append(d.FailedHosts, h.Name+": "+inst.Reason)
@@ -176,10 +192,13 @@ func Plan(in Input) Decision {
 				st = done
 			}
 		case exists && inst.OnTarget:
-			if !inst.MovedAt.IsZero() && in.Now.Sub(inst.MovedAt) > deadline {
+			switch {
+			case !inst.MovedAt.IsZero() && in.Now.Sub(inst.MovedAt) > deadline && earlier:
+				st = stale
+			case !inst.MovedAt.IsZero() && in.Now.Sub(inst.MovedAt) > deadline:
 				st = failed
 				d.FailedHosts = append(d.FailedHosts, fmt.Sprintf("%s: not aligned within %s", h.Name, deadline))
-			} else {
+			default:
 				st = inFlight
 				if !inst.MovedAt.IsZero() {
 					requeue = append(requeue, inst.MovedAt.Add(deadline).Sub(in.Now)+time.Second)
@@ -190,21 +209,29 @@ func Plan(in Input) Decision {
 		switch st {
 		case done:
 			d.Updated++
-			if !h.Reachable {
+			if h.Reachable {
+				serving[h.Name] = true
+			} else {
 				unavailable++
 			}
 		case inFlight:
 			d.Updated++
+			inFlights++
 			unavailable++
 		case failed:
 			d.Updated++
 			d.Failed++
 			unavailable++
+		case stale:
+			d.Pending++
+			unavailable++
 		case pending:
 			d.Pending++
-			// A host not serving the old release either (never started, failing, unreachable)
-			// is already unavailable.
-			if !h.Reachable || !exists || !inst.Aligned || inst.Degraded {
+			// A host not serving the old release either (never started, failing, rolled back,
+			// unreachable) is already unavailable.
+			if h.Reachable && exists && inst.Aligned && !inst.Degraded {
+				serving[h.Name] = true
+			} else {
 				unavailable++
 			}
 		}
@@ -217,47 +244,51 @@ func Plan(in Input) Decision {
 	}
 	capacity := Scaled(s.MaxUnavailable, len(hosts), 1) - unavailable
 
-	// move takes pending hosts in order while capacity lasts. A host that never ran the profile
-	// serves nothing, so it is started at once (the way a DaemonSet places new pods).
+	// move takes the hosts still to move in order: those that serve nothing at once, those that
+	// serve while capacity lasts.
 	move := func(canaryOnly bool) {
 		for _, h := range hosts {
-			if states[h.Name] != pending || h.Unschedulable || (canaryOnly && !h.Canary) {
+			st := states[h.Name]
+			if (st != pending && st != stale) || h.Unschedulable || (canaryOnly && !h.Canary) {
 				continue
 			}
-			if _, exists := in.Instances[h.Name]; !exists {
+			if serving[h.Name] {
+				if capacity <= 0 {
+					continue
+				}
+				capacity--
+			}
+			if st == stale {
+				d.Retry = append(d.Retry, h.Name)
+			} else {
 				d.Move = append(d.Move, h.Name)
-				continue
 			}
-			if capacity <= 0 || !h.Reachable {
-				continue
-			}
-			d.Move = append(d.Move, h.Name)
-			capacity--
 		}
 	}
 	movable := 0
 	for _, h := range hosts {
-		if states[h.Name] == pending && !h.Unschedulable {
+		if st := states[h.Name]; (st == pending || st == stale) && !h.Unschedulable {
 			movable++
 		}
 	}
+	canary := s.Canary != nil && !in.Rollback
 
 	switch {
 	case d.Failed > 0:
 		d.Phase = v1.RolloutHalted
 		d.Step = fmt.Sprintf("halted: %d host(s) failed; no further host is moved", d.Failed)
 		d.Move = nil
-	case movable == 0 && d.Updated-d.Failed == countDone(states):
+	case movable == 0 && inFlights == 0:
 		d.Phase = v1.RolloutComplete
 		d.Step = fmt.Sprintf("%d of %d hosts updated and available", d.Updated, len(hosts))
 	case s.Paused:
 		d.Phase = v1.RolloutPaused
 		d.Step = "paused by spec.rollout.paused"
-	case s.Canary != nil && !in.Promoted && !canaryDone(hosts, states):
+	case canary && !in.Promoted && !canaryDone(hosts, states):
 		move(true)
 		d.Phase = v1.RolloutProgressing
 		d.Step = fmt.Sprintf("canary: %d of %d canary hosts available", countCanary(hosts, states, done), countCanary(hosts, states, -1))
-	case s.Canary != nil && !in.Promoted:
+	case canary && !in.Promoted:
 		// The canary hosts are available: pause, until promoted or until the pause runs out.
 		switch {
 		case in.Promote:
@@ -285,20 +316,10 @@ func Plan(in Input) Decision {
 	default:
 		move(false)
 		d.Phase = v1.RolloutProgressing
-		d.Step = fmt.Sprintf("%d of %d hosts updated, %d moving now", d.Updated, len(hosts), len(d.Move))
+		d.Step = fmt.Sprintf("%d of %d hosts updated, %d moving now", d.Updated, len(hosts), len(d.Move)+len(d.Retry))
 	}
 	sort.Strings(d.FailedHosts)
 	return d
-}
-
-func countDone(states map[string]state) int {
-	n := 0
-	for _, s := range states {
-		if s == done {
-			n++
-		}
-	}
-	return n
 }
 
 func canaryDone(hosts []Host, states map[string]state) bool {

@@ -134,7 +134,7 @@ func TestPlan(t *testing.T) {
 					t.Errorf("updated %d pending %d", d.Updated, d.Pending)
 				}
 			}},
-		{name: "unreachable hosts count as unavailable",
+		{name: "unreachable hosts count as unavailable and move at once",
 			in: func() Input {
 				hs := hosts(10)
 				for i := range hs {
@@ -144,14 +144,51 @@ func TestPlan(t *testing.T) {
 				}
 				return Input{Strategy: mu(intstr.FromInt32(3)), Hosts: hs, Instances: serving(hs)}
 			}(),
-			wantMove: 1, wantPhase: v1.RolloutProgressing},
-		{name: "a host failing on the old release counts against capacity",
+			// One serving host (3 - 2 unavailable) and the two that serve nothing.
+			wantMove: 3, wantPhase: v1.RolloutProgressing,
+			check: func(t *testing.T, d Decision) {
+				want := []string{order[0], order[8], order[9]}
+				if !reflect.DeepEqual(d.Move, want) {
+					t.Errorf("moved %v, want %v", d.Move, want)
+				}
+			}},
+		{name: "a host failing on the old release counts against capacity and moves at once",
 			in: func() Input {
 				m := serving(ten)
 				m[order[9]] = Instance{Degraded: true, Reason: "x"}
 				return Input{Strategy: mu(intstr.FromInt32(1)), Hosts: ten, Instances: m}
 			}(),
-			wantMove: 0, wantPhase: v1.RolloutProgressing},
+			wantMove: 1, wantPhase: v1.RolloutProgressing,
+			check: func(t *testing.T, d Decision) {
+				if d.Move[0] != order[9] {
+					t.Errorf("moved %v, want the failing host %s", d.Move, order[9])
+				}
+			}},
+		{name: "a host rolled back from an earlier target moves although failed hosts fill capacity",
+			in: func() Input {
+				m := serving(ten)
+				// Failed on an earlier target: its spec still asks for that target.
+				m[order[9]] = Instance{Degraded: true, Reason: "ProofFailed", MovedAt: now.Add(-time.Hour)}
+				m[order[8]] = Instance{Degraded: true, Reason: "ProofFailed", MovedAt: now.Add(-time.Hour)}
+				return Input{Strategy: mu(intstr.FromInt32(1)), Hosts: ten, Instances: m, Started: now}
+			}(),
+			wantMove: 2, wantPhase: v1.RolloutProgressing},
+		{name: "a failure from before the rollout began is applied again, not a halt",
+			in: func() Input {
+				m := serving(ten)
+				m[order[0]] = Instance{OnTarget: true, Degraded: true, Reason: "ProofFailed", MovedAt: now.Add(-time.Hour)}
+				return Input{Strategy: mu(intstr.FromInt32(1)), Hosts: ten, Instances: m, Started: now.Add(-time.Minute)}
+			}(),
+			wantMove: 0, wantPhase: v1.RolloutProgressing,
+			check: func(t *testing.T, d Decision) {
+				if !reflect.DeepEqual(d.Retry, []string{order[0]}) || d.Failed != 0 {
+					t.Errorf("retry %v failed %d, want %s retried", d.Retry, d.Failed, order[0])
+				}
+			}},
+		{name: "a rollback skips the canary step",
+			in: Input{Strategy: v1.RolloutStrategy{MaxUnavailable: ptr(intstr.FromInt32(1)), Canary: &v1.CanaryStep{Hosts: ptr(intstr.FromInt32(1))}},
+				Hosts: ten, Instances: moved(serving(ten), 1, doneInst), Rollback: true},
+			wantMove: 1, wantPhase: v1.RolloutProgressing},
 		{name: "a failed host halts the rollout",
 			in:       Input{Strategy: mu(intstr.FromInt32(5)), Hosts: ten, Instances: moved(serving(ten), 1, failedInst)},
 			wantMove: 0, wantPhase: v1.RolloutHalted,
