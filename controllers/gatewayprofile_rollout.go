@@ -50,7 +50,12 @@ func (r *GatewayProfileReconciler) rollout(ctx context.Context, p *v1.GatewayPro
 	_, resume := p.Annotations[v1.AnnotationResume]
 
 	in := rollout.Input{Profile: p.Name, Key: key, Strategy: p.Spec.Rollout, Now: now,
-		Instances: map[string]rollout.Instance{}, Promoted: st.Promoted, Promote: promote}
+		Instances: map[string]rollout.Instance{}, Promoted: st.Promoted, Promote: promote, Rollback: rollingBack(p, rel)}
+	if st.StartTime != nil {
+		// Seconds, as the moved-at stamps and the stored status: a host moved in the first
+		// second of this rollout belongs to it.
+		in.Started = st.StartTime.Truncate(time.Second)
+	}
 	if st.PauseTime != nil {
 		t := st.PauseTime.Time
 		in.PauseTime = &t
@@ -91,6 +96,11 @@ func (r *GatewayProfileReconciler) rollout(ctx context.Context, p *v1.GatewayPro
 	if err := r.moveAll(ctx, p, instances, d.Move, desired, now); err != nil {
 		return ctrl.Result{}, err
 	}
+	for _, host := range d.Retry {
+		if err := r.retry(ctx, p, instances[host], now, "the target of a new rollout"); err != nil {
+			return ctrl.Result{}, err
+		}
+	}
 	r.record(p, st, d, now)
 	if promote {
 		// The promotion is in the status before the annotation goes: any copy without the
@@ -122,7 +132,9 @@ func (r *GatewayProfileReconciler) beginRollout(p *v1.GatewayProfile, rel *v1.Re
 		if st.To != nil {
 			from = st.To.DeepCopy()
 		}
-		if st.Phase == v1.RolloutAborted && st.From != nil {
+		// An unfinished rollout left most hosts where it started: that release, not the one
+		// it was heading for, is where the next one starts from (and where an abort returns).
+		if st.Phase != v1.RolloutComplete && st.From != nil {
 			from = st.From.DeepCopy()
 		}
 		end := metav1.NewTime(now)
@@ -264,23 +276,40 @@ func (r *GatewayProfileReconciler) record(p *v1.GatewayProfile, st *v1.RolloutSt
 
 // retryFailed asks the agents of failed hosts to apply again, and restarts their deadline.
 func (r *GatewayProfileReconciler) retryFailed(ctx context.Context, p *v1.GatewayProfile, instances map[string]*v1.GatewayInstance, in rollout.Input, now time.Time) error {
-	stamp := now.UTC().Format(time.RFC3339Nano)
 	for host, f := range in.Instances {
-		gi := instances[host].DeepCopy()
 		deadline := time.Duration(p.Spec.Rollout.ProgressDeadlineSeconds) * time.Second
 		late := f.OnTarget && !f.Aligned && !f.MovedAt.IsZero() && deadline > 0 && now.Sub(f.MovedAt) > deadline
 		if !f.OnTarget || (!f.Degraded && !late) {
 			continue
 		}
-		base := gi.DeepCopy()
-		gi.Annotations[annotationRetry] = stamp
-		gi.Annotations[annotationMovedAt] = now.UTC().Format(time.RFC3339)
-		if err := r.Client.Patch(ctx, gi, client.MergeFrom(base)); err != nil {
+		if err := r.retry(ctx, p, instances[host], now, "resumed"); err != nil {
 			return err
 		}
-		r.Recorder.Eventf(p, gi, corev1.EventTypeNormal, "Retry", "Resume", "resumed: %s applies release %s again", host, gi.Spec.Release.Label)
 	}
 	return nil
+}
+
+// retry asks a host's agent to apply its instance again, and restarts its deadline.
+func (r *GatewayProfileReconciler) retry(ctx context.Context, p *v1.GatewayProfile, cur *v1.GatewayInstance, now time.Time, why string) error {
+	gi := cur.DeepCopy()
+	if gi.Annotations == nil {
+		gi.Annotations = map[string]string{}
+	}
+	gi.Annotations[annotationRetry] = now.UTC().Format(time.RFC3339Nano)
+	gi.Annotations[annotationMovedAt] = now.UTC().Format(time.RFC3339)
+	if err := r.Client.Patch(ctx, gi, client.MergeFrom(cur)); err != nil {
+		return err
+	}
+	r.Recorder.Eventf(p, gi, corev1.EventTypeNormal, "Retry", "Rollout", "%s: %s applies release %s again", why, gi.Spec.Host, gi.Spec.Release.Label)
+	return nil
+}
+
+// rollingBack is true when the rollout returns to the release its unfinished predecessor
+// started from: that release ran on these hosts already.
+func rollingBack(p *v1.GatewayProfile, rel *v1.Release) bool {
+	st, h := p.Status.Rollout, p.Status.History
+	return st != nil && st.From != nil && st.From.SHA256 == rel.Spec.SHA256 &&
+		len(h) > 0 && h[0].Result != string(v1.RolloutComplete) && h[0].To != nil && h[0].To.SHA256 != rel.Spec.SHA256
 }
 
 // abort returns every host already moved to the target to the release the rollout started
