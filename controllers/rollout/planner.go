@@ -236,6 +236,13 @@ func Plan(in Input) Decision {
 			}
 		}
 	}
+	// A cordoned host is out of service by a person's decision: the rollout neither moves it
+	// nor lets it hold capacity that no rollout step could ever free.
+	for _, h := range hosts {
+		if h.Unschedulable && !serving[h.Name] {
+			unavailable--
+		}
+	}
 	if len(requeue) > 0 {
 		d.RequeueAfter = requeue[0]
 		for _, r := range requeue {
@@ -244,16 +251,22 @@ func Plan(in Input) Decision {
 	}
 	capacity := Scaled(s.MaxUnavailable, len(hosts), 1) - unavailable
 
-	// move takes the hosts still to move in order: those that serve nothing at once, those that
-	// serve while capacity lasts.
-	move := func(canaryOnly bool) {
+	// move takes the hosts still to move in order: those that serve nothing at once (even
+	// during the canary step: they risk no availability), those that serve while capacity
+	// lasts and the step lets them (servingToo: all, canary hosts only, or none).
+	const (
+		servingNone = iota
+		servingCanary
+		servingAll
+	)
+	move := func(servingToo int) {
 		for _, h := range hosts {
 			st := states[h.Name]
-			if (st != pending && st != stale) || h.Unschedulable || (canaryOnly && !h.Canary) {
+			if (st != pending && st != stale) || h.Unschedulable {
 				continue
 			}
 			if serving[h.Name] {
-				if capacity <= 0 {
+				if servingToo == servingNone || (servingToo == servingCanary && !h.Canary) || capacity <= 0 {
 					continue
 				}
 				capacity--
@@ -285,7 +298,7 @@ func Plan(in Input) Decision {
 		d.Phase = v1.RolloutPaused
 		d.Step = "paused by spec.rollout.paused"
 	case canary && !in.Promoted && !canaryDone(hosts, states):
-		move(true)
+		move(servingCanary)
 		d.Phase = v1.RolloutProgressing
 		d.Step = fmt.Sprintf("canary: %d of %d canary hosts available", countCanary(hosts, states, done), countCanary(hosts, states, -1))
 	case canary && !in.Promoted:
@@ -304,6 +317,7 @@ func Plan(in Input) Decision {
 			}
 		}
 		if !d.EndPause {
+			move(servingNone)
 			d.Phase = v1.RolloutPaused
 			if s.Canary.PauseSeconds == nil {
 				d.Step = "canary available; paused until promoted (annotate gateway.agent.dev/promote)"
@@ -314,7 +328,7 @@ func Plan(in Input) Decision {
 		}
 		fallthrough
 	default:
-		move(false)
+		move(servingAll)
 		d.Phase = v1.RolloutProgressing
 		d.Step = fmt.Sprintf("%d of %d hosts updated, %d moving now", d.Updated, len(hosts), len(d.Move)+len(d.Retry))
 	}

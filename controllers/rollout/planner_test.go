@@ -286,6 +286,17 @@ func TestPlanCanary(t *testing.T) {
 		t.Fatalf("timed pause over: %+v", d)
 	}
 
+	// During the canary step a host that serves nothing moves too: it risks no availability,
+	// and it would otherwise hold capacity the canary needs.
+	in = Input{Profile: "core", Key: "k", Strategy: v1.RolloutStrategy{MaxUnavailable: ptr(intstr.FromInt32(1)),
+		Canary: &v1.CanaryStep{Hosts: ptr(intstr.FromInt32(1))}}, Hosts: ten, Instances: serving(ten), Now: now}
+	order := names(Order(ten, "core", "k"))
+	delete(in.Instances, order[5])
+	d = Plan(in)
+	if !reflect.DeepEqual(d.Move, []string{order[5]}) {
+		t.Fatalf("canary step with a new host moved %v, want the new host %s (the canary waits for it)", d.Move, order[5])
+	}
+
 	// A failed canary halts before anything else moves.
 	in = Input{Profile: "core", Key: "k", Strategy: strategy, Hosts: ten, Instances: serving(ten), Now: now}
 	in.Instances[canary[0]] = Instance{OnTarget: true, Degraded: true, Reason: "ProofFailed"}
