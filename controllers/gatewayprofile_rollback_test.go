@@ -15,15 +15,19 @@ import (
 // TestRollbackAfterHaltSimulatedAgents is the documented way back from a bad release: the
 // agents roll the failed hosts back and the rollout halts; the operator sets spec.release to the
 // good release again, and the rollout completes with Degraded cleared. With one host, and with
-// a fleet whose failed hosts use up maxUnavailable.
+// a fleet whose failed hosts use up maxUnavailable, and with a canary step that a person
+// promoted before the failures: the way back has no canary step (the release ran there before).
 func TestRollbackAfterHaltSimulatedAgents(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
 		hosts   int
 		maxUnav int32
+		canary  bool
+		hex     string // the releases' digests are made of it
 	}{
-		{"one-host", 1, 1},
-		{"fleet", 6, 2},
+		{"one-host", 1, 1, false, "a"},
+		{"fleet", 6, 2, false, "c"},
+		{"canary", 6, 2, true, "e"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			prof := "rb-" + tc.name
@@ -34,19 +38,21 @@ func TestRollbackAfterHaltSimulatedAgents(t *testing.T) {
 				mustCreate(t, host(name, map[string]string{"pool": prof}))
 			}
 			simulatedAgentHeartbeats(t, names...)
-			good, bad := strings.Repeat("a", 64), strings.Repeat("b", 64)
-			if tc.name == "fleet" {
-				good, bad = strings.Repeat("c", 64), strings.Repeat("d", 64)
-			}
+			good, bad := strings.Repeat(tc.hex+"1", 32), strings.Repeat(tc.hex+"2", 32)
 			mustCreate(t, rel(prof+"-good", "1.0.0", good))
 			mustCreate(t, rel(prof+"-bad", "2.0.0", bad))
 			agents := startSimulatedAgents(t, prof)
-			agents.mu.Lock()
-			agents.failSHA = bad
-			for _, h := range names {
-				agents.failing[h] = true
+			failAll := func() {
+				agents.mu.Lock()
+				defer agents.mu.Unlock()
+				agents.failSHA = bad
+				for _, h := range names {
+					agents.failing[h] = true
+				}
 			}
-			agents.mu.Unlock()
+			if !tc.canary {
+				failAll()
+			}
 
 			p := profile(prof, prof+"-good", map[string]string{"pool": prof})
 			mu := intstr.FromInt32(tc.maxUnav)
@@ -54,7 +60,16 @@ func TestRollbackAfterHaltSimulatedAgents(t *testing.T) {
 			mustCreate(t, p)
 			eventually(t, "the good release on every host", rolloutPhase(t, prof, v1.RolloutComplete))
 
-			setRelease(t, prof, prof+"-bad", nil)
+			if tc.canary {
+				// The canary passes; every host after it fails.
+				one := intstr.FromInt32(1)
+				setRelease(t, prof, prof+"-bad", func(s *v1.RolloutStrategy) { s.Canary = &v1.CanaryStep{Hosts: &one} })
+				eventually(t, "the canary pause", rolloutPhase(t, prof, v1.RolloutPaused))
+				failAll()
+				annotate(t, prof, v1.AnnotationPromote)
+			} else {
+				setRelease(t, prof, prof+"-bad", nil)
+			}
 			eventually(t, "the halt", rolloutPhase(t, prof, v1.RolloutHalted))
 			eventually(t, "maxUnavailable used up by failed hosts", func() (bool, string) {
 				st := getProfile(t, prof).Status.Rollout
