@@ -221,3 +221,41 @@ func TestHostDeletedWhileManagerDownSimulatedAgents(t *testing.T) {
 		t.Errorf("the other host's instance was touched: %v", err)
 	}
 }
+
+// TestHostHeldByAnotherFinalizerSimulatedAgents: a GatewayHost whose deletion another party's
+// finalizer holds is being decommissioned all the same: its instance is released and no new
+// one is written for it.
+func TestHostHeldByAnotherFinalizerSimulatedAgents(t *testing.T) {
+	ctx := context.Background()
+	_, stop2 := twoHostProfile(t, "hf")
+	stop2()
+	const hold = "example.com/inventory"
+	edit := func(f func(*v1.GatewayHost)) {
+		t.Helper()
+		var h v1.GatewayHost
+		if err := c.Get(ctx, client.ObjectKey{Name: "hf-2"}, &h); err != nil {
+			t.Fatal(err)
+		}
+		base := h.DeepCopy()
+		f(&h)
+		if err := c.Patch(ctx, &h, client.MergeFrom(base)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	edit(func(h *v1.GatewayHost) { controllerutil.AddFinalizer(h, hold) })
+	t.Cleanup(func() { edit(func(h *v1.GatewayHost) { controllerutil.RemoveFinalizer(h, hold) }) })
+	if err := c.Delete(ctx, host("hf-2", nil)); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "hf.hf-2 to be released and gone", func() (bool, string) {
+		_, err := getInstance("hf.hf-2")
+		return apierrors.IsNotFound(err), fmt.Sprint(err)
+	})
+	eventually(t, "the profile to count one host", func() (bool, string) {
+		p := getProfile(t, "hf")
+		return p.Status.Desired == 1, fmt.Sprintf("%+v", p.Status)
+	})
+	if _, err := getInstance("hf.hf-2"); !apierrors.IsNotFound(err) {
+		t.Errorf("a new instance was written for a host being deleted: %v", err)
+	}
+}
