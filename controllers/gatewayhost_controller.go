@@ -2,40 +2,85 @@ package controllers
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
+	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 	"sigs.k8s.io/controller-runtime/pkg/recorder"
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
 )
 
-// GatewayHostReconciler marks a host Unreachable when its agent stops heart-beating.
+// GatewayHostReconciler marks a host Unreachable when its agent stops heart-beating, and
+// releases the instances of a host whose GatewayHost was deleted.
 type GatewayHostReconciler struct {
-	Client   client.Client
-	Recorder recorder.EventRecorder
+	Client client.Client
+	// APIReader reads past the cache: instances are released only once the API server itself
+	// says their host is gone. The cached client is used when nil.
+	APIReader client.Reader
+	Recorder  recorder.EventRecorder
 	// GracePeriod is how old a heartbeat may be before the host counts as unreachable.
 	GracePeriod time.Duration
 	// Now is the clock; time.Now when nil.
 	Now func() time.Time
 }
 
-// SetupWithManager registers the reconciler.
+// indexInstanceHost indexes instances by host, so a gone host's instances are found without
+// scanning the fleet.
+const indexInstanceHost = "spec.host"
+
+// SetupWithManager registers the reconciler. Besides its hosts it watches instances, so that
+// an instance whose host is already gone (deleted while the manager was down) is released too.
 func (r *GatewayHostReconciler) SetupWithManager(mgr ctrl.Manager) error {
-	return ctrl.NewControllerManagedBy(mgr).For(&v1.GatewayHost{}).Complete(r)
+	if err := mgr.GetFieldIndexer().IndexField(context.Background(), &v1.GatewayInstance{}, indexInstanceHost,
+		func(o client.Object) []string { return []string{o.(*v1.GatewayInstance).Spec.Host} }); err != nil {
+		return err
+	}
+	return ctrl.NewControllerManagedBy(mgr).
+		For(&v1.GatewayHost{}).
+		Watches(&v1.GatewayInstance{}, handler.EnqueueRequestsFromMapFunc(r.goneHostOf)).
+		Complete(r)
 }
 
-// Reconcile sets the Reachable condition and wakes again when the heartbeat would go stale.
+// goneHostOf wakes an instance's host only when the cache no longer holds it (or it is being
+// deleted): instance updates of live hosts, the bulk of a rollout, wake nothing.
+func (r *GatewayHostReconciler) goneHostOf(ctx context.Context, o client.Object) []reconcile.Request {
+	host := o.(*v1.GatewayInstance).Spec.Host
+	if host == "" {
+		return nil
+	}
+	var h v1.GatewayHost
+	err := r.Client.Get(ctx, client.ObjectKey{Name: host}, &h)
+	if err == nil && h.DeletionTimestamp.IsZero() || err != nil && !apierrors.IsNotFound(err) {
+		return nil
+	}
+	return []reconcile.Request{{NamespacedName: client.ObjectKey{Name: host}}}
+}
+
+// Reconcile sets the Reachable condition and wakes again when the heartbeat would go stale. A
+// deleted host's instances are released.
 func (r *GatewayHostReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
 	var h v1.GatewayHost
 	if err := r.Client.Get(ctx, req.NamespacedName, &h); err != nil {
-		return ctrl.Result{}, client.IgnoreNotFound(err)
+		if apierrors.IsNotFound(err) {
+			return ctrl.Result{}, r.releaseInstances(ctx, req.Name)
+		}
+		return ctrl.Result{}, err
+	}
+	if !h.DeletionTimestamp.IsZero() {
+		// Another party's finalizer holds the object, but the host is being decommissioned:
+		// nothing will run there, whatever keeps the object.
+		return ctrl.Result{}, r.releaseInstances(ctx, req.Name)
 	}
 	now := time.Now()
 	if r.Now != nil {
@@ -63,6 +108,61 @@ func (r *GatewayHostReconciler) Reconcile(ctx context.Context, req ctrl.Request)
 		return ctrl.Result{RequeueAfter: next}, nil
 	}
 	return ctrl.Result{}, nil
+}
+
+// releaseInstances lets go of every instance of a host whose GatewayHost is gone, as
+// Kubernetes deletes the pods of a deleted node: no agent will ever remove their units, so
+// the controller removes the units finalizer itself, after saying so in an event.
+func (r *GatewayHostReconciler) releaseInstances(ctx context.Context, host string) error {
+	reader := r.APIReader
+	if reader == nil {
+		reader = r.Client
+	}
+	var live v1.GatewayHost
+	switch err := reader.Get(ctx, client.ObjectKey{Name: host}, &live); {
+	case err == nil && live.DeletionTimestamp.IsZero():
+		return nil // registered again since the cache saw it go: its agent handles its instances
+	case err != nil && !apierrors.IsNotFound(err):
+		return err
+	}
+	var list v1.GatewayInstanceList
+	if err := r.Client.List(ctx, &list, client.MatchingFields{indexInstanceHost: host}); err != nil {
+		return err
+	}
+	var errs []error
+	for i := range list.Items {
+		if err := r.release(ctx, &list.Items[i]); err != nil {
+			errs = append(errs, fmt.Errorf("release instance %s: %w", list.Items[i].Name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// release removes one instance's units finalizer, then deletes the instance if nobody has yet.
+func (r *GatewayHostReconciler) release(ctx context.Context, gi *v1.GatewayInstance) error {
+	host := gi.Spec.Host
+	if controllerutil.ContainsFinalizer(gi, v1.FinalizerInstanceUnits) {
+		why := fmt.Sprintf("GatewayHost %s was deleted: nothing can run there any more, so %s is released without waiting for the host's agent to remove its unit",
+			host, gi.Name)
+		r.Recorder.Eventf(gi, nil, corev1.EventTypeWarning, "HostGone", "Release", "%s", why)
+		var p v1.GatewayProfile
+		if err := r.Client.Get(ctx, client.ObjectKey{Name: gi.Spec.Profile}, &p); err == nil {
+			r.Recorder.Eventf(&p, gi, corev1.EventTypeWarning, "HostGone", "Release", "%s", why)
+		}
+		base := gi.DeepCopy()
+		controllerutil.RemoveFinalizer(gi, v1.FinalizerInstanceUnits)
+		// Optimistic lock: a merge patch replaces the whole finalizer list, and another
+		// party's finalizer added meanwhile must stay.
+		if err := r.Client.Patch(ctx, gi, client.MergeFromWithOptions(base, client.MergeFromWithOptimisticLock{})); err != nil {
+			return client.IgnoreNotFound(err)
+		}
+	}
+	if gi.DeletionTimestamp.IsZero() {
+		// The UID precondition spares a newer instance of a host registered again by now.
+		uid := gi.UID
+		return client.IgnoreNotFound(r.Client.Delete(ctx, gi, client.Preconditions{UID: &uid}))
+	}
+	return nil
 }
 
 // Reachability decides whether a heartbeat is fresh at now, says so in words, and returns how

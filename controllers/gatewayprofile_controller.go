@@ -112,7 +112,7 @@ func (r *GatewayProfileReconciler) Reconcile(ctx context.Context, req ctrl.Reque
 		return ctrl.Result{}, err
 	}
 	if !p.DeletionTimestamp.IsZero() {
-		return ctrl.Result{}, r.reconcileDelete(ctx, &p, instances)
+		return r.reconcileDelete(ctx, &p, instances)
 	}
 	if controllerutil.AddFinalizer(&p, FinalizerProfileInstances) {
 		if err := r.Client.Update(ctx, &p); err != nil {
@@ -210,30 +210,105 @@ func (r *GatewayProfileReconciler) selectedHosts(ctx context.Context, p *v1.Gate
 	if err := r.Client.List(ctx, &list, client.MatchingLabelsSelector{Selector: sel}, client.UnsafeDisableDeepCopy); err != nil {
 		return nil, err
 	}
-	hosts := list.Items
+	// A host being deleted is being decommissioned: it gets nothing new.
+	hosts := make([]v1.GatewayHost, 0, len(list.Items))
+	for _, h := range list.Items {
+		if h.DeletionTimestamp.IsZero() {
+			hosts = append(hosts, h)
+		}
+	}
 	sort.Slice(hosts, func(i, j int) bool { return hosts[i].Name < hosts[j].Name })
 	return hosts, nil
 }
 
 // reconcileDelete removes every instance of a deleted profile and lets the profile go once
-// every host has removed its unit (each agent removes its instance's finalizer).
-func (r *GatewayProfileReconciler) reconcileDelete(ctx context.Context, p *v1.GatewayProfile, instances map[string]*v1.GatewayInstance) error {
+// every host has removed its unit (each agent removes its instance's finalizer; the host
+// controller does it for a host whose GatewayHost was deleted). Until then the Ready condition
+// names the hosts it waits for and how to let a lost one go.
+func (r *GatewayProfileReconciler) reconcileDelete(ctx context.Context, p *v1.GatewayProfile, instances map[string]*v1.GatewayInstance) (ctrl.Result, error) {
 	for _, gi := range instances {
 		if gi.DeletionTimestamp.IsZero() {
 			if err := r.Client.Delete(ctx, gi); client.IgnoreNotFound(err) != nil {
-				return err
+				return ctrl.Result{}, err
 			}
 			r.Recorder.Eventf(p, gi, corev1.EventTypeNormal, "InstanceDeleted", "Delete",
 				"profile deleted: removing %s from host %s", gi.Name, gi.Spec.Host)
 		}
 	}
-	if len(instances) > 0 {
-		return nil // the instances' deletion wakes this profile again
+	if len(instances) == 0 {
+		if controllerutil.RemoveFinalizer(p, FinalizerProfileInstances) {
+			return ctrl.Result{}, r.Client.Update(ctx, p)
+		}
+		return ctrl.Result{}, nil
 	}
-	if controllerutil.RemoveFinalizer(p, FinalizerProfileInstances) {
-		return r.Client.Update(ctx, p)
+	// The instances' deletion, and a host's change of reachability or deletion, wake this
+	// profile again.
+	waiting, err := r.waitingFor(ctx, instances)
+	if err != nil {
+		return ctrl.Result{}, err
 	}
-	return nil
+	base := p.DeepCopy()
+	msg := waiting.message()
+	said := ""
+	if was := meta.FindStatusCondition(p.Status.Conditions, v1.ConditionReady); was != nil {
+		said = was.Message // setCondition changes the entry in place
+	}
+	r.setCondition(p, v1.ConditionReady, metav1.ConditionFalse, "Terminating", msg)
+	if err := r.patchStatus(ctx, base, p); err != nil {
+		if apierrors.IsConflict(err) {
+			return ctrl.Result{RequeueAfter: replan}, nil
+		}
+		return ctrl.Result{}, err
+	}
+	if len(waiting.unreachable) > 0 && said != msg {
+		r.Recorder.Eventf(p, nil, corev1.EventTypeWarning, "WaitingForHosts", "Delete", "%s", msg)
+	}
+	return ctrl.Result{}, nil
+}
+
+// hostsWaitedFor are the hosts a deleted profile still waits for, by what their state asks of
+// a person.
+type hostsWaitedFor struct {
+	reachable, unreachable, gone []string
+}
+
+// waitingFor sorts the hosts of a deleted profile's remaining instances by reachability.
+func (r *GatewayProfileReconciler) waitingFor(ctx context.Context, instances map[string]*v1.GatewayInstance) (hostsWaitedFor, error) {
+	var w hostsWaitedFor
+	for host := range instances {
+		var h v1.GatewayHost
+		err := r.Client.Get(ctx, client.ObjectKey{Name: host}, &h)
+		switch {
+		case apierrors.IsNotFound(err) || err == nil && !h.DeletionTimestamp.IsZero():
+			w.gone = append(w.gone, host)
+		case err != nil:
+			return w, err
+		case meta.IsStatusConditionFalse(h.Status.Conditions, v1.ConditionReachable):
+			w.unreachable = append(w.unreachable, host)
+		default:
+			w.reachable = append(w.reachable, host)
+		}
+	}
+	return w, nil
+}
+
+// message says which hosts a deletion waits for and, for unreachable ones, the way out.
+func (w hostsWaitedFor) message() string {
+	var parts []string
+	if len(w.reachable) > 0 {
+		parts = append(parts, fmt.Sprintf("%d host(s) removing the unit: %s", len(w.reachable), hostList(w.reachable)))
+	}
+	if len(w.gone) > 0 {
+		parts = append(parts, fmt.Sprintf("%d deleted host(s) being released: %s", len(w.gone), hostList(w.gone)))
+	}
+	if len(w.unreachable) > 0 {
+		first := append([]string(nil), w.unreachable...)
+		sort.Strings(first)
+		parts = append(parts, fmt.Sprintf("%d unreachable host(s), whose agents must remove the unit once back: %s; "+
+			"if a machine is gone for good, delete its GatewayHost (kubectl delete gatewayhost %s) and its instances are released",
+			len(w.unreachable), hostList(w.unreachable), first[0]))
+	}
+	return "deleting: waiting for " + strings.Join(parts, "; ")
 }
 
 func (r *GatewayProfileReconciler) setCondition(p *v1.GatewayProfile, t string, s metav1.ConditionStatus, reason, msg string) {

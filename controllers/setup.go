@@ -21,7 +21,7 @@ func Setup(mgr ctrl.Manager, o Options) error {
 	if err := (&ReleaseReconciler{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorder("release-controller")}).SetupWithManager(mgr); err != nil {
 		return err
 	}
-	if err := (&GatewayHostReconciler{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorder("gatewayhost-controller"),
+	if err := (&GatewayHostReconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), Recorder: mgr.GetEventRecorder("gatewayhost-controller"),
 		GracePeriod: o.HostGracePeriod}).SetupWithManager(mgr); err != nil {
 		return err
 	}

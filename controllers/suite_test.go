@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sync"
 	"testing"
 	"time"
 
@@ -165,8 +166,8 @@ func simulatedAgentRemovesUnit(t *testing.T, name string) {
 }
 
 // simulatedAgentHeartbeats keeps hosts' heartbeats fresh, as their agents would, until the
-// test ends.
-func simulatedAgentHeartbeats(t *testing.T, names ...string) {
+// test ends or the returned function stops them (the agents stop).
+func simulatedAgentHeartbeats(t *testing.T, names ...string) (stop func()) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
@@ -196,7 +197,10 @@ func simulatedAgentHeartbeats(t *testing.T, names ...string) {
 			}
 		}
 	}()
-	t.Cleanup(func() { cancel(); <-done })
+	var once sync.Once
+	stop = func() { once.Do(func() { cancel(); <-done }) }
+	t.Cleanup(stop)
+	return stop
 }
 
 // nopRecorder drops events, for reconcilers driven by hand.

@@ -1,7 +1,8 @@
 // Package security_test checks the node agents' security model against a real kube-apiserver:
 // the RBAC of config/rbac/agent_role.yaml and the admission policy of
 // config/policies/agent_policy.yaml, both applied from the files themselves, exercised by real
-// client-certificate identities for two hosts.
+// client-certificate identities for two hosts; and that the controller manager, under its own
+// role (config/rbac/role.yaml), can do what the agents may not.
 package security_test
 
 import (
@@ -68,7 +69,8 @@ func run(m *testing.M) int {
 }
 
 func setUp(ctx context.Context) error {
-	for _, file := range []string{"config/rbac/agent_role.yaml", "config/policies/agent_policy.yaml"} {
+	for _, file := range []string{"config/rbac/agent_role.yaml", "config/policies/agent_policy.yaml",
+		"config/rbac/role.yaml", "config/rbac/role_binding.yaml"} {
 		if err := applyFile(ctx, file); err != nil {
 			return err
 		}
