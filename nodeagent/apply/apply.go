@@ -157,8 +157,10 @@ type Applier struct {
 	hostMu      sync.Mutex // host-wide steps: shared files, daemon-reload, GC
 	mu          sync.Mutex // the fields below
 	verifier    *isolation.Verifier
-	restarts    map[string]uint64 // restarts this agent asked for, by unit
-	launcherSum string            // sha256 of the installed launcher
+	staging     map[Ref]*sync.Mutex // one per release being staged
+	restarts    map[string]uint64   // restarts this agent asked for, by unit
+	busy        map[string]int      // applies restarting each unit now
+	launcherSum string              // sha256 of the installed launcher
 }
 
 func (a *Applier) step(s Step) {
@@ -194,6 +196,7 @@ type run struct {
 	changed bool
 	// undo, once set, returns the profile to its last good release after a failure.
 	undo     func(*Failure) (*Outcome, error)
+	busy     int // times this run marked its unit busy
 	siblings siblings
 	proc     *proof.Process
 	out      Outcome
@@ -229,6 +232,13 @@ func (a *Applier) Apply(ctx context.Context, in Instance) (*Outcome, error) {
 	}
 	r := &run{a: a, ctx: ctx, in: in, p: p, log: a.Log.WithValues("profile", p.Name, "release", in.Release.Label),
 		target: Ref{SHA256: in.Release.SHA256, Label: in.Release.Label}}
+	defer func() {
+		if r.busy > 0 {
+			a.mu.Lock()
+			a.busy[p.Unit] -= r.busy
+			a.mu.Unlock()
+		}
+	}()
 	for _, s := range plan {
 		a.step(s.step)
 		f := s.do(r)
@@ -258,7 +268,7 @@ func (r *run) prepare() *Failure {
 		return &Failure{Reason: "HostSetupFailed", Message: err.Error(), Retry: true}
 	}
 	r.out.User = r.user
-	changed, err := r.a.prepareHost()
+	changed, err := r.a.prepareHost(r.ctx)
 	if err != nil {
 		return &Failure{Reason: "HostSetupFailed", Message: err.Error(), Retry: true}
 	}
@@ -270,8 +280,13 @@ func (r *run) prepare() *Failure {
 }
 
 // stage downloads, verifies and unpacks the release, then renders the profile's files for it.
+// Profiles applied at once may want the same release: one stages it, the others wait for it
+// (a release's staging folder has one name).
 func (r *run) stage() *Failure {
-	if _, err := r.a.Releases.Ensure(r.ctx, r.in.Release); err != nil {
+	unlock := r.a.lockRelease(r.target)
+	_, err := r.a.Releases.Ensure(r.ctx, r.in.Release)
+	unlock()
+	if err != nil {
 		var rej *release.RejectedError
 		if errors.As(err, &rej) {
 			return &Failure{Reason: rej.Reason, Message: rej.Message}
@@ -334,7 +349,7 @@ func (r *run) restart() *Failure {
 			return nil
 		}
 	}
-	siblings, err := r.a.restart(r.ctx, r.p)
+	siblings, err := r.restartUnit()
 	if err != nil {
 		return &Failure{Reason: "RestartFailed", Message: err.Error()}
 	}
@@ -515,6 +530,22 @@ func writeIfChanged(file, text string, mode os.FileMode) (bool, error) {
 	return true, nil
 }
 
+// lockRelease serializes the staging of one release; other releases stage meanwhile.
+func (a *Applier) lockRelease(r Ref) (unlock func()) {
+	a.mu.Lock()
+	if a.staging == nil {
+		a.staging = map[Ref]*sync.Mutex{}
+	}
+	m := a.staging[r]
+	if m == nil {
+		m = &sync.Mutex{}
+		a.staging[r] = m
+	}
+	a.mu.Unlock()
+	m.Lock()
+	return m.Unlock
+}
+
 // reload runs daemon-reload; host-wide, so one at a time.
 func (a *Applier) reload(ctx context.Context) error {
 	a.hostMu.Lock()
@@ -525,7 +556,7 @@ func (a *Applier) reload(ctx context.Context) error {
 // prepareHost makes the shared part of the layout: folders, the launcher, the template unit, and
 // the mask on the bare unit name, reloading systemd when a unit changed. It reports whether
 // anything a gateway reads at start changed.
-func (a *Applier) prepareHost() (bool, error) {
+func (a *Applier) prepareHost(ctx context.Context) (bool, error) {
 	a.hostMu.Lock()
 	defer a.hostMu.Unlock()
 	for _, d := range []string{layout.ReleasesDir, layout.GatewaysDir, path.Dir(layout.LauncherPath), layout.UnitDir} {
@@ -559,7 +590,7 @@ func (a *Applier) prepareHost() (bool, error) {
 		unitsChanged = true
 	}
 	if unitsChanged {
-		if err := a.Systemd.Reload(context.Background()); err != nil {
+		if err := a.Systemd.Reload(ctx); err != nil {
 			return false, err
 		}
 	}

@@ -379,3 +379,29 @@ func TestHealthProbeCatchesLateCrash(t *testing.T) {
 	}
 	f.assertServes("core", r1)
 }
+
+// TestConcurrentAppliesShareARelease: profiles applied at once that want the same release,
+// not yet on the host, all get it: one stages it while the others wait, and every gateway is
+// proven on it.
+func TestConcurrentAppliesShareARelease(t *testing.T) {
+	f := newFixture(t, systemdhost.Options{})
+	profiles := []string{"core", "api", "mcp"}
+	for round, version := range []string{"1.0.0", "2.0.0", "3.0.0"} {
+		r := f.publish(agentruntime.Options{Version: version})
+		errs := make(chan error, len(profiles))
+		for _, p := range profiles {
+			go func() {
+				_, err := f.applier.Apply(context.Background(), instance(p, r))
+				errs <- err
+			}()
+		}
+		for range profiles {
+			if err := <-errs; err != nil {
+				t.Fatalf("round %d (%s): %v", round+1, version, err)
+			}
+		}
+		for _, p := range profiles {
+			f.assertServes(p, r)
+		}
+	}
+}

@@ -192,12 +192,14 @@ func (a *Applier) stillProven(ctx context.Context, p layout.Profile, hash string
 	return proc
 }
 
-// siblings are the other instances' main PIDs and the number of restarts this agent had asked
-// for each, around one restart: an instance another apply restarted meanwhile is not a sibling
-// this apply disturbed.
+// siblings are the other instances' main PIDs, with what this agent's other applies were doing
+// to them, around one restart: an instance another apply restarted meanwhile (its restart
+// count moved) or was restarting at either end (it was busy) is not a sibling this apply
+// disturbed.
 type siblings struct {
 	pids     map[string]uint32
 	restarts map[string]uint64
+	busy     map[string]bool
 }
 
 func (a *Applier) snapshot(ctx context.Context) (siblings, error) {
@@ -211,7 +213,11 @@ func (a *Applier) snapshot(ctx context.Context) (siblings, error) {
 	for u, n := range a.restarts {
 		restarts[u] = n
 	}
-	return siblings{pids: pids, restarts: restarts}, nil
+	busy := map[string]bool{}
+	for u, n := range a.busy {
+		busy[u] = n > 0
+	}
+	return siblings{pids: pids, restarts: restarts, busy: busy}, nil
 }
 
 // undisturbed checks that no sibling's main process changed between two snapshots, but for
@@ -219,25 +225,30 @@ func (a *Applier) snapshot(ctx context.Context) (siblings, error) {
 func undisturbed(self string, before, after siblings) error {
 	still := map[string]uint32{}
 	for u, pid := range before.pids {
-		if after.restarts[u] == before.restarts[u] {
+		if after.restarts[u] == before.restarts[u] && !before.busy[u] && !after.busy[u] {
 			still[u] = pid
 		}
 	}
 	return proof.Siblings(self, still, after.pids)
 }
 
-// restart restarts only the profile's unit and returns the siblings from before.
-func (a *Applier) restart(ctx context.Context, p layout.Profile) (siblings, error) {
-	before, err := a.snapshot(ctx)
+// restart restarts only the profile's unit and returns the siblings from before. The unit counts
+// as busy for other applies' sibling checks until this run ends.
+func (r *run) restartUnit() (siblings, error) {
+	a := r.a
+	before, err := a.snapshot(r.ctx)
 	if err != nil {
 		return siblings{}, err
 	}
 	a.mu.Lock()
 	if a.restarts == nil {
-		a.restarts = map[string]uint64{}
+		a.restarts, a.busy = map[string]uint64{}, map[string]int{}
 	}
-	a.restarts[p.Unit]++
+	a.restarts[r.p.Unit]++
+	a.busy[r.p.Unit]++
+	r.busy++
 	a.mu.Unlock()
+	ctx, p := r.ctx, r.p
 	// A unit that failed before (a broken release, say) restarts at once, not after its limit.
 	_ = a.Systemd.ResetFailed(ctx, p.Unit)
 	if err := a.Systemd.Restart(ctx, p.Unit); err != nil {
@@ -372,7 +383,7 @@ func (r *run) rollback(f *Failure) (*Outcome, error) {
 	if _, err := a.flip(p, lastGood); err != nil {
 		return fail("rollback failed", err)
 	}
-	before, err := a.restart(ctx, p)
+	before, err := r.restartUnit()
 	if err != nil {
 		return fail("rollback restart failed", err)
 	}
@@ -463,7 +474,7 @@ func (a *Applier) Remove(ctx context.Context, profile string, purge bool) error 
 			}
 		}
 	}
-	if err := a.Systemd.Reload(ctx); err != nil {
+	if err := a.reload(ctx); err != nil {
 		return err
 	}
 	return a.collect()

@@ -224,9 +224,10 @@ spec:
 }
 
 // TestCanaryCatchesBrokenRelease rolls releases over three real hosts with a one-host canary:
-// a good release goes canary, pause, promote, everywhere; a broken one (the runtime exits at
-// start) fails on the canary host, whose agent returns it to the good release, and the other
-// two hosts are never touched.
+// the first release goes everywhere at once (no host serves anything yet, so moving them costs
+// no availability); the next good release goes canary, pause, promote, everywhere; a broken one
+// (the runtime exits at start) fails on the canary host, whose agent returns it to the good
+// release, and the other two hosts are never touched.
 func TestCanaryCatchesBrokenRelease(t *testing.T) {
 	s := up(t, "edge-a", "edge-b", "edge-c")
 	ctx := context.Background()
@@ -279,10 +280,9 @@ spec:
 		}
 	}
 	write(good1)
-	// The first rollout: a canary host, then a pause until promoted.
-	eventually(t, "the canary pause on 1.0.0", 2*time.Minute, phase(v1.RolloutPaused))
-	kubectl(t, s, "annotate", "gwp", "edge", "gateway.agent.dev/promote=now")
+	// The first rollout: nothing serves yet, so every host moves at once, without a pause.
 	eventually(t, "1.0.0 everywhere", 2*time.Minute, profileAligned(s, "edge", "1.0.0", 3))
+	eventually(t, "the first rollout complete", 2*time.Minute, phase(v1.RolloutComplete))
 
 	write(good2)
 	eventually(t, "the canary pause on 2.0.0", 2*time.Minute, phase(v1.RolloutPaused))
