@@ -119,7 +119,27 @@ func TestHostileGatewayForgedProofIsNotTrusted(t *testing.T) {
 	r1 := f.publish(agentruntime.Options{Version: "1.0.0", Hostile: agentruntime.HostileForge})
 	r2 := f.publish(agentruntime.Options{Version: "2.0.0"})
 	first := f.mustApply(instance("core", r1))
+	// Let the forgery finish before the agent decides whether to restart: by then `current`
+	// points at 2.0.0 and the old process claims to be it.
+	forged := false
+	f.applier.BeforeStep = func(s apply.Step) {
+		if s != apply.StepRestart {
+			return
+		}
+		deadline := time.Now().Add(20 * time.Second)
+		for time.Now().Before(deadline) {
+			if st := f.status("core"); st.PID == int(first.MainPID) && st.ReleaseSHA == r2.SHA256 {
+				forged = true
+				return
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
 	out := f.mustApply(instance("core", r2))
+	f.applier.BeforeStep = nil
+	if !forged {
+		t.Fatal("the hostile runtime never forged its status")
+	}
 	if !out.Restarted {
 		t.Fatal("the agent took the forging gateway's word and did not restart it")
 	}
