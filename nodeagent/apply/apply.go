@@ -386,15 +386,16 @@ func (r *run) prove() *Failure {
 	return nil
 }
 
-// record remembers the proven process and the release as the profile's last good one.
+// record remembers the proven process and the release as the profile's last good one. The
+// release is proven: nothing is undone if recording fails, the next apply records it.
 func (r *run) record() *Failure {
+	r.undo = nil
 	if err := r.a.writeProven(r.p, provenRecord{PID: r.proc.PID, StartTime: r.proc.StartTime, Hash: r.want.hash}); err != nil {
 		return &Failure{Reason: "WriteFailed", Message: err.Error(), Retry: true}
 	}
 	if err := renameio.Symlink(releaseLink(r.target), r.a.Host.On(r.p.Dir+"/last-good")); err != nil {
 		return &Failure{Reason: "WriteFailed", Message: err.Error(), Retry: true}
 	}
-	r.undo = nil // the new release is the last good one now
 	r.out.LastGood = &r.target
 	r.out.Isolation, r.out.Isolated, r.out.IsolationReason = r.a.isolation(r.ctx, r.p, r.want.settings, r.user)
 	return nil
