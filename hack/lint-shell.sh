@@ -21,7 +21,7 @@ fi
 status=0
 shellcheck -x "${files[@]}" || status=1
 
-early_exit='\|[[:space:]]*(grep[[:space:]]+(-[a-zA-Z]*[qm]|--quiet|--max-count)|head([[:space:]]|$)|awk[^|]*[{;[:space:]]exit[[:space:];}])'
+early_exit='\|[[:space:]]*(grep[[:space:]]+(-[a-zA-Z]*[qm]|--quiet|--max-count)|(head)([[:space:]]|$)|awk[^|]*[{;[:space:]]exit[[:space:];}])'
 for f in "${files[@]}" "${pipefail_only[@]}"; do
   grep -q pipefail "$f" || continue
   if hits=$(grep -nE "$early_exit" "$f"); then

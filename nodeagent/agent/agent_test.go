@@ -36,17 +36,13 @@ func TestMain(m *testing.M) {
 }
 
 func run(m *testing.M) int {
-	dir, err := os.MkdirTemp("", "launch-")
+	bins, cleanup, err := repo.BuildTemp("launch")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	defer os.RemoveAll(dir)
-	launchBin = filepath.Join(dir, "launch")
-	if err := repo.Build(dir, "launch"); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		return 1
-	}
+	defer cleanup()
+	launchBin = bins[0]
 	cp, err = controlplane.Start()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)

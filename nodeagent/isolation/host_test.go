@@ -26,18 +26,14 @@ import (
 var launchBin string
 
 func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "launch-")
+	bins, cleanup, err := repo.BuildTemp("launch")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
-	launchBin = filepath.Join(dir, "launch")
-	if err := repo.Build(dir, "launch"); err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
+	launchBin = bins[0]
 	code := systemdhost.RunWithLeakCheck(m)
-	_ = os.RemoveAll(dir)
+	cleanup()
 	os.Exit(code)
 }
 

@@ -35,3 +35,21 @@ func Build(dir string, commands ...string) error {
 	}
 	return nil
 }
+
+// BuildTemp compiles commands of cmd/ into a new temporary folder, for a test package's
+// TestMain, and returns the path of each (in order) and a function that removes them.
+func BuildTemp(commands ...string) (paths []string, cleanup func(), err error) {
+	dir, err := os.MkdirTemp("", "gateway-bin-")
+	if err != nil {
+		return nil, nil, err
+	}
+	cleanup = func() { _ = os.RemoveAll(dir) }
+	if err := Build(dir, commands...); err != nil {
+		cleanup()
+		return nil, nil, err
+	}
+	for _, c := range commands {
+		paths = append(paths, filepath.Join(dir, c))
+	}
+	return paths, cleanup, nil
+}
