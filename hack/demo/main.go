@@ -271,11 +271,8 @@ func proofText(ctx context.Context, s *stack.Stack) string {
 		fmt.Fprintf(&b, "  %s: main PID %d, PYTHONPATH=%s -> %s, sha256 %s, cwd %s, unit clean=%v, siblings unchanged=%v\n",
 			gi.Name, gi.Status.MainPID, a.PythonPath, a.RuntimePath, a.ReleaseSHA256[:12], a.Cwd, a.UnitClean, a.SiblingsUnchanged)
 		if iso := gi.Status.Isolation; iso != nil {
-			fmt.Fprintf(&b, "    isolation: %s", iso.Message)
-			if iso.ExposureScore != "" {
-				fmt.Fprintf(&b, " (systemd-analyze security exposure %s)", iso.ExposureScore)
-			}
-			b.WriteString("\n")
+			// The message names the exposure score and the first failed check, if any.
+			fmt.Fprintf(&b, "    isolation: %s\n", iso.Message)
 		}
 	}
 	return b.String()
