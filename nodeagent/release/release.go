@@ -519,7 +519,8 @@ func (c ctxReader) Read(p []byte) (int, error) {
 }
 
 // syncTree flushes every file and folder of a tree to disk, so the rename that publishes it can
-// never expose a tree whose contents were lost in a crash.
+// never expose a tree whose contents were lost in a crash. A walk by path is safe here: release
+// trees live in the root-owned releases folder, which no gateway can write.
 func syncTree(root string) error {
 	return filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
@@ -555,7 +556,8 @@ func removeTree(p string) error {
 }
 
 // makeWritable gives the owner write access to every folder of a tree so its entries can be
-// removed. Symlinks are not followed; errors are left for the removal to report.
+// removed. Symlinks are not followed; errors are left for the removal to report. Like syncTree,
+// it walks only root-owned release trees, never a folder a gateway can write.
 func makeWritable(root string) {
 	_ = filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
 		if err == nil && d.IsDir() {
