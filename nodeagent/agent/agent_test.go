@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/go-logr/logr"
 	"github.com/go-logr/logr/testr"
 	eventsv1 "k8s.io/api/events/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -19,6 +20,7 @@ import (
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
 	"github.com/agent-gateway/gateway-operator/nodeagent/agent"
+	"github.com/agent-gateway/gateway-operator/nodeagent/systemd"
 	"github.com/agent-gateway/gateway-operator/test/agentruntime"
 	"github.com/agent-gateway/gateway-operator/test/controlplane"
 	"github.com/agent-gateway/gateway-operator/test/poll"
@@ -261,4 +263,59 @@ func TestAgentReportsBadReleaseAndKeepsServing(t *testing.T) {
 	if err != nil || st.Version != "1.0.0" || uint32(st.PID) != uint32(pid) {
 		t.Errorf("api after a refused release: %+v, %v", st, err)
 	}
+}
+
+// laggingCache reads like an informer cache that has not seen an object this client created
+// less than a second ago.
+type laggingCache struct {
+	client.Client
+	created map[string]time.Time
+}
+
+func (c *laggingCache) Create(ctx context.Context, obj client.Object, opts ...client.CreateOption) error {
+	err := c.Client.Create(ctx, obj, opts...)
+	if err == nil {
+		c.created[obj.GetName()] = time.Now()
+	}
+	return err
+}
+
+func (c *laggingCache) Get(ctx context.Context, key client.ObjectKey, obj client.Object, opts ...client.GetOption) error {
+	if at, ok := c.created[key.Name]; ok && time.Since(at) < time.Second {
+		return apierrors.NewNotFound(v1.GroupVersion.WithResource("gatewayhosts").GroupResource(), key.Name)
+	}
+	return c.Client.Get(ctx, key, obj, opts...)
+}
+
+// The first heartbeat registers the host and lands at once, even when the agent reads through
+// a cache that has not seen the new GatewayHost yet: with an interval of an hour, a first beat
+// that failed would leave the host unreachable (and moved by any rollout as a host that serves
+// nothing) for that hour.
+func TestFirstHeartbeatLandsThroughALaggingCache(t *testing.T) {
+	h := systemdhost.Start(t, systemdhost.Options{Name: "first-beat"})
+	ctx, cancel := context.WithCancel(context.Background())
+	sd, err := systemd.Dial(ctx, h.BusAddress)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		done <- (&agent.Heartbeat{Client: &laggingCache{Client: cp.Client, created: map[string]time.Time{}},
+			Host: "first-beat", Systemd: sd, Interval: time.Hour}).Start(logr.NewContext(ctx, testr.New(t)))
+	}()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+		sd.Close()
+		_ = cp.Client.Delete(context.Background(), &v1.GatewayHost{ObjectMeta: metav1.ObjectMeta{Name: "first-beat"}})
+	})
+	eventually(t, "the first heartbeat", func() (bool, string) {
+		var gh v1.GatewayHost
+		if err := cp.Client.Get(ctx, client.ObjectKey{Name: "first-beat"}, &gh); err != nil {
+			return false, err.Error()
+		}
+		return gh.Status.LastHeartbeatTime != nil, "registered without a heartbeat"
+	})
 }

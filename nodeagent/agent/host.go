@@ -58,16 +58,23 @@ type Heartbeat struct {
 // Start registers the host, then beats every Interval.
 func (h *Heartbeat) Start(ctx context.Context) error {
 	log := ctrl.LoggerFrom(ctx).WithValues("host", h.Host)
-	tick := time.NewTicker(h.Interval)
-	defer tick.Stop()
+	// A failed beat is tried again soon (1 s, doubling up to Interval): until the first one
+	// lands the host counts as unreachable, and the rollout planner treats it so.
+	var wait, backoff time.Duration
 	for {
 		if err := h.beat(ctx); err != nil {
 			log.Error(err, "heartbeat")
+			backoff = min(max(2*backoff, time.Second), h.Interval)
+			wait = backoff
+		} else {
+			wait, backoff = h.Interval, 0
 		}
+		t := time.NewTimer(wait)
 		select {
 		case <-ctx.Done():
+			t.Stop()
 			return nil
-		case <-tick.C:
+		case <-t.C:
 		}
 	}
 }
@@ -83,10 +90,10 @@ func (h *Heartbeat) beatOnce(ctx context.Context) error {
 	err := h.Client.Get(ctx, client.ObjectKey{Name: h.Host}, &gh)
 	if apierrors.IsNotFound(err) {
 		gh = v1.GatewayHost{ObjectMeta: metav1.ObjectMeta{Name: h.Host, Labels: h.Labels}}
-		if err := h.Client.Create(ctx, &gh); err != nil && !apierrors.IsAlreadyExists(err) {
-			return err
-		}
-		if err := h.Client.Get(ctx, client.ObjectKey{Name: h.Host}, &gh); err != nil {
+		// Create fills gh with what the API server stored; a Get right after it would read a
+		// cache that may not have seen the object yet. AlreadyExists (registered by someone
+		// else meanwhile) is tried again after a second, when the cache has it.
+		if err := h.Client.Create(ctx, &gh); err != nil {
 			return err
 		}
 	} else if err != nil {

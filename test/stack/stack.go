@@ -5,6 +5,7 @@
 package stack
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -14,6 +15,10 @@ import (
 	"syscall"
 	"time"
 
+	"k8s.io/apimachinery/pkg/api/meta"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
 	"github.com/agent-gateway/gateway-operator/test/agentruntime"
 	"github.com/agent-gateway/gateway-operator/test/controlplane"
 	"github.com/agent-gateway/gateway-operator/test/repo"
@@ -135,6 +140,23 @@ func Up(o Options) (s *Stack, err error) {
 			"--heartbeat-interval=5s", "--metrics-bind-address=0", "--health-probe-bind-address=0"}, o.AgentArgs...)
 		if err := s.start("agent-"+name, filepath.Join(o.BinDir, "nodeagent"), args...); err != nil {
 			return s, err
+		}
+	}
+	// A host whose first heartbeat has not landed counts as unreachable, and a rollout moves
+	// it at once as a host that serves nothing: tests start from a fleet that is all in view.
+	say("waiting until every host is reachable")
+	deadline := time.Now().Add(time.Minute)
+	for _, name := range o.Hosts {
+		for {
+			var h v1.GatewayHost
+			err := s.CP.Client.Get(context.Background(), client.ObjectKey{Name: name}, &h)
+			if err == nil && meta.IsStatusConditionTrue(h.Status.Conditions, v1.ConditionReachable) {
+				break
+			}
+			if time.Now().After(deadline) {
+				return s, fmt.Errorf("host %s not reachable within a minute (%v)", name, err)
+			}
+			time.Sleep(200 * time.Millisecond)
 		}
 	}
 	return s, nil
