@@ -88,19 +88,19 @@ func (r *GatewayHostReconciler) Reconcile(ctx context.Context, req ctrl.Request)
 	}
 	reachable, msg, next := Reachability(h.Status.LastHeartbeatTime, r.GracePeriod, now)
 	base := h.DeepCopy()
-	cond := metav1.Condition{Type: v1.ConditionReachable, Status: metav1.ConditionTrue, Reason: "HeartbeatFresh",
-		Message: msg, ObservedGeneration: h.Generation}
+	status, reason := metav1.ConditionTrue, "HeartbeatFresh"
 	if !reachable {
-		cond.Status, cond.Reason = metav1.ConditionFalse, "HeartbeatStale"
+		status, reason = metav1.ConditionFalse, "HeartbeatStale"
 	}
-	was := meta.FindStatusCondition(h.Status.Conditions, v1.ConditionReachable)
-	meta.SetStatusCondition(&h.Status.Conditions, cond)
+	// Read before it is set: setting changes the entry in place.
+	wasFalse := meta.IsStatusConditionFalse(h.Status.Conditions, v1.ConditionReachable)
+	v1.SetCondition(&h, v1.ConditionReachable, status, reason, msg)
 	if !equality.Semantic.DeepEqual(base.Status, h.Status) {
 		// Optimistic lock: the agent writes this status too.
 		if err := r.Client.Status().Patch(ctx, &h, client.MergeFromWithOptions(base, client.MergeFromWithOptimisticLock{})); err != nil {
 			return ctrl.Result{}, client.IgnoreNotFound(err)
 		}
-		if !reachable && (was == nil || was.Status != metav1.ConditionFalse) {
+		if !reachable && !wasFalse {
 			r.Recorder.Eventf(&h, nil, corev1.EventTypeWarning, "Unreachable", "Heartbeat", "%s", msg)
 		}
 	}

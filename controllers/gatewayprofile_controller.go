@@ -12,6 +12,8 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	kerrors "k8s.io/apimachinery/pkg/util/errors"
 	"k8s.io/client-go/util/workqueue"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -101,8 +103,9 @@ func (r *GatewayProfileReconciler) profilesOfRelease(ctx context.Context, o clie
 	return reqs
 }
 
-// Reconcile brings a profile's instances in line with its spec and reports their state.
-func (r *GatewayProfileReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
+// Reconcile brings a profile's instances in line with its spec and reports their state. The
+// status is written once, at the end, whatever happened on the way.
+func (r *GatewayProfileReconciler) Reconcile(ctx context.Context, req ctrl.Request) (res ctrl.Result, retErr error) {
 	var p v1.GatewayProfile
 	if err := r.Client.Get(ctx, req.NamespacedName, &p); err != nil {
 		return ctrl.Result{}, client.IgnoreNotFound(err)
@@ -111,24 +114,28 @@ func (r *GatewayProfileReconciler) Reconcile(ctx context.Context, req ctrl.Reque
 	if err != nil {
 		return ctrl.Result{}, err
 	}
-	if !p.DeletionTimestamp.IsZero() {
-		return r.reconcileDelete(ctx, &p, instances)
-	}
-	if controllerutil.AddFinalizer(&p, FinalizerProfileInstances) {
+	if p.DeletionTimestamp.IsZero() && controllerutil.AddFinalizer(&p, FinalizerProfileInstances) {
 		if err := r.Client.Update(ctx, &p); err != nil {
 			return ctrl.Result{}, err
 		}
 	}
 	base := p.DeepCopy()
-	res, err := r.reconcileNormal(ctx, &p, instances)
-	if perr := r.patchStatus(ctx, base, &p); perr != nil && err == nil {
-		if apierrors.IsConflict(perr) {
-			// Decided on a stale copy: decide again on the fresh one.
-			return ctrl.Result{RequeueAfter: replan}, nil
+	defer func() {
+		switch err := r.patchStatus(ctx, base, &p); {
+		case err == nil:
+		case apierrors.IsConflict(err) && retErr == nil:
+			// Decided on a stale copy: decide again on the fresh one. What was done on the
+			// way is idempotent (instance specs, request tokens not yet recorded).
+			res = ctrl.Result{RequeueAfter: replan}
+		default:
+			retErr = kerrors.NewAggregate([]error{retErr, fmt.Errorf("write status: %w", err)})
 		}
-		err = perr
+	}()
+	p.Status.ObservedGeneration = p.Generation
+	if !p.DeletionTimestamp.IsZero() {
+		return r.reconcileDelete(ctx, &p, instances)
 	}
-	return res, err
+	return r.reconcileNormal(ctx, &p, instances)
 }
 
 func (r *GatewayProfileReconciler) instancesOf(ctx context.Context, profile string) (map[string]*v1.GatewayInstance, error) {
@@ -148,29 +155,35 @@ func (r *GatewayProfileReconciler) instancesOf(ctx context.Context, profile stri
 // reconcileNormal rolls the profile's target out over its selected hosts, removes instances
 // from hosts no longer selected, then computes the status.
 func (r *GatewayProfileReconciler) reconcileNormal(ctx context.Context, p *v1.GatewayProfile, instances map[string]*v1.GatewayInstance) (ctrl.Result, error) {
-	p.Status.ObservedGeneration = p.Generation
 	var rel v1.Release
 	if err := r.Client.Get(ctx, client.ObjectKey{Name: p.Spec.Release}, &rel); err != nil {
 		if !apierrors.IsNotFound(err) {
 			return ctrl.Result{}, err
 		}
 		msg := fmt.Sprintf("Release %q does not exist; hosts keep what they run", p.Spec.Release)
-		r.setCondition(p, v1.ConditionReady, metav1.ConditionFalse, "ReleaseNotFound", msg)
+		summarize(p, instances, nil, nil)
+		setState(p, metav1.ConditionFalse, "ReleaseNotFound", msg, stateStalled)
 		r.Recorder.Eventf(p, nil, corev1.EventTypeWarning, "ReleaseNotFound", "Plan", "%s", msg)
-		summarize(p, instances, nil)
 		return ctrl.Result{}, nil
 	}
 	if !rel.DeletionTimestamp.IsZero() {
 		msg := fmt.Sprintf("Release %q is being deleted; hosts keep what they run", rel.Name)
-		r.setCondition(p, v1.ConditionReady, metav1.ConditionFalse, "ReleaseDeleting", msg)
-		summarize(p, instances, &rel)
+		summarize(p, instances, &rel, nil)
+		setState(p, metav1.ConditionFalse, "ReleaseDeleting", msg, stateStalled)
 		return ctrl.Result{}, nil
 	}
 
 	hosts, err := r.selectedHosts(ctx, p)
 	if err != nil {
-		r.setCondition(p, v1.ConditionReady, metav1.ConditionFalse, "InvalidSelector", err.Error())
-		return ctrl.Result{}, nil
+		setState(p, metav1.ConditionFalse, "InvalidSelector", err.Error(), stateStalled)
+		return ctrl.Result{}, nil //nolint:nilerr // only a spec change can mend it; the condition says why
+	}
+	var canary labels.Selector
+	if c := p.Spec.Rollout.Canary; c != nil && c.Selector != nil {
+		if canary, err = metav1.LabelSelectorAsSelector(c.Selector); err != nil {
+			setState(p, metav1.ConditionFalse, "InvalidSelector", "canary selector: "+err.Error(), stateStalled)
+			return ctrl.Result{}, nil //nolint:nilerr // only a spec change can mend it; the condition says why
+		}
 	}
 	selected := map[string]bool{}
 	for _, h := range hosts {
@@ -190,14 +203,12 @@ func (r *GatewayProfileReconciler) reconcileNormal(ctx context.Context, p *v1.Ga
 		delete(instances, host)
 	}
 
-	res, err := r.rollout(ctx, p, &rel, hosts, instances)
-	if err != nil {
-		return ctrl.Result{}, err
-	}
-	failed := summarize(p, instances, &rel)
+	tmpl := profileSpec(p, &rel)
+	res, err := r.rollout(ctx, p, &rel, tmpl, hosts, canary, instances)
+	failed := summarize(p, instances, &rel, tmpl.hashFor)
 	p.Status.Desired = count32(len(hosts))
 	setSummaryConditions(p, failed)
-	return res, nil
+	return res, err
 }
 
 // selectedHosts lists the GatewayHosts the profile's nodeSelector matches, by name.
@@ -247,19 +258,12 @@ func (r *GatewayProfileReconciler) reconcileDelete(ctx context.Context, p *v1.Ga
 	if err != nil {
 		return ctrl.Result{}, err
 	}
-	base := p.DeepCopy()
 	msg := waiting.message()
 	said := ""
 	if was := meta.FindStatusCondition(p.Status.Conditions, v1.ConditionReady); was != nil {
-		said = was.Message // setCondition changes the entry in place
+		said = was.Message // setting the condition changes the entry in place
 	}
-	r.setCondition(p, v1.ConditionReady, metav1.ConditionFalse, "Terminating", msg)
-	if err := r.patchStatus(ctx, base, p); err != nil {
-		if apierrors.IsConflict(err) {
-			return ctrl.Result{RequeueAfter: replan}, nil
-		}
-		return ctrl.Result{}, err
-	}
+	setState(p, metav1.ConditionFalse, "Terminating", msg, stateReconciling)
 	if len(waiting.unreachable) > 0 && said != msg {
 		r.Recorder.Eventf(p, nil, corev1.EventTypeWarning, "WaitingForHosts", "Delete", "%s", msg)
 	}
@@ -309,10 +313,6 @@ func (w hostsWaitedFor) message() string {
 			len(w.unreachable), hostList(w.unreachable), first[0]))
 	}
 	return "deleting: waiting for " + strings.Join(parts, "; ")
-}
-
-func (r *GatewayProfileReconciler) setCondition(p *v1.GatewayProfile, t string, s metav1.ConditionStatus, reason, msg string) {
-	meta.SetStatusCondition(&p.Status.Conditions, metav1.Condition{Type: t, Status: s, Reason: reason, Message: msg, ObservedGeneration: p.Generation})
 }
 
 // patchStatus writes the status with an optimistic lock: the rollout's state lives in it, and a

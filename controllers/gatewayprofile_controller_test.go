@@ -237,6 +237,10 @@ func TestStaleHeartbeatMarksUnreachable(t *testing.T) {
 	beat()
 	eventually(t, "Reachable", reachable(metav1.ConditionTrue))
 	eventually(t, "Unreachable after the grace period", reachable(metav1.ConditionFalse))
+	eventually(t, "an Unreachable event", func() (bool, string) {
+		notes := eventNotes(t, "hb-1", "Unreachable")
+		return len(notes) == 1, fmt.Sprint(notes)
+	})
 	beat()
 	eventually(t, "Reachable again", reachable(metav1.ConditionTrue))
 }

@@ -19,35 +19,38 @@ import (
 	"github.com/agent-gateway/gateway-operator/controllers/rollout"
 )
 
-// Annotations the controller keeps on instances.
+// annotationMovedAt, kept on instances, is when the instance's spec was moved to its current
+// target; the progress deadline counts from it.
 const (
-	// annotationMovedAt is when the instance's spec was moved to its current target; the
-	// progress deadline counts from it.
 	annotationMovedAt = "gateway.agent.dev/moved-at"
-	// annotationRetry asks the host's agent to apply the instance again (after a resume).
-	annotationRetry = "gateway.agent.dev/retry"
-	historyLength   = 10
+	historyLength     = 10
 )
 
-// rollout moves hosts to the profile's target as the planner decides, and records the rollout's
-// state in the profile's status.
-func (r *GatewayProfileReconciler) rollout(ctx context.Context, p *v1.GatewayProfile, rel *v1.Release, hosts []v1.GatewayHost, instances map[string]*v1.GatewayInstance) (ctrl.Result, error) {
+// rollout moves hosts to the profile's target as the planner decides, acts on the operator's
+// requests (promote, resume, abort: each once per token), and records the rollout's state in
+// the profile's status, which the caller writes.
+func (r *GatewayProfileReconciler) rollout(ctx context.Context, p *v1.GatewayProfile, rel *v1.Release, tmpl templateSpec,
+	hosts []v1.GatewayHost, canary labels.Selector, instances map[string]*v1.GatewayInstance) (ctrl.Result, error) {
 	now := time.Now()
-	tmpl := profileSpec(p, rel)
 	key := tmpl.key
 	st := r.beginRollout(p, rel, key, now)
+	if p.Status.LastHandled == nil {
+		p.Status.LastHandled = &v1.HandledRequests{}
+	}
+	handled := p.Status.LastHandled
 
-	if _, ok := p.Annotations[v1.AnnotationAbort]; ok {
+	if token, ok := v1.Requested(p, v1.AnnotationAbort, handled.Abort); ok {
 		if err := r.abort(ctx, p, instances); err != nil {
 			return ctrl.Result{}, err
 		}
-		return ctrl.Result{}, r.dropAnnotations(ctx, p, v1.AnnotationAbort)
+		handled.Abort = token
+		return ctrl.Result{}, nil
 	}
 	if st.Phase == v1.RolloutAborted {
 		return ctrl.Result{}, nil // nothing moves until the spec names a new target
 	}
-	_, promote := p.Annotations[v1.AnnotationPromote]
-	_, resume := p.Annotations[v1.AnnotationResume]
+	promoteToken, promote := v1.Requested(p, v1.AnnotationPromote, handled.Promote)
+	resumeToken, resume := v1.Requested(p, v1.AnnotationResume, handled.Resume)
 
 	in := rollout.Input{Profile: p.Name, Key: key, Strategy: p.Spec.Rollout, Now: now,
 		Instances: map[string]rollout.Instance{}, Promoted: st.Promoted, Promote: promote, Rollback: rollingBack(p, rel)}
@@ -60,25 +63,13 @@ func (r *GatewayProfileReconciler) rollout(ctx context.Context, p *v1.GatewayPro
 		t := st.PauseTime.Time
 		in.PauseTime = &t
 	}
-	var canarySel labels.Selector
-	if c := p.Spec.Rollout.Canary; c != nil && c.Selector != nil {
-		sel, err := metav1.LabelSelectorAsSelector(c.Selector)
-		if err != nil {
-			r.setCondition(p, v1.ConditionReady, metav1.ConditionFalse, "InvalidSelector", "canary selector: "+err.Error())
-			return ctrl.Result{}, nil //nolint:nilerr // only a spec change can mend it; the condition says why
-		}
-		canarySel = sel
-	}
-	desired := map[string]v1.GatewayInstanceSpec{}
 	for _, h := range hosts {
-		want := tmpl.forHost(h.Name)
-		desired[h.Name] = want
 		reach := meta.FindStatusCondition(h.Status.Conditions, v1.ConditionReachable)
 		in.Hosts = append(in.Hosts, rollout.Host{Name: h.Name, Unschedulable: h.Spec.Unschedulable,
 			Reachable: reach == nil || reach.Status != metav1.ConditionFalse,
-			Canary:    canarySel != nil && canarySel.Matches(labels.Set(h.Labels))})
+			Canary:    canary != nil && canary.Matches(labels.Set(h.Labels))})
 		if gi, ok := instances[h.Name]; ok {
-			in.Instances[h.Name] = instanceFacts(gi, want.ConfigHash)
+			in.Instances[h.Name] = viewOf(gi, tmpl.hashFor(h.Name)).planned()
 		}
 	}
 
@@ -86,30 +77,29 @@ func (r *GatewayProfileReconciler) rollout(ctx context.Context, p *v1.GatewayPro
 		if err := r.retryFailed(ctx, p, instances, in, now); err != nil {
 			return ctrl.Result{}, err
 		}
-		if err := r.dropAnnotations(ctx, p, v1.AnnotationResume); err != nil {
-			return ctrl.Result{}, err
-		}
+		handled.Resume = resumeToken
 		return ctrl.Result{RequeueAfter: replan}, nil
 	}
 
 	d := rollout.Plan(in)
+	desired := make(map[string]v1.GatewayInstanceSpec, len(d.Move))
+	for _, host := range d.Move {
+		desired[host] = tmpl.forHost(host)
+	}
 	if err := r.moveAll(ctx, p, instances, d.Move, desired, now); err != nil {
 		return ctrl.Result{}, err
 	}
 	for _, host := range d.Retry {
-		if err := r.retry(ctx, p, instances[host], now, "the target of a new rollout"); err != nil {
+		if err := r.retry(ctx, p, instances, host, now, "the target of a new rollout"); err != nil {
 			return ctrl.Result{}, err
 		}
 	}
 	r.record(p, st, d, now)
 	if promote {
-		// The promotion is in the status before the annotation goes: any copy without the
-		// annotation carries it.
-		if err := r.commitStatus(ctx, p); err != nil {
-			return ctrl.Result{}, err
-		}
-		if err := r.dropAnnotations(ctx, p, v1.AnnotationPromote); err != nil {
-			return ctrl.Result{}, err
+		handled.Promote = promoteToken
+		if !d.EndPause {
+			r.Recorder.Eventf(p, nil, corev1.EventTypeNormal, "PromoteIgnored", "Promote",
+				"request %s: no canary pause to end (%s)", promoteToken, st.Step)
 		}
 	}
 	return ctrl.Result{RequeueAfter: d.RequeueAfter}, nil
@@ -155,23 +145,6 @@ func fromText(from *v1.ReleaseSummary) string {
 		return ""
 	}
 	return " from " + from.Label
-}
-
-// instanceFacts is what the planner needs of one instance.
-func instanceFacts(gi *v1.GatewayInstance, targetHash string) rollout.Instance {
-	fresh := gi.Status.ObservedGeneration == gi.Generation
-	f := rollout.Instance{OnTarget: gi.Spec.ConfigHash == targetHash}
-	if t, err := time.Parse(time.RFC3339, gi.Annotations[annotationMovedAt]); err == nil {
-		f.MovedAt = t
-	}
-	if d := meta.FindStatusCondition(gi.Status.Conditions, v1.ConditionDegraded); d != nil && d.Status == metav1.ConditionTrue && fresh {
-		f.Degraded, f.Reason = true, d.Reason+": "+d.Message
-	}
-	if a := meta.FindStatusCondition(gi.Status.Conditions, v1.ConditionAligned); a != nil && a.Status == metav1.ConditionTrue && fresh &&
-		gi.Status.ConfigHash == gi.Spec.ConfigHash {
-		f.Aligned, f.AlignedAt = true, a.LastTransitionTime.Time
-	}
-	return f
 }
 
 // moveAll points the instances of hosts at their desired specs, creating missing ones. The
@@ -259,7 +232,7 @@ func (r *GatewayProfileReconciler) record(p *v1.GatewayProfile, st *v1.RolloutSt
 	if st.Phase == v1.RolloutPaused {
 		paused = metav1.ConditionTrue
 	}
-	r.setCondition(p, v1.ConditionPaused, paused, string(st.Phase), st.Step)
+	v1.SetCondition(p, v1.ConditionPaused, paused, string(st.Phase), st.Step)
 	if was == st.Phase {
 		return
 	}
@@ -282,24 +255,27 @@ func (r *GatewayProfileReconciler) retryFailed(ctx context.Context, p *v1.Gatewa
 		if !f.OnTarget || (!f.Degraded && !late) {
 			continue
 		}
-		if err := r.retry(ctx, p, instances[host], now, "resumed"); err != nil {
+		if err := r.retry(ctx, p, instances, host, now, "resumed"); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-// retry asks a host's agent to apply its instance again, and restarts its deadline.
-func (r *GatewayProfileReconciler) retry(ctx context.Context, p *v1.GatewayProfile, cur *v1.GatewayInstance, now time.Time, why string) error {
+// retry asks a host's agent to apply its instance again with a new retry token, and restarts
+// its deadline. Until the agent reports that token handled, the instance counts as moving.
+func (r *GatewayProfileReconciler) retry(ctx context.Context, p *v1.GatewayProfile, instances map[string]*v1.GatewayInstance, host string, now time.Time, why string) error {
+	cur := instances[host]
 	gi := cur.DeepCopy()
 	if gi.Annotations == nil {
 		gi.Annotations = map[string]string{}
 	}
-	gi.Annotations[annotationRetry] = now.UTC().Format(time.RFC3339Nano)
+	gi.Annotations[v1.AnnotationRetry] = now.UTC().Format(time.RFC3339Nano)
 	gi.Annotations[annotationMovedAt] = now.UTC().Format(time.RFC3339)
 	if err := r.Client.Patch(ctx, gi, client.MergeFrom(cur)); err != nil {
 		return err
 	}
+	instances[host] = gi
 	r.Recorder.Eventf(p, gi, corev1.EventTypeNormal, "Retry", "Rollout", "%s: %s applies release %s again", why, gi.Spec.Host, gi.Spec.Release.Label)
 	return nil
 }
@@ -325,13 +301,11 @@ func (r *GatewayProfileReconciler) abort(ctx context.Context, p *v1.GatewayProfi
 		return fmt.Errorf("abort: the previous release %s: %w", st.From.Name, err)
 	}
 	if st.Phase != v1.RolloutAborted {
+		// Should the status not be written after the hosts moved back, the request is still
+		// unhandled and the next reconcile aborts again: moving back is idempotent.
 		st.Phase = v1.RolloutAborted
 		st.Step = fmt.Sprintf("aborted: every host returns to %s; set spec.release to roll out again", st.From.Label)
-		r.setCondition(p, v1.ConditionPaused, metav1.ConditionFalse, "Aborted", st.Step)
-		// Recorded before anything moves, so no later decision can undo the abort.
-		if err := r.commitStatus(ctx, p); err != nil {
-			return err
-		}
+		v1.SetCondition(p, v1.ConditionPaused, metav1.ConditionFalse, "Aborted", st.Step)
 		r.Recorder.Eventf(p, nil, corev1.EventTypeWarning, "RolloutAborted", "Abort", "%s", st.Step)
 	}
 	tmpl := profileSpec(p, &prev)
@@ -344,23 +318,4 @@ func (r *GatewayProfileReconciler) abort(ctx context.Context, p *v1.GatewayProfi
 		}
 	}
 	return r.moveAll(ctx, p, instances, back, desired, time.Now())
-}
-
-// commitStatus writes the status now, failing on a conflict (the decision was taken on a stale
-// copy and is retried).
-func (r *GatewayProfileReconciler) commitStatus(ctx context.Context, p *v1.GatewayProfile) error {
-	return r.Client.Status().Update(ctx, p)
-}
-
-// dropAnnotations removes operator-action annotations once acted upon.
-func (r *GatewayProfileReconciler) dropAnnotations(ctx context.Context, p *v1.GatewayProfile, keys ...string) error {
-	var cur v1.GatewayProfile
-	if err := r.Client.Get(ctx, client.ObjectKeyFromObject(p), &cur); err != nil {
-		return err
-	}
-	base := cur.DeepCopy()
-	for _, k := range keys {
-		delete(cur.Annotations, k)
-	}
-	return r.Client.Patch(ctx, &cur, client.MergeFrom(base))
 }

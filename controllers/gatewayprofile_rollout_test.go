@@ -31,6 +31,7 @@ type simulatedAgents struct {
 	seen     map[string]time.Time
 	maxMoves int
 	target   string // sha counted as "moving" when not yet aligned
+	hold     bool   // the agents answer nothing while set
 }
 
 func startSimulatedAgents(t *testing.T, profile string) *simulatedAgents {
@@ -58,15 +59,17 @@ func (a *simulatedAgents) step(ctx context.Context) {
 	moving := 0
 	for i := range list.Items {
 		gi := &list.Items[i]
-		applied := gi.Status.ObservedGeneration == gi.Generation && gi.Status.ConfigHash == gi.Spec.ConfigHash
+		retry := v1.RequestToken(gi.Annotations[v1.AnnotationRetry])
+		applied := gi.Status.ObservedGeneration == gi.Generation && gi.Status.ConfigHash == gi.Spec.ConfigHash &&
+			gi.Status.LastHandledRetry == retry
 		if gi.Spec.Release.SHA256 == a.target && !meta.IsStatusConditionTrue(gi.Status.Conditions, v1.ConditionAligned) ||
 			gi.Spec.Release.SHA256 == a.target && !applied {
 			moving++
 		}
-		if applied || !gi.DeletionTimestamp.IsZero() {
+		if applied || !gi.DeletionTimestamp.IsZero() || a.hold {
 			continue
 		}
-		key := fmt.Sprintf("%s/%d", gi.Name, gi.Generation)
+		key := fmt.Sprintf("%s/%d/%s", gi.Name, gi.Generation, retry)
 		first, ok := a.seen[key]
 		if !ok {
 			a.seen[key] = time.Now()
@@ -81,6 +84,7 @@ func (a *simulatedAgents) step(ctx context.Context) {
 			meta.SetStatusCondition(&gi.Status.Conditions, metav1.Condition{Type: typ, Status: s, Reason: reason, Message: reason, ObservedGeneration: gen})
 		}
 		gi.Status.ObservedGeneration = gen
+		gi.Status.LastHandledRetry = retry
 		if a.failing[gi.Spec.Host] && gi.Spec.Release.SHA256 == a.failSHA {
 			// A real agent rolls the host back and reports the failure.
 			set(v1.ConditionAligned, metav1.ConditionFalse, "RolledBack")
@@ -135,17 +139,20 @@ func rolloutPhase(t *testing.T, name string, want v1.RolloutPhase) func() (bool,
 	}
 }
 
-func annotate(t *testing.T, name, key string) {
+// annotate asks for an operator action with a new request token, and returns the token.
+func annotate(t *testing.T, name, key string) string {
 	t.Helper()
 	p := getProfile(t, name)
 	base := p.DeepCopy()
 	if p.Annotations == nil {
 		p.Annotations = map[string]string{}
 	}
-	p.Annotations[key] = "true"
+	token := fmt.Sprint(time.Now().UnixNano())
+	p.Annotations[key] = token
 	if err := c.Patch(context.Background(), p, client.MergeFrom(base)); err != nil {
 		t.Fatal(err)
 	}
+	return token
 }
 
 // setRelease changes a profile's release (and strategy), retrying when the controller wrote the
@@ -204,7 +211,7 @@ func TestRollout50HostsSimulatedAgents(t *testing.T) {
 	if !meta.IsStatusConditionTrue(getProfile(t, "fleet").Status.Conditions, v1.ConditionPaused) {
 		t.Error("no Paused condition during the canary pause")
 	}
-	annotate(t, "fleet", v1.AnnotationPromote)
+	promoted := annotate(t, "fleet", v1.AnnotationPromote)
 	eventually(t, "2.0.0 everywhere", rolloutPhase(t, "fleet", v1.RolloutComplete))
 	if got := onRelease(t, "fleet", shas[1]); got != n {
 		t.Fatalf("%d hosts on 2.0.0, want %d", got, n)
@@ -212,8 +219,8 @@ func TestRollout50HostsSimulatedAgents(t *testing.T) {
 	if peak := agents.peak(); peak > limit {
 		t.Errorf("%d hosts moved at once, maxUnavailable is %d", peak, limit)
 	}
-	if _, ok := getProfile(t, "fleet").Annotations[v1.AnnotationPromote]; ok {
-		t.Error("the promote annotation was not removed")
+	if h := getProfile(t, "fleet").Status.LastHandled; h == nil || h.Promote != promoted {
+		t.Errorf("the promote request %s is not recorded as handled: %+v", promoted, h)
 	}
 
 	// A host that fails 3.0.0 halts the rollout; nothing more moves.

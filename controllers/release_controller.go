@@ -10,7 +10,6 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
-	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -52,8 +51,7 @@ func (r *ReleaseReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ct
 	rel.Status.ObservedGeneration = rel.Generation
 	rel.Status.Profiles = users
 	set := func(s metav1.ConditionStatus, reason, msg string) {
-		meta.SetStatusCondition(&rel.Status.Conditions, metav1.Condition{Type: v1.ConditionReady, Status: s,
-			Reason: reason, Message: msg, ObservedGeneration: rel.Generation})
+		v1.SetCondition(&rel, v1.ConditionReady, s, reason, msg)
 	}
 
 	if !rel.DeletionTimestamp.IsZero() {

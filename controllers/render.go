@@ -40,9 +40,14 @@ func profileSpec(p *v1.GatewayProfile, rel *v1.Release) templateSpec {
 func (t templateSpec) forHost(host string) v1.GatewayInstanceSpec {
 	spec := *t.spec.DeepCopy()
 	spec.Host = host
-	sum := sha256.Sum256([]byte(t.key + "/" + host))
-	spec.ConfigHash = hex.EncodeToString(sum[:])[:16]
+	spec.ConfigHash = t.hashFor(host)
 	return spec
+}
+
+// hashFor is the config hash of one host's spec, without building the spec.
+func (t templateSpec) hashFor(host string) string {
+	sum := sha256.Sum256([]byte(t.key + "/" + host))
+	return hex.EncodeToString(sum[:])[:16]
 }
 
 // configHash digests everything in an instance spec but the hash itself.

@@ -133,6 +133,7 @@ func simulatedAgentReports(t *testing.T, name string, aligned bool, reason strin
 	gen := gi.Generation
 	gi.Status.ObservedGeneration = gen
 	gi.Status.ConfigHash = gi.Spec.ConfigHash
+	gi.Status.LastHandledRetry = v1.RequestToken(gi.Annotations[v1.AnnotationRetry])
 	set := func(typ string, s metav1.ConditionStatus, why string) {
 		meta.SetStatusCondition(&gi.Status.Conditions, metav1.Condition{Type: typ, Status: s, Reason: why, Message: why, ObservedGeneration: gen})
 	}

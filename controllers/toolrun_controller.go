@@ -10,7 +10,6 @@ import (
 	nodev1 "k8s.io/api/node/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -118,7 +117,7 @@ func (r *ToolRunReconciler) reconcileRun(ctx context.Context, tr *v1.ToolRun) (c
 			return ctrl.Result{}, fmt.Errorf("create pod: %w", err)
 		}
 		tr.Status.Phase, tr.Status.PodName = v1.ToolRunPending, pod.Name
-		r.setCondition(tr, v1.ConditionReady, metav1.ConditionFalse, "PodCreated", "pod "+pod.Name+" created with RuntimeClass "+r.RuntimeClass)
+		r.running(tr, "PodCreated", "pod "+pod.Name+" created with RuntimeClass "+r.RuntimeClass)
 		r.Recorder.Eventf(tr, &pod, corev1.EventTypeNormal, "PodCreated", "Run", "created pod %s (RuntimeClass %s)", pod.Name, r.RuntimeClass)
 		return ctrl.Result{}, nil
 	}
@@ -165,7 +164,7 @@ func (r *ToolRunReconciler) observe(tr *v1.ToolRun, pod *corev1.Pod) {
 			return
 		case cs.State.Running != nil:
 			st.Phase = v1.ToolRunRunning
-			r.setCondition(tr, v1.ConditionReady, metav1.ConditionFalse, "Running", "the tool runs in pod "+pod.Name)
+			r.running(tr, "Running", "the tool runs in pod "+pod.Name)
 			return
 		}
 	}
@@ -174,20 +173,31 @@ func (r *ToolRunReconciler) observe(tr *v1.ToolRun, pod *corev1.Pod) {
 	}
 }
 
+// running says the run is on its way, as a Job's conditions do: neither Complete nor Failed.
+func (r *ToolRunReconciler) running(tr *v1.ToolRun, reason, msg string) {
+	v1.SetAbnormal(tr, v1.ConditionReconciling, true, reason, msg)
+	v1.SetCondition(tr, v1.ConditionComplete, metav1.ConditionFalse, reason, msg)
+	v1.SetCondition(tr, v1.ConditionFailed, metav1.ConditionFalse, reason, msg)
+}
+
+// finish records the end of a run: Complete when the tool exited 0, Failed otherwise (and
+// Stalled, which generic tools read as failed).
 func (r *ToolRunReconciler) finish(tr *v1.ToolRun, phase v1.ToolRunPhase, reason, msg string) {
 	tr.Status.Phase = phase
 	now := metav1.NewTime(r.now())
 	tr.Status.CompletionTime = &now
-	r.setCondition(tr, v1.ConditionReady, metav1.ConditionTrue, reason, msg)
-	degraded := metav1.ConditionFalse
-	if phase != v1.ToolRunSucceeded {
-		degraded = metav1.ConditionTrue
+	ok := phase == v1.ToolRunSucceeded
+	complete, failed := metav1.ConditionFalse, metav1.ConditionTrue
+	if ok {
+		complete, failed = metav1.ConditionTrue, metav1.ConditionFalse
 	}
-	r.setCondition(tr, v1.ConditionDegraded, degraded, reason, msg)
-}
-
-func (r *ToolRunReconciler) setCondition(tr *v1.ToolRun, t string, s metav1.ConditionStatus, reason, msg string) {
-	meta.SetStatusCondition(&tr.Status.Conditions, metav1.Condition{Type: t, Status: s, Reason: reason, Message: msg, ObservedGeneration: tr.Generation})
+	v1.SetCondition(tr, v1.ConditionComplete, complete, reason, msg)
+	v1.SetCondition(tr, v1.ConditionFailed, failed, reason, msg)
+	v1.SetAbnormal(tr, v1.ConditionReconciling, false, "", "")
+	v1.SetAbnormal(tr, v1.ConditionStalled, !ok, reason, msg)
+	// What earlier versions reported: a finished run was Ready, even a failed one.
+	v1.RemoveCondition(tr, v1.ConditionReady)
+	v1.RemoveCondition(tr, v1.ConditionDegraded)
 }
 
 // expire deletes a finished run (and what it made) once its TTL has passed.

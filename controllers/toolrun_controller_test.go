@@ -12,6 +12,7 @@ import (
 	networkingv1 "k8s.io/api/networking/v1"
 	nodev1 "k8s.io/api/node/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -82,6 +83,24 @@ func waitRun(t *testing.T, name string, phase v1.ToolRunPhase) *v1.ToolRun {
 	return &tr
 }
 
+// jobLike checks a run's conditions say what a Job's would: Complete or Failed, plus
+// Reconciling while it runs and Stalled once it failed; no Ready.
+func jobLike(t *testing.T, tr *v1.ToolRun, complete, failed, running bool) {
+	t.Helper()
+	conds := tr.Status.Conditions
+	is := func(typ string) bool { return meta.IsStatusConditionTrue(conds, typ) }
+	if is(v1.ConditionComplete) != complete || is(v1.ConditionFailed) != failed || is(v1.ConditionReconciling) != running ||
+		is(v1.ConditionStalled) != failed || meta.FindStatusCondition(conds, v1.ConditionReady) != nil {
+		t.Errorf("run %s (%s): want Complete=%v Failed=%v Reconciling=%v Stalled=%v and no Ready; got %+v",
+			tr.Name, tr.Status.Phase, complete, failed, running, failed, conds)
+	}
+	for _, cond := range conds {
+		if cond.ObservedGeneration != tr.Generation {
+			t.Errorf("run %s: condition %s observed generation %d, not %d", tr.Name, cond.Type, cond.ObservedGeneration, tr.Generation)
+		}
+	}
+}
+
 func TestToolRunPodIsAHardenedKataMicroVM_FakeKubelet(t *testing.T) {
 	ensureKata(t)
 	tr := toolRun("ok")
@@ -123,8 +142,10 @@ func TestToolRunPodIsAHardenedKataMicroVM_FakeKubelet(t *testing.T) {
 		t.Errorf("stdin: %v %v", cm.Data, err)
 	}
 
+	jobLike(t, waitRun(t, "ok", v1.ToolRunPending), false, false, true)
 	fakeKubelet(t, pod, 0, "hello\n", false)
 	got := waitRun(t, "ok", v1.ToolRunSucceeded)
+	jobLike(t, got, true, false, false)
 	if got.Status.ExitCode == nil || *got.Status.ExitCode != 0 || got.Status.Output != "hello\n" || got.Status.CompletionTime == nil {
 		t.Errorf("status %+v", got.Status)
 	}
@@ -134,13 +155,19 @@ func TestToolRunOutcomes_FakeKubelet(t *testing.T) {
 	ensureKata(t)
 	mustCreate(t, toolRun("fails"))
 	fakeKubelet(t, waitPod(t, "trun-fails"), 3, "boom", false)
-	if got := waitRun(t, "fails", v1.ToolRunFailed); got.Status.ExitCode == nil || *got.Status.ExitCode != 3 {
-		t.Errorf("exit code %v", got.Status.ExitCode)
+	failed := waitRun(t, "fails", v1.ToolRunFailed)
+	if failed.Status.ExitCode == nil || *failed.Status.ExitCode != 3 {
+		t.Errorf("exit code %v", failed.Status.ExitCode)
 	}
+	jobLike(t, failed, false, true, false)
 
 	mustCreate(t, toolRun("slow"))
 	fakeKubelet(t, waitPod(t, "trun-slow"), 0, "", true)
-	waitRun(t, "slow", v1.ToolRunTimedOut)
+	slow := waitRun(t, "slow", v1.ToolRunTimedOut)
+	jobLike(t, slow, false, true, false)
+	if f := meta.FindStatusCondition(slow.Status.Conditions, v1.ConditionFailed); f == nil || f.Reason != "DeadlineExceeded" {
+		t.Errorf("a timed-out run's Failed condition: %+v", f)
+	}
 
 	mustCreate(t, toolRun("chatty"))
 	fakeKubelet(t, waitPod(t, "trun-chatty"), 0, strings.Repeat("x", 20000), false)
@@ -158,6 +185,7 @@ func TestToolRunWithoutRuntimeClassIsRejected(t *testing.T) {
 	t.Cleanup(func() { ensureKata(t) })
 	mustCreate(t, toolRun("norc"))
 	got := waitRun(t, "norc", v1.ToolRunRejected)
+	jobLike(t, got, false, true, false)
 	found := false
 	for _, cond := range got.Status.Conditions {
 		found = found || strings.Contains(cond.Message, `RuntimeClass "kata" does not exist`)

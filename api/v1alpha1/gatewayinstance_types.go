@@ -156,6 +156,11 @@ type IsolationCheck struct {
 	Message string `json:"message,omitempty"`
 }
 
+// AnnotationRetry on a GatewayInstance asks its host's agent to apply it again (the controller
+// sets it when a rollout is resumed); the value is a request token the agent records, as
+// RequestToken gives it, in status.lastHandledRetry.
+const AnnotationRetry = "gateway.agent.dev/retry"
+
 // GatewayInstanceStatus is written by the instance's host agent only.
 type GatewayInstanceStatus struct {
 	// ObservedGeneration is the generation the agent last applied.
@@ -191,7 +196,14 @@ type GatewayInstanceStatus struct {
 	// +optional
 	Isolation *IsolationProof `json:"isolation,omitempty"`
 
-	// Conditions: Ready, Aligned, Isolated, Degraded.
+	// LastHandledRetry is the gateway.agent.dev/retry token of the last apply this status
+	// reports: until it matches the annotation, the status predates the retry.
+	// +kubebuilder:validation:MaxLength=71
+	// +optional
+	LastHandledRetry string `json:"lastHandledRetry,omitempty"`
+
+	// Conditions: Ready, Aligned, Isolated, Degraded, and Stalled while the last apply failed
+	// (the host waits for a new spec or a retry).
 	// +listType=map
 	// +listMapKey=type
 	// +optional

@@ -327,15 +327,40 @@ type GatewayProfileStatus struct {
 	// +optional
 	History []RolloutRecord `json:"history,omitempty"`
 
-	// Conditions: Ready, Progressing, Degraded, Paused.
+	// LastHandled records the last request token of each operator action the controller
+	// acted on (see the gateway.agent.dev/promote, resume and abort annotations).
+	// +optional
+	LastHandled *HandledRequests `json:"lastHandled,omitempty"`
+
+	// Conditions: Ready (every selected host proven on the target), Reconciling (a rollout
+	// moves or waits for hosts), Stalled (it cannot go on without a person: halted, aborted,
+	// missing release, invalid selector), Progressing, Degraded, Paused.
 	// +listType=map
 	// +listMapKey=type
 	// +optional
 	Conditions []metav1.Condition `json:"conditions,omitempty"`
 }
 
-// Annotations a person sets on a GatewayProfile to act on its rollout; the controller removes
-// them once acted upon.
+// HandledRequests are the tokens of the operator actions last acted on. A token longer than 64
+// characters is recorded as "sha256:" and its digest's first 32 hex digits.
+type HandledRequests struct {
+	// Promote is the last gateway.agent.dev/promote token handled.
+	// +kubebuilder:validation:MaxLength=71
+	// +optional
+	Promote string `json:"promote,omitempty"`
+	// Resume is the last gateway.agent.dev/resume token handled.
+	// +kubebuilder:validation:MaxLength=71
+	// +optional
+	Resume string `json:"resume,omitempty"`
+	// Abort is the last gateway.agent.dev/abort token handled.
+	// +kubebuilder:validation:MaxLength=71
+	// +optional
+	Abort string `json:"abort,omitempty"`
+}
+
+// Annotations a person sets on a GatewayProfile to act on its rollout. The value is a request
+// token (any new value, e.g. the time: `gateway.agent.dev/promote=$(date +%s)`): the controller
+// acts once per token and records it in status.lastHandled; the annotation stays.
 const (
 	AnnotationPromote = "gateway.agent.dev/promote"
 	AnnotationResume  = "gateway.agent.dev/resume"
@@ -359,6 +384,7 @@ const (
 // +kubebuilder:printcolumn:name="Updated",type=integer,JSONPath=`.status.updated`
 // +kubebuilder:printcolumn:name="Aligned",type=integer,JSONPath=`.status.aligned`
 // +kubebuilder:printcolumn:name="Degraded",type=integer,JSONPath=`.status.degraded`
+// +kubebuilder:printcolumn:name="Ready",type=string,JSONPath=`.status.conditions[?(@.type=="Ready")].status`
 // +kubebuilder:printcolumn:name="Rollout",type=string,JSONPath=`.status.rollout.phase`,priority=1
 // +kubebuilder:printcolumn:name="Isolation",type=string,JSONPath=`.spec.isolation`,priority=1
 // +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`

@@ -132,7 +132,8 @@ type ToolRunStatus struct {
 	// +optional
 	CompletionTime *metav1.Time `json:"completionTime,omitempty"`
 
-	// Conditions: Ready (finished), Degraded (rejected or failed, with the reason).
+	// Conditions, as a Job's: Complete (finished, exit 0) or Failed (non-zero exit, timed out
+	// or rejected, with the reason); Reconciling while pending or running, Stalled once failed.
 	// +listType=map
 	// +listMapKey=type
 	// +optional

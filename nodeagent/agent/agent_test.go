@@ -263,6 +263,32 @@ func TestAgentReportsBadReleaseAndKeepsServing(t *testing.T) {
 	if err != nil || st.Version != "1.0.0" || uint32(st.PID) != uint32(pid) {
 		t.Errorf("api after a refused release: %+v, %v", st, err)
 	}
+	if s := condition(&got, v1.ConditionStalled); s == nil || s.Status != metav1.ConditionTrue || s.Reason != "DigestMismatch" {
+		t.Errorf("a failed apply is not Stalled: %+v", s)
+	}
+
+	// A retry request: the agent applies again and says which request its status answers.
+	base = got.DeepCopy()
+	got.Annotations = map[string]string{v1.AnnotationRetry: "retry-1"}
+	if err := c.Patch(ctx, &got, client.MergeFrom(base)); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the retry answered", func() (bool, string) {
+		_ = c.Get(ctx, client.ObjectKeyFromObject(gi), &got)
+		return got.Status.LastHandledRetry == "retry-1", "last handled retry " + got.Status.LastHandledRetry
+	})
+
+	// The good release again: no longer Stalled.
+	base = got.DeepCopy()
+	got.Spec.Release = gi.Spec.Release
+	if err := c.Patch(ctx, &got, client.MergeFrom(base)); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "aligned again, not Stalled", func() (bool, string) {
+		_ = c.Get(ctx, client.ObjectKeyFromObject(gi), &got)
+		return got.Status.ObservedGeneration == got.Generation && meta.IsStatusConditionTrue(got.Status.Conditions, v1.ConditionAligned) &&
+			condition(&got, v1.ConditionStalled) == nil, fmt.Sprintf("%+v", got.Status.Conditions)
+	})
 }
 
 // laggingCache reads like an informer cache that has not seen an object this client created

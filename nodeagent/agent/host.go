@@ -105,14 +105,12 @@ func (h *Heartbeat) beatOnce(ctx context.Context) error {
 	gh.Status.AgentVersion = h.Version
 	gh.Status.ObservedGeneration = gh.Generation
 	gh.Status.Capabilities = h.Capabilities
-	ready := metav1.Condition{Type: v1.ConditionReady, Status: metav1.ConditionTrue, Reason: "AgentRunning",
-		Message: "the agent runs and reaches systemd", ObservedGeneration: gh.Generation}
 	if v, err := h.Systemd.Version(); err == nil {
 		gh.Status.SystemdVersion = v
+		v1.SetCondition(&gh, v1.ConditionReady, metav1.ConditionTrue, "AgentRunning", "the agent runs and reaches systemd")
 	} else {
-		ready.Status, ready.Reason, ready.Message = metav1.ConditionFalse, "SystemdUnreachable", err.Error()
+		v1.SetCondition(&gh, v1.ConditionReady, metav1.ConditionFalse, "SystemdUnreachable", err.Error())
 	}
-	meta.SetStatusCondition(&gh.Status.Conditions, ready)
 	if h.Space != nil {
 		meta.SetStatusCondition(&gh.Status.Conditions, stagingCondition(h.Space, gh.Generation))
 	}

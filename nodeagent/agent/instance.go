@@ -12,7 +12,6 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	ctrl "sigs.k8s.io/controller-runtime"
@@ -116,6 +115,8 @@ func (r *InstanceReconciler) Reconcile(ctx context.Context, req ctrl.Request) (c
 	base := gi.DeepCopy()
 	st := &gi.Status
 	st.ObservedGeneration = gi.Generation
+	// The retry request this apply answers (the annotation as read before applying).
+	st.LastHandledRetry = v1.RequestToken(gi.Annotations[v1.AnnotationRetry])
 	st.Unit = "agent-gateway@" + gi.Spec.Profile + ".service"
 	var failure *apply.Failure
 	switch {
@@ -182,7 +183,6 @@ func summary(name string, r apply.Ref) *v1.ReleaseSummary {
 
 func (r *InstanceReconciler) reportSuccess(gi *v1.GatewayInstance, out *apply.Outcome) {
 	st := &gi.Status
-	gen := gi.Generation
 	st.ConfigHash = gi.Spec.ConfigHash
 	st.CurrentRelease = summary(gi.Spec.Release.Name, out.Current)
 	if out.LastGood != nil {
@@ -194,13 +194,14 @@ func (r *InstanceReconciler) reportSuccess(gi *v1.GatewayInstance, out *apply.Ou
 	iso := out.Isolation
 	st.Isolation = &iso
 	msg := fmt.Sprintf("main PID %d imports release %s (%s) through %s", out.MainPID, out.Current.Label, out.Current.SHA256[:12], proof.PythonPath)
-	set(gi, v1.ConditionAligned, metav1.ConditionTrue, "Proven", msg, gen)
-	set(gi, v1.ConditionReady, metav1.ConditionTrue, "Applied", "running release "+out.Current.Label, gen)
-	set(gi, v1.ConditionDegraded, metav1.ConditionFalse, "Applied", "the last apply succeeded", gen)
+	v1.SetCondition(gi, v1.ConditionAligned, metav1.ConditionTrue, "Proven", msg)
+	v1.SetCondition(gi, v1.ConditionReady, metav1.ConditionTrue, "Applied", "running release "+out.Current.Label)
+	v1.SetCondition(gi, v1.ConditionDegraded, metav1.ConditionFalse, "Applied", "the last apply succeeded")
+	v1.SetAbnormal(gi, v1.ConditionStalled, false, "", "")
 	if out.Isolated {
-		set(gi, v1.ConditionIsolated, metav1.ConditionTrue, out.IsolationReason, iso.Message, gen)
+		v1.SetCondition(gi, v1.ConditionIsolated, metav1.ConditionTrue, out.IsolationReason, iso.Message)
 	} else {
-		set(gi, v1.ConditionIsolated, metav1.ConditionFalse, orUnknown(out.IsolationReason), iso.Message, gen)
+		v1.SetCondition(gi, v1.ConditionIsolated, metav1.ConditionFalse, orUnknown(out.IsolationReason), iso.Message)
 	}
 }
 
@@ -215,11 +216,12 @@ func orUnknown(s string) string {
 // now (after a rollback: the last good release, its main PID and its proof), and replaces
 // what the status said before.
 func (r *InstanceReconciler) reportFailure(gi *v1.GatewayInstance, f *apply.Failure, out *apply.Outcome) {
-	gen := gi.Generation
 	st := &gi.Status
 	msg := f.Error()
-	set(gi, v1.ConditionDegraded, metav1.ConditionTrue, f.Reason, msg, gen)
-	set(gi, v1.ConditionReady, metav1.ConditionFalse, f.Reason, msg, gen)
+	v1.SetCondition(gi, v1.ConditionDegraded, metav1.ConditionTrue, f.Reason, msg)
+	v1.SetCondition(gi, v1.ConditionReady, metav1.ConditionFalse, f.Reason, msg)
+	// The host waits for a new spec or a retry: nothing changes by itself.
+	v1.SetAbnormal(gi, v1.ConditionStalled, true, f.Reason, msg)
 	if out != nil {
 		st.MainPID = int64(out.MainPID)
 		st.Alignment = nil
@@ -239,17 +241,13 @@ func (r *InstanceReconciler) reportFailure(gi *v1.GatewayInstance, f *apply.Fail
 	}
 	if f.RolledBack && st.LastGoodRelease != nil {
 		st.CurrentRelease = st.LastGoodRelease.DeepCopy()
-		set(gi, v1.ConditionAligned, metav1.ConditionFalse, "RolledBack",
-			fmt.Sprintf("release %s failed; the host runs the last good release %s, proven on main PID %d", gi.Spec.Release.Label, st.LastGoodRelease.Label, st.MainPID), gen)
+		v1.SetCondition(gi, v1.ConditionAligned, metav1.ConditionFalse, "RolledBack",
+			fmt.Sprintf("release %s failed; the host runs the last good release %s, proven on main PID %d", gi.Spec.Release.Label, st.LastGoodRelease.Label, st.MainPID))
 	} else if st.CurrentRelease == nil || st.CurrentRelease.SHA256 != gi.Spec.Release.SHA256 {
-		set(gi, v1.ConditionAligned, metav1.ConditionFalse, f.Reason, "the host does not run release "+gi.Spec.Release.Label, gen)
+		v1.SetCondition(gi, v1.ConditionAligned, metav1.ConditionFalse, f.Reason, "the host does not run release "+gi.Spec.Release.Label)
 	} else if out != nil && out.Alignment.CheckedAt == nil {
-		set(gi, v1.ConditionAligned, metav1.ConditionFalse, f.Reason, "release "+gi.Spec.Release.Label+" is in place but not proven", gen)
+		v1.SetCondition(gi, v1.ConditionAligned, metav1.ConditionFalse, f.Reason, "release "+gi.Spec.Release.Label+" is in place but not proven")
 	}
-}
-
-func set(gi *v1.GatewayInstance, t string, s metav1.ConditionStatus, reason, msg string, gen int64) {
-	meta.SetStatusCondition(&gi.Status.Conditions, metav1.Condition{Type: t, Status: s, Reason: reason, Message: msg, ObservedGeneration: gen})
 }
 
 // serveToolRuns makes sure an applied profile's gateway has its tool-run socket.
