@@ -19,6 +19,7 @@ import (
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/config"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
@@ -63,6 +64,9 @@ type Options struct {
 	Version string
 	// BeforeStep is passed to the applier (tests only).
 	BeforeStep func(apply.Step)
+	// RunAgain lets a test run an agent a second time in one process (controller names are
+	// unique per process otherwise).
+	RunAgain bool
 	// MicroVM turns on the host-local tool-run path when its guest is set.
 	MicroVM MicroVMOptions
 	// ConcurrentApplies is how many profiles are applied at once (DefaultConcurrentApplies).
@@ -132,6 +136,7 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 			&v1.GatewayInstance{}: {Label: labels.SelectorFromSet(labels.Set{v1.LabelHost: o.HostName})},
 			&v1.GatewayHost{}:     {Field: fields.OneTermEqualSelector("metadata.name", o.HostName)},
 		}},
+		Controller:             config.Controller{SkipNameValidation: &o.RunAgain},
 		Metrics:                metricsserver.Options{BindAddress: o.MetricsAddr},
 		HealthProbeBindAddress: o.ProbeAddr,
 	})

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -57,6 +58,13 @@ func run(m *testing.M) int {
 // startAgent runs a node agent for a real systemd host against the real API server.
 func startAgent(t *testing.T, name string, opts ...func(*agent.Options)) *systemdhost.Host {
 	h := systemdhost.Start(t, systemdhost.Options{Name: name})
+	stop := runAgent(t, h, name, opts...)
+	t.Cleanup(stop)
+	return h
+}
+
+// runAgent runs a node agent for a booted host until the returned function is called.
+func runAgent(t *testing.T, h *systemdhost.Host, name string, opts ...func(*agent.Options)) (stop func()) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	o := agent.Options{
@@ -71,13 +79,15 @@ func startAgent(t *testing.T, name string, opts ...func(*agent.Options)) *system
 	go func() {
 		done <- agent.Run(ctx, cp.Config, o, testr.New(t))
 	}()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("agent %s: %v", name, err)
-		}
-	})
-	return h
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			cancel()
+			if err := <-done; err != nil {
+				t.Errorf("agent %s: %v", name, err)
+			}
+		})
+	}
 }
 
 func eventually(t *testing.T, what string, cond func() (bool, string)) {
@@ -344,4 +354,94 @@ func TestFirstHeartbeatLandsThroughALaggingCache(t *testing.T) {
 		}
 		return gh.Status.LastHeartbeatTime != nil, "registered without a heartbeat"
 	})
+}
+
+// release lets an instance go the way the controller does for a deleted host: without its
+// agent (finalizer removed, object deleted).
+func release(t *testing.T, gi *v1.GatewayInstance) {
+	t.Helper()
+	ctx, c := context.Background(), cp.Client
+	var cur v1.GatewayInstance
+	if err := c.Get(ctx, client.ObjectKeyFromObject(gi), &cur); err != nil {
+		t.Fatal(err)
+	}
+	base := cur.DeepCopy()
+	cur.Finalizers = nil
+	if err := c.Patch(ctx, &cur, client.MergeFrom(base)); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Delete(ctx, &cur); err != nil && !apierrors.IsNotFound(err) {
+		t.Fatal(err)
+	}
+}
+
+// TestReleasedInstancesLeaveNoUnitsBehind: an instance released without the agent (its
+// GatewayHost was deleted) leaves no gateway running on the machine, whether the agent runs
+// when it happens or comes back after it; a profile that still has its instance is untouched.
+func TestReleasedInstancesLeaveNoUnitsBehind(t *testing.T) {
+	ctx, c := context.Background(), cp.Client
+	srv := agentruntime.Serve(t)
+	r1 := agentruntime.MustBuild(t, agentruntime.Options{Version: "1.0.0"})
+	u1 := srv.Add("r1.tar.gz", r1.Data)
+	h := systemdhost.Start(t, systemdhost.Options{Name: "node-orphan"})
+	stop := runAgent(t, h, "node-orphan")
+	t.Cleanup(func() { stop() })
+
+	var gis []*v1.GatewayInstance
+	for _, p := range []string{"keep", "live", "away"} {
+		gi := newInstance(p, "node-orphan", r1, u1)
+		if err := c.Create(ctx, gi); err != nil {
+			t.Fatal(err)
+		}
+		gis = append(gis, gi)
+	}
+	t.Cleanup(func() {
+		for _, gi := range gis {
+			_ = c.Delete(ctx, gi)
+		}
+	})
+	running := func(profile string) (uint32, string) {
+		out, err := h.Exec(ctx, "systemctl", "show", "-p", "MainPID", "--value", "agent-gateway@"+profile+".service")
+		if err != nil {
+			return 0, err.Error()
+		}
+		var pid uint32
+		_, _ = fmt.Sscan(strings.TrimSpace(string(out)), &pid)
+		return pid, strings.TrimSpace(string(out))
+	}
+	for _, gi := range gis {
+		eventually(t, gi.Name+" aligned", func() (bool, string) {
+			var got v1.GatewayInstance
+			_ = c.Get(ctx, client.ObjectKeyFromObject(gi), &got)
+			return meta.IsStatusConditionTrue(got.Status.Conditions, v1.ConditionAligned), fmt.Sprintf("%+v", got.Status.Conditions)
+		})
+	}
+	keepPID, _ := running("keep")
+
+	// Released while the agent runs.
+	release(t, gis[1])
+	eventually(t, "live's unit gone", func() (bool, string) {
+		pid, out := running("live")
+		_, err := os.Lstat(filepath.Join(h.Root, "etc/systemd/system/agent-gateway@live.service.d"))
+		return pid == 0 && os.IsNotExist(err), "MainPID " + out
+	})
+
+	// Released while the agent is away; it removes the unit when it comes back.
+	stop()
+	release(t, gis[2])
+	if pid, _ := running("away"); pid == 0 {
+		t.Fatal("away stopped with the agent")
+	}
+	stop = runAgent(t, h, "node-orphan", func(o *agent.Options) { o.RunAgain = true })
+	eventually(t, "away's unit gone after the agent's return", func() (bool, string) {
+		pid, out := running("away")
+		_, err := os.Lstat(filepath.Join(h.Root, "opt/agent/gateways/away/current"))
+		return pid == 0 && os.IsNotExist(err), "MainPID " + out
+	})
+	if _, err := os.Stat(filepath.Join(h.Root, "opt/agent/gateways/away/home")); err != nil {
+		t.Errorf("the orphan's home went too: %v", err)
+	}
+	if pid, _ := running("keep"); pid != keepPID {
+		t.Errorf("keep, whose instance exists, went from main PID %d to %d", keepPID, pid)
+	}
 }

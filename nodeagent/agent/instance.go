@@ -20,8 +20,11 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/controller"
 	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
 	"sigs.k8s.io/controller-runtime/pkg/event"
+	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/manager"
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/recorder"
+	"sigs.k8s.io/controller-runtime/pkg/source"
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
 	"github.com/agent-gateway/gateway-operator/nodeagent/apply"
@@ -61,11 +64,17 @@ func (r *InstanceReconciler) SetupWithManager(mgr ctrl.Manager) error {
 	if workers <= 0 {
 		workers = DefaultConcurrentApplies
 	}
+	found := make(chan event.TypedGenericEvent[*v1.GatewayInstance])
+	// Runs once the caches have synced: an instance missing then is really gone.
+	if err := mgr.Add(manager.RunnableFunc(r.profilesOnHost(found))); err != nil {
+		return err
+	}
 	return ctrl.NewControllerManagedBy(mgr).
 		Named("gatewayinstance-"+r.Host).
 		// Spec and annotation changes (a retry) and deletion only: the agent's own status writes
 		// must not wake it.
 		For(&v1.GatewayInstance{}, builder.WithPredicates(predicate.Or(predicate.GenerationChangedPredicate{}, predicate.AnnotationChangedPredicate{}, deletionStarted))).
+		WatchesRawSource(source.Channel(found, &handler.TypedEnqueueRequestForObject[*v1.GatewayInstance]{})).
 		WithOptions(controller.Options{MaxConcurrentReconciles: workers}).
 		Complete(r)
 }
@@ -75,7 +84,10 @@ func (r *InstanceReconciler) Reconcile(ctx context.Context, req ctrl.Request) (c
 	log := ctrl.LoggerFrom(ctx)
 	var gi v1.GatewayInstance
 	if err := r.Client.Get(ctx, req.NamespacedName, &gi); err != nil {
-		return ctrl.Result{}, client.IgnoreNotFound(err)
+		if apierrors.IsNotFound(err) {
+			return r.removeOrphan(ctx, req.Name)
+		}
+		return ctrl.Result{}, err
 	}
 	if gi.Spec.Host != r.Host {
 		// The cache only holds this host's instances; anything else is not ours to touch.
