@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Copies what the Helm chart shares with config/ into the chart (config/ is the one source):
-# the CRDs, the manager and agent RBAC, and the admission policies.
+# the CRDs, the manager, agent and user RBAC, and the admission policies.
 #
 #   hack/sync-chart.sh           copy
 #   hack/sync-chart.sh --check   fail if the chart's copies differ from config/
@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 chart=charts/gateway-operator
 pairs=()
 for f in config/crd/bases/*.yaml; do pairs+=("$f:$chart/crds/$(basename "$f")"); done
-for f in config/rbac/role.yaml config/rbac/agent_role.yaml config/policies/agent_policy.yaml config/policies/toolrun_policy.yaml; do
+for f in config/rbac/role.yaml config/rbac/agent_role.yaml config/rbac/user_roles.yaml config/policies/agent_policy.yaml config/policies/toolrun_policy.yaml; do
   pairs+=("$f:$chart/files/$(basename "$f")")
 done
 status=0

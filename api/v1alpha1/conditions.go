@@ -40,6 +40,9 @@ const (
 	ConditionPaused = "Paused"
 	// ConditionReachable is False when a GatewayHost's heartbeat is older than the grace period.
 	ConditionReachable = "Reachable"
+	// ConditionDuplicateAgent is True when two agents heart-beat one GatewayHost: one host
+	// identity is in use on two machines.
+	ConditionDuplicateAgent = "DuplicateAgent"
 )
 
 // Well-known labels and finalizers.
@@ -48,6 +51,16 @@ const (
 	LabelProfile = "gateway.agent.dev/profile"
 	// LabelHost is set on every GatewayInstance to its GatewayHost's name; agents watch by it.
 	LabelHost = "gateway.agent.dev/host"
+	// LabelReportedPrefix starts the only GatewayHost labels a host's agent may set: facts it
+	// reports about its host (LabelReportedArch, ...). A compromised host can forge them, so
+	// profiles must not select on them; every other label is an administrator's.
+	LabelReportedPrefix = "reported.gateway.agent.dev/"
+	// LabelReportedArch is the host's CPU architecture, as Go names it (amd64, arm64).
+	LabelReportedArch = LabelReportedPrefix + "arch"
+	// LabelReportedKVM is "true" when the agent can open /dev/kvm.
+	LabelReportedKVM = LabelReportedPrefix + "kvm"
+	// LabelReportedKata is "true" when a Kata shim is installed on the host.
+	LabelReportedKata = LabelReportedPrefix + "kata"
 	// FinalizerInstanceUnits is removed by a host's agent only once the instance's unit is gone.
 	FinalizerInstanceUnits = "gateway.agent.dev/units"
 	// FinalizerReleaseInUse keeps a Release while a GatewayProfile references it.

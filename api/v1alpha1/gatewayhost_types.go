@@ -5,7 +5,9 @@ import (
 )
 
 // GatewayHostSpec is what a person may set on a host. The host's labels (metadata.labels) are
-// what GatewayProfiles select on.
+// what GatewayProfiles select on: an administrator sets them. The host's agent may set only
+// labels under reported.gateway.agent.dev/ (facts it reports about itself, which a compromised
+// host can forge: never select on them to decide where code or secrets go).
 type GatewayHostSpec struct {
 	// Unschedulable keeps rollouts away from this host: instances already here keep running,
 	// but no new release is moved onto it. Like `kubectl cordon` for a Node.
@@ -52,6 +54,12 @@ type GatewayHostStatus struct {
 	// +optional
 	Capabilities HostCapabilities `json:"capabilities,omitempty"`
 
+	// AgentID names the running agent process that wrote the last heartbeat (random per start):
+	// two agents writing under one host identity (a cloned machine) show as two IDs taking turns.
+	// +kubebuilder:validation:MaxLength=64
+	// +optional
+	AgentID string `json:"agentID,omitempty"`
+
 	// LastHeartbeatTime is when the agent last reported in. A heartbeat older than the
 	// manager's grace period marks the host Unreachable.
 	// +optional
@@ -59,7 +67,9 @@ type GatewayHostStatus struct {
 
 	// Conditions: Ready (the agent runs and reaches systemd), Reachable (heartbeat is fresh),
 	// StagingSpace (a gateway that fills its home cannot keep the agent from staging a release:
-	// the releases' filesystem keeps space only root may use, or homes live elsewhere).
+	// the releases' filesystem keeps space only root may use, or homes live elsewhere),
+	// DuplicateAgent (True while another agent heart-beats under this host's identity; both
+	// stop applying until it is resolved).
 	// +listType=map
 	// +listMapKey=type
 	// +optional

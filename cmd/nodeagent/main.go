@@ -26,7 +26,7 @@ func main() {
 	var o agent.Options
 	var labels string
 	flag.StringVar(&o.HostName, "host-name", hostname, "this host's GatewayHost name (a DNS label)")
-	flag.StringVar(&labels, "host-labels", "", "labels set on the GatewayHost at registration, as k=v,k2=v2")
+	flag.StringVar(&labels, "host-labels", "", "extra labels the agent reports on its GatewayHost, as k=v,k2=v2; each key must start with reported.gateway.agent.dev/ (the labels profiles select on are set by an administrator)")
 	flag.StringVar(&o.Root, "root", "/", "prefix under which the host's filesystem is reached")
 	flag.StringVar(&o.BusAddress, "dbus-address", "", "D-Bus address of the host's system bus, e.g. unix:path=/run/dbus/system_bus_socket (required)")
 	flag.StringVar(&o.ProcRoot, "proc-root", "/proc", "where the host's /proc is read")

@@ -37,7 +37,8 @@ import (
 type Options struct {
 	// HostName is this host's GatewayHost name.
 	HostName string
-	// HostLabels are set on the GatewayHost when the agent registers it.
+	// HostLabels are extra labels the agent reports on its GatewayHost; each must be under
+	// v1.LabelReportedPrefix (facts a host reports, never a basis for trust).
 	HostLabels map[string]string
 	// Root is the prefix of the host's filesystem ("/" on a real host).
 	Root string
@@ -162,18 +163,26 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 	if toolRuns != nil {
 		defer toolRuns.Close()
 	}
+	caps := probeCapabilities(host, toolRuns != nil)
+	reported, err := ReportedLabels(caps, o.HostLabels)
+	if err != nil {
+		return err
+	}
+	beat := &Heartbeat{Client: mgr.GetClient(), Host: o.HostName, Labels: reported,
+		Version: o.Version, Systemd: sd, Interval: o.HeartbeatInterval,
+		Capabilities: caps, Space: applier.StagingSpace}
+	if err := mgr.Add(beat); err != nil {
+		return err
+	}
 	if err := (&InstanceReconciler{
+		Hold:   beat.Duplicate,
 		Client: mgr.GetClient(), Host: o.HostName, Applier: applier, ToolRuns: toolRuns,
 		ConcurrentApplies: o.ConcurrentApplies, ApplyTimeout: o.ApplyTimeout,
 		Recorder: mgr.GetEventRecorder("gateway-agent-" + o.HostName),
 	}).SetupWithManager(mgr); err != nil {
 		return err
 	}
-	if err := mgr.Add(&Heartbeat{Client: mgr.GetClient(), Host: o.HostName, Labels: o.HostLabels,
-		Version: o.Version, Systemd: sd, Interval: o.HeartbeatInterval,
-		Capabilities: probeCapabilities(host, toolRuns != nil), Space: applier.StagingSpace}); err != nil {
-		return err
-	}
+
 	if o.ProbeAddr != "0" && o.ProbeAddr != "" {
 		// Live only while systemd answers: an agent that cannot reach it cannot apply or prove.
 		if err := mgr.AddHealthzCheck("systemd", systemdCheck(sd)); err != nil {

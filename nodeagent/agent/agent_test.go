@@ -68,7 +68,7 @@ func runAgent(t *testing.T, h *systemdhost.Host, name string, opts ...func(*agen
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	o := agent.Options{
-		HostName: name, HostLabels: map[string]string{"tier": "edge"},
+		HostName: name, HostLabels: map[string]string{v1.LabelReportedPrefix + "rack": "r1"},
 		Root: h.Root, BusAddress: h.BusAddress, ProcRoot: fmt.Sprintf("/proc/%d/root/proc", h.PID),
 		Launcher: launchBin, HeartbeatInterval: 500 * time.Millisecond, ProofTimeout: 20 * time.Second,
 		MetricsAddr: "0", ProbeAddr: "0", Version: "test",
@@ -133,7 +133,7 @@ func TestAgentAppliesItsOwnInstances(t *testing.T) {
 		}
 		return gh.Status.LastHeartbeatTime != nil && meta.IsStatusConditionTrue(gh.Status.Conditions, v1.ConditionReady), fmt.Sprintf("%+v", gh.Status)
 	})
-	if gh.Labels["tier"] != "edge" || !strings.HasPrefix(gh.Status.SystemdVersion, "252") {
+	if gh.Labels[v1.LabelReportedPrefix+"rack"] != "r1" || gh.Labels[v1.LabelReportedArch] == "" || !strings.HasPrefix(gh.Status.SystemdVersion, "252") {
 		t.Errorf("registered host: labels %v systemd %q", gh.Labels, gh.Status.SystemdVersion)
 	}
 	if c := gh.Status.Capabilities; c.MicroVM || c.Kata {
@@ -443,5 +443,59 @@ func TestReleasedInstancesLeaveNoUnitsBehind(t *testing.T) {
 	}
 	if pid, _ := running("keep"); pid != keepPID {
 		t.Errorf("keep, whose instance exists, went from main PID %d to %d", keepPID, pid)
+	}
+}
+
+// TestTwoAgentsWithOneIdentityAreReported: two agents heart-beating one GatewayHost (a cloned
+// machine image) both find out, say so on the host and hold their applies; once one stops,
+// the other goes on alone.
+func TestTwoAgentsWithOneIdentityAreReported(t *testing.T) {
+	h := systemdhost.Start(t, systemdhost.Options{Name: "twin"})
+	ctx := context.Background()
+	sd, err := systemd.Dial(ctx, h.BusAddress)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		sd.Close()
+		_ = cp.Client.Delete(ctx, &v1.GatewayHost{ObjectMeta: metav1.ObjectMeta{Name: "twin"}})
+	})
+	run := func(id string) (*agent.Heartbeat, func()) {
+		beat := &agent.Heartbeat{Client: cp.Client, Host: "twin", Systemd: sd, Interval: 300 * time.Millisecond, ID: id}
+		bctx, cancel := context.WithCancel(ctx)
+		done := make(chan error, 1)
+		go func() { done <- beat.Start(logr.NewContext(bctx, testr.New(t))) }()
+		var once sync.Once
+		stop := func() {
+			once.Do(func() {
+				cancel()
+				if err := <-done; err != nil {
+					t.Error(err)
+				}
+			})
+		}
+		t.Cleanup(stop)
+		return beat, stop
+	}
+	one, _ := run("agent-one")
+	two, stopTwo := run("agent-two")
+	dup := func(want metav1.ConditionStatus) func() (bool, string) {
+		return func() (bool, string) {
+			var gh v1.GatewayHost
+			if err := cp.Client.Get(ctx, client.ObjectKey{Name: "twin"}, &gh); err != nil {
+				return false, err.Error()
+			}
+			d := meta.FindStatusCondition(gh.Status.Conditions, v1.ConditionDuplicateAgent)
+			return d != nil && d.Status == want, fmt.Sprintf("%+v", d)
+		}
+	}
+	eventually(t, "DuplicateAgent", dup(metav1.ConditionTrue))
+	eventually(t, "both agents holding", func() (bool, string) {
+		return one.Duplicate() && two.Duplicate(), fmt.Sprintf("one %v, two %v", one.Duplicate(), two.Duplicate())
+	})
+	stopTwo()
+	eventually(t, "one agent again", dup(metav1.ConditionFalse))
+	if one.Duplicate() {
+		t.Error("the remaining agent still holds")
 	}
 }

@@ -2,12 +2,20 @@ package agent
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/json"
+	"fmt"
 	"os"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
 	"time"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/util/retry"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -42,8 +50,10 @@ func probeCapabilities(host layout.Host, microVM bool) v1.HostCapabilities {
 // Heartbeat registers the host's GatewayHost and keeps its heartbeat fresh. It runs as a
 // manager Runnable until the manager stops.
 type Heartbeat struct {
-	Client   client.Client
-	Host     string
+	Client client.Client
+	Host   string
+	// Labels are the facts the agent reports as labels, all under v1.LabelReportedPrefix; set
+	// at registration and kept current. Every other label is an administrator's.
 	Labels   map[string]string
 	Version  string
 	Systemd  *systemd.Conn
@@ -53,11 +63,48 @@ type Heartbeat struct {
 	// Space measures what the releases' filesystem keeps for the agent alone; it sets the
 	// StagingSpace condition when not nil.
 	Space func() (apply.StagingSpace, error)
+	// ID names this agent process in status.agentID; random when empty.
+	ID string
+
+	mu        sync.Mutex
+	lastWrite time.Time // when this agent last wrote the heartbeat
+	foreignAt time.Time // when another agent's heartbeat was last seen
+	foreignID string
+}
+
+// Duplicate is true while another agent heart-beats this host's GatewayHost too (seen within
+// the last three intervals): one host identity in use on two machines. The agent applies
+// nothing meanwhile, so the two do not fight over the host's instances.
+func (h *Heartbeat) Duplicate() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.duplicateLocked()
+}
+
+func (h *Heartbeat) duplicateLocked() bool {
+	return !h.foreignAt.IsZero() && time.Since(h.foreignAt) < 3*h.Interval
+}
+
+// sawForeign records another agent's heartbeat when the stored one is not this agent's and was
+// written after this agent's last write (the first beat cannot tell a twin from a predecessor
+// that stopped, so it counts nothing).
+func (h *Heartbeat) sawForeign(gh *v1.GatewayHost) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	st := gh.Status
+	if st.AgentID == "" || st.AgentID == h.ID || h.lastWrite.IsZero() || st.LastHeartbeatTime == nil ||
+		st.LastHeartbeatTime.Time.Before(h.lastWrite.Truncate(time.Second)) {
+		return
+	}
+	h.foreignAt, h.foreignID = time.Now(), st.AgentID
 }
 
 // Start registers the host, then beats every Interval.
 func (h *Heartbeat) Start(ctx context.Context) error {
 	log := ctrl.LoggerFrom(ctx).WithValues("host", h.Host)
+	if h.ID == "" {
+		h.ID = rand.Text()[:16]
+	}
 	// A failed beat is tried again soon (1 s, doubling up to Interval): until the first one
 	// lands the host counts as unreachable, and the rollout planner treats it so.
 	var wait, backoff time.Duration
@@ -99,8 +146,18 @@ func (h *Heartbeat) beatOnce(ctx context.Context) error {
 	} else if err != nil {
 		return err
 	}
+	h.sawForeign(&gh)
+	if stale := h.staleLabels(&gh); len(stale) > 0 {
+		// Facts change rarely (KVM after a reboot, a Kata install): only then the labels are
+		// written, and only the reported ones.
+		patch, _ := json.Marshal(map[string]any{"metadata": map[string]any{"labels": stale}}) // strings only
+		if err := h.Client.Patch(ctx, &gh, client.RawPatch(types.MergePatchType, patch)); err != nil {
+			return err
+		}
+	}
 	base := gh.DeepCopy()
 	now := metav1.Now()
+	gh.Status.AgentID = h.ID
 	gh.Status.LastHeartbeatTime = &now
 	gh.Status.AgentVersion = h.Version
 	gh.Status.ObservedGeneration = gh.Generation
@@ -114,8 +171,53 @@ func (h *Heartbeat) beatOnce(ctx context.Context) error {
 	if h.Space != nil {
 		meta.SetStatusCondition(&gh.Status.Conditions, stagingCondition(h.Space, gh.Generation))
 	}
+	h.mu.Lock()
+	if h.duplicateLocked() {
+		v1.SetCondition(&gh, v1.ConditionDuplicateAgent, metav1.ConditionTrue, "AnotherAgent", fmt.Sprintf(
+			"agents %s and %s both heart-beat this host: one host identity is in use on two machines (a cloned image?); "+
+				"both apply nothing until one stops or gets its own identity", h.ID, h.foreignID))
+	} else {
+		v1.SetCondition(&gh, v1.ConditionDuplicateAgent, metav1.ConditionFalse, "OneAgent", "agent "+h.ID+" alone heart-beats this host")
+	}
+	h.mu.Unlock()
 	// Optimistic lock: the controller manager writes the Reachable condition of this status.
-	return h.Client.Status().Patch(ctx, &gh, client.MergeFromWithOptions(base, client.MergeFromWithOptimisticLock{}))
+	if err := h.Client.Status().Patch(ctx, &gh, client.MergeFromWithOptions(base, client.MergeFromWithOptimisticLock{})); err != nil {
+		return err
+	}
+	h.mu.Lock()
+	h.lastWrite = now.Time
+	h.mu.Unlock()
+	return nil
+}
+
+// staleLabels are the reported labels whose value on the host differs from this agent's.
+func (h *Heartbeat) staleLabels(gh *v1.GatewayHost) map[string]string {
+	stale := map[string]string{}
+	for k, v := range h.Labels {
+		if gh.Labels[k] != v {
+			stale[k] = v
+		}
+	}
+	return stale
+}
+
+// ReportedLabels are the labels an agent sets on its GatewayHost: facts about the host, under
+// v1.LabelReportedPrefix, plus any extra the operator of the agent adds (which must use that
+// prefix too).
+func ReportedLabels(c v1.HostCapabilities, extra map[string]string) (map[string]string, error) {
+	l := map[string]string{
+		v1.LabelReportedArch: runtime.GOARCH,
+		v1.LabelReportedKVM:  strconv.FormatBool(c.KVM),
+		v1.LabelReportedKata: strconv.FormatBool(c.Kata),
+	}
+	for k, v := range extra {
+		if !strings.HasPrefix(k, v1.LabelReportedPrefix) {
+			return nil, fmt.Errorf("label %s: an agent may set only labels under %s; the labels profiles select on are an administrator's (kubectl label gatewayhost <host> %s=%s)",
+				k, v1.LabelReportedPrefix, k, v)
+		}
+		l[k] = v
+	}
+	return l, nil
 }
 
 // ConditionStagingSpace says whether a gateway that fills its home can keep the agent from

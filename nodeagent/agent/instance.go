@@ -48,7 +48,13 @@ type InstanceReconciler struct {
 	ConcurrentApplies int
 	// ApplyTimeout bounds one apply (DefaultApplyTimeout).
 	ApplyTimeout time.Duration
+	// Hold, when it returns true, stops every apply and removal for now: another agent
+	// heart-beats under this host's identity, and the two must not fight over its instances.
+	Hold func() bool
 }
+
+// holdRetry is how soon a held instance is looked at again.
+const holdRetry = 30 * time.Second
 
 // DefaultConcurrentApplies is how many profiles of one host are applied at once: a profile that
 // hangs (a mute gateway, a slow download) holds one of them, never the others.
@@ -82,6 +88,10 @@ func (r *InstanceReconciler) SetupWithManager(mgr ctrl.Manager) error {
 // Reconcile applies one instance and reports the outcome in its status.
 func (r *InstanceReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
 	log := ctrl.LoggerFrom(ctx)
+	if r.Hold != nil && r.Hold() {
+		log.Info("not applying: another agent heart-beats under this host's identity (see the GatewayHost's DuplicateAgent condition)")
+		return ctrl.Result{RequeueAfter: holdRetry}, nil
+	}
 	var gi v1.GatewayInstance
 	if err := r.Client.Get(ctx, req.NamespacedName, &gi); err != nil {
 		if apierrors.IsNotFound(err) {

@@ -1,10 +1,13 @@
 package agent
 
 import (
+	"context"
 	"math"
 	"testing"
 
 	"k8s.io/apimachinery/pkg/api/resource"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
 )
@@ -33,5 +36,15 @@ func TestLimitsConvertsCaps(t *testing.T) {
 				t.Errorf("limits(%+v) = %d, %d; want %d, %d", tc.in, mem, tasks, tc.mem, tc.task)
 			}
 		})
+	}
+}
+
+// A held agent (another heart-beats under its identity) touches nothing: not the API server
+// (no client here), not the host (no applier).
+func TestHeldAgentAppliesNothing(t *testing.T) {
+	r := &InstanceReconciler{Host: "twin", Hold: func() bool { return true }}
+	res, err := r.Reconcile(context.Background(), ctrl.Request{NamespacedName: client.ObjectKey{Name: "core.twin"}})
+	if err != nil || res.RequeueAfter != holdRetry {
+		t.Errorf("held: %+v, %v; want a look again after %s", res, err, holdRetry)
 	}
 }

@@ -436,10 +436,13 @@ func TestRendersWhatConfigInstalls(t *testing.T) {
 // The ClusterRoles are compared on their own too: they are what the operator may do.
 func TestClusterRolesAreConfigs(t *testing.T) {
 	objs := render(t, namespace)
-	for file, name := range map[string]string{
-		"config/rbac/role.yaml":       "gateway-operator-manager",
-		"config/rbac/agent_role.yaml": "gateway-operator-agent",
+	for _, role := range [][2]string{
+		{"config/rbac/role.yaml", "gateway-operator-manager"},
+		{"config/rbac/agent_role.yaml", "gateway-operator-agent"},
+		{"config/rbac/user_roles.yaml", "gateway-operator-viewer"},
+		{"config/rbac/user_roles.yaml", "gateway-operator-operator"},
 	} {
+		file, name := role[0], role[1]
 		want := find(readConfig(t, file), "ClusterRole", name)
 		if want == nil {
 			t.Fatalf("%s has no ClusterRole %s", file, name)

@@ -141,13 +141,13 @@ func TestSamplesReachTwoHosts(t *testing.T) {
 	}
 	out := kubectl(t, s, "get", "gwp")
 	header := strings.Fields(strings.SplitN(out, "\n", 2)[0])
-	if strings.Join(header, " ") != "NAME RELEASE HOSTS UPDATED ALIGNED DEGRADED AGE" {
+	if strings.Join(header, " ") != "NAME RELEASE HOSTS UPDATED ALIGNED DEGRADED READY AGE" {
 		t.Errorf("kubectl get gwp columns: %v\n%s", header, out)
 	}
 	for _, line := range strings.Split(strings.TrimSpace(out), "\n")[1:] {
 		f := strings.Fields(line)
-		if len(f) != 7 || f[1] != "agent-runtime-1.0.0" || strings.Join(f[2:6], " ") != "2 2 2 0" {
-			t.Errorf("kubectl get gwp row %q, want RELEASE agent-runtime-1.0.0 and 2 2 2 0", line)
+		if len(f) != 8 || f[1] != "agent-runtime-1.0.0" || strings.Join(f[2:7], " ") != "2 2 2 0 True" {
+			t.Errorf("kubectl get gwp row %q, want RELEASE agent-runtime-1.0.0 and 2 2 2 0 True", line)
 		}
 	}
 	t.Logf("kubectl get gwh,grel,gwp,gwi:\n%s", kubectl(t, s, "get", "gwh,grel,gwp,gwi"))

@@ -70,7 +70,7 @@ func run(m *testing.M) int {
 
 func setUp(ctx context.Context) error {
 	for _, file := range []string{"config/rbac/agent_role.yaml", "config/policies/agent_policy.yaml",
-		"config/rbac/role.yaml", "config/rbac/role_binding.yaml"} {
+		"config/rbac/role.yaml", "config/rbac/role_binding.yaml", "config/rbac/user_roles.yaml"} {
 		if err := applyFile(ctx, file); err != nil {
 			return err
 		}
@@ -145,6 +145,16 @@ func waitForPolicy(ctx context.Context) error {
 		}
 	}
 	return fmt.Errorf("within 60s, %s never refused node-a a status patch of core.node-b; last answer: %v", policyName, err)
+}
+
+// editHost reads a host with c and writes it back changed (an update, not a patch).
+func editHost(ctx context.Context, c client.Client, name string, f func(*v1.GatewayHost)) error {
+	var h v1.GatewayHost
+	if err := c.Get(ctx, client.ObjectKey{Name: name}, &h); err != nil {
+		return err
+	}
+	f(&h)
+	return c.Update(ctx, &h)
 }
 
 func instance(profile, host string) *v1.GatewayInstance {
@@ -406,27 +416,63 @@ func TestHost(t *testing.T) {
 		{"node-a deletes GatewayHost node-a", func(_ *testing.T, ctx context.Context) error {
 			return nodeA.Delete(ctx, named[v1.GatewayHost]("node-a"))
 		}, byRBAC("delete", "gatewayhosts")},
-		{"node-a labels GatewayHost node-a", func(_ *testing.T, ctx context.Context) error {
+		{"node-a labels GatewayHost node-a with an administrator's label", func(_ *testing.T, ctx context.Context) error {
 			return nodeA.Patch(ctx, named[v1.GatewayHost]("node-a"), mergePatch(`{"metadata":{"labels":{"tier":"gold"}}}`))
-		}, byRBAC("patch", "gatewayhosts")},
+		}, byPolicy("gateway agent for host node-a may not modify GatewayHost node-a: label tier is an administrator's")},
+		{"node-a removes an administrator's label of GatewayHost node-a", func(t *testing.T, ctx context.Context) error {
+			if err := admin.Patch(ctx, named[v1.GatewayHost]("node-a"), mergePatch(`{"metadata":{"labels":{"role":"prod"}}}`)); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() {
+				_ = admin.Patch(ctx, named[v1.GatewayHost]("node-a"), mergePatch(`{"metadata":{"labels":{"role":null}}}`))
+			})
+			return nodeA.Patch(ctx, named[v1.GatewayHost]("node-a"), mergePatch(`{"metadata":{"labels":{"role":null}}}`))
+		}, byPolicy("gateway agent for host node-a may not modify GatewayHost node-a: label role is an administrator's")},
+		{"node-a reports a fact label on GatewayHost node-a", func(_ *testing.T, ctx context.Context) error {
+			return nodeA.Patch(ctx, named[v1.GatewayHost]("node-a"), mergePatch(`{"metadata":{"labels":{"reported.gateway.agent.dev/kvm":"true"}}}`))
+		}, allowed},
+		{"node-a reports a fact label on GatewayHost node-b", func(_ *testing.T, ctx context.Context) error {
+			return nodeA.Patch(ctx, named[v1.GatewayHost]("node-b"), mergePatch(`{"metadata":{"labels":{"reported.gateway.agent.dev/kvm":"true"}}}`))
+		}, byPolicy("gateway agent for host node-a may not modify GatewayHost node-b: it is not this agent's host")},
+		{"node-a cordons nothing: spec of GatewayHost node-a", func(_ *testing.T, ctx context.Context) error {
+			return nodeA.Patch(ctx, named[v1.GatewayHost]("node-a"), mergePatch(`{"spec":{"unschedulable":true}}`))
+		}, byPolicy("gateway agent for host node-a may not modify GatewayHost node-a: its spec, annotations, finalizers and ownerReferences are an administrator's")},
+		{"node-a annotates GatewayHost node-a", func(_ *testing.T, ctx context.Context) error {
+			return nodeA.Patch(ctx, named[v1.GatewayHost]("node-a"), mergePatch(`{"metadata":{"annotations":{"x":"y"}}}`))
+		}, byPolicy("gateway agent for host node-a may not modify GatewayHost node-a: its spec, annotations, finalizers and ownerReferences are an administrator's")},
 		{"node-a gets GatewayHost node-a", func(_ *testing.T, ctx context.Context) error {
 			return nodeA.Get(ctx, client.ObjectKey{Name: "node-a"}, &v1.GatewayHost{})
 		}, allowed},
 	})
 }
 
-// TestHostRegistration: an agent registers its own host on first start.
+// TestHostRegistration: an agent registers its own host on first start, with the labels it
+// reports and no other: it cannot choose the labels profiles select on (role: prod) and so
+// attract their instances.
 func TestHostRegistration(t *testing.T) {
 	nodeD, _, err := newUser("system:gateway-agent:node-d", agentGroup)
 	if err != nil {
 		t.Fatal(err)
 	}
-	runSteps(t, []step{
-		{"node-d creates GatewayHost node-d", func(t *testing.T, ctx context.Context) error {
-			h := &v1.GatewayHost{ObjectMeta: metav1.ObjectMeta{Name: "node-d", Labels: map[string]string{"zone": "a"}}}
+	register := func(labels map[string]string, annotations map[string]string) func(*testing.T, context.Context) error {
+		return func(t *testing.T, ctx context.Context) error {
+			h := &v1.GatewayHost{ObjectMeta: metav1.ObjectMeta{Name: "node-d", Labels: labels, Annotations: annotations}}
 			deleteLater(t, h)
-			return nodeD.Create(ctx, h)
-		}, allowed},
+			err := nodeD.Create(ctx, h)
+			if err == nil {
+				if err := admin.Delete(ctx, h); err != nil {
+					t.Fatal(err)
+				}
+			}
+			return err
+		}
+	}
+	runSteps(t, []step{
+		{"node-d registers with an administrator's label", register(map[string]string{v1.LabelReportedArch: "amd64", "role": "prod"}, nil),
+			byPolicy("gateway agent for host node-d may not create GatewayHost node-d: label role is an administrator's")},
+		{"node-d registers with an annotation", register(nil, map[string]string{"x": "y"}),
+			byPolicy("gateway agent for host node-d may not create GatewayHost node-d: its spec, annotations")},
+		{"node-d registers with reported labels", register(map[string]string{v1.LabelReportedArch: "amd64", v1.LabelReportedKVM: "false"}, nil), allowed},
 	})
 }
 
@@ -586,8 +632,10 @@ func TestPolicyHoldsWhenRBACIsWider(t *testing.T) {
 	role := &rbacv1.ClusterRole{
 		ObjectMeta: metav1.ObjectMeta{Name: "test-agent-widened"},
 		Rules: []rbacv1.PolicyRule{
-			{APIGroups: []string{v1.GroupVersion.Group}, Resources: []string{"gatewayinstances", "gatewayhosts"}, Verbs: []string{"create", "delete"}},
-			{APIGroups: []string{""}, Resources: []string{"events"}, Verbs: []string{"create", "patch"}},
+			{APIGroups: []string{v1.GroupVersion.Group}, Resources: []string{"gatewayinstances", "gatewayhosts"}, Verbs: []string{"create", "delete", "update"}},
+			{APIGroups: []string{v1.GroupVersion.Group}, Resources: []string{"releases", "gatewayprofiles", "gatewayprofiles/status", "toolruns"},
+				Verbs: []string{"create", "update", "patch", "delete"}},
+			{APIGroups: []string{""}, Resources: []string{"events", "configmaps", "secrets", "pods"}, Verbs: []string{"create", "patch", "delete"}},
 		},
 	}
 	binding := &rbacv1.ClusterRoleBinding{
@@ -623,7 +671,55 @@ func TestPolicyHoldsWhenRBACIsWider(t *testing.T) {
 	t.Run("node-a creates GatewayInstance extra.node-a", func(t *testing.T) {
 		byPolicy("gateway agent for host node-a may not create GatewayInstance extra.node-a: GatewayInstances are created and deleted by the controller manager only").check(t, err)
 	})
+	rel := &v1.Release{ObjectMeta: metav1.ObjectMeta{Name: "wide-r1"},
+		Spec: v1.ReleaseSpec{Source: v1.ReleaseSource{URL: "https://example.com/a.tar.gz"}, SHA256: sha, Label: "1.0.0"}}
+	prof := &v1.GatewayProfile{ObjectMeta: metav1.ObjectMeta{Name: "wide"}, Spec: v1.GatewayProfileSpec{Release: "wide-r1"}}
+	for _, o := range []client.Object{rel, prof} {
+		if err := admin.Create(ctx, o); err != nil {
+			t.Fatal(err)
+		}
+		deleteLater(t, o)
+	}
+	other := func(what string) verdict {
+		return byPolicy("gateway agent for host node-a may not " + what +
+			": an agent writes only its own GatewayHost, its GatewayInstances' status and finalizer, and events about them")
+	}
 	runSteps(t, []step{
+		{"node-a labels a Release", func(_ *testing.T, ctx context.Context) error {
+			return nodeA.Patch(ctx, named[v1.Release]("wide-r1"), mergePatch(`{"metadata":{"labels":{"x":"y"}}}`))
+		}, other("update gateway.agent.dev/releases")},
+		{"node-a creates a Release", func(t *testing.T, ctx context.Context) error {
+			r := rel.DeepCopy()
+			r.ResourceVersion, r.Name = "", "wide-r2"
+			deleteLater(t, r)
+			return nodeA.Create(ctx, r)
+		}, other("create gateway.agent.dev/releases")},
+		{"node-a moves a GatewayProfile to another release", func(_ *testing.T, ctx context.Context) error {
+			return nodeA.Patch(ctx, named[v1.GatewayProfile]("wide"), mergePatch(`{"spec":{"release":"wide-r2"}}`))
+		}, other("update gateway.agent.dev/gatewayprofiles")},
+		{"node-a promotes a GatewayProfile", func(_ *testing.T, ctx context.Context) error {
+			return nodeA.Patch(ctx, named[v1.GatewayProfile]("wide"), mergePatch(`{"metadata":{"annotations":{"gateway.agent.dev/promote":"1"}}}`))
+		}, other("update gateway.agent.dev/gatewayprofiles")},
+		{"node-a writes a GatewayProfile's status", func(_ *testing.T, ctx context.Context) error {
+			return nodeA.Status().Patch(ctx, named[v1.GatewayProfile]("wide"), mergePatch(`{"status":{"desired":3}}`))
+		}, other("update gateway.agent.dev/gatewayprofiles/status")},
+		{"node-a deletes a GatewayProfile", func(_ *testing.T, ctx context.Context) error {
+			return nodeA.Delete(ctx, named[v1.GatewayProfile]("wide"))
+		}, other("delete gateway.agent.dev/gatewayprofiles")},
+		{"node-a creates a Secret", func(t *testing.T, ctx context.Context) error {
+			sec := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: "wide", Namespace: "default"}}
+			deleteLater(t, sec)
+			return nodeA.Create(ctx, sec)
+		}, other("create secrets")},
+		{"node-a creates a Pod", func(t *testing.T, ctx context.Context) error {
+			pod := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "wide", Namespace: "default"},
+				Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "x", Image: "example.com/x"}}}}
+			deleteLater(t, pod)
+			return nodeA.Create(ctx, pod)
+		}, other("create pods")},
+		{"node-a cordons its own host by update", func(_ *testing.T, ctx context.Context) error {
+			return editHost(ctx, nodeA, "node-a", func(h *v1.GatewayHost) { h.Spec.Unschedulable = true })
+		}, byPolicy("gateway agent for host node-a may not modify GatewayHost node-a: its spec")},
 		{"node-a deletes its own GatewayInstance", func(_ *testing.T, ctx context.Context) error {
 			return nodeA.Delete(ctx, named[v1.GatewayInstance]("spare.node-a"))
 		}, byPolicy("gateway agent for host node-a may not delete GatewayInstance spare.node-a: GatewayInstances are created and deleted by the controller manager only")},
@@ -715,5 +811,118 @@ func TestIdentitiesWithoutHost(t *testing.T) {
 				}, byPolicy(who + " may not create Event default/nohost.1: " + noHost)},
 			})
 		})
+	}
+}
+
+// person provisions a client-certificate identity for a person bound to a ClusterRole, and waits
+// until the authorizer knows the binding.
+func person(t *testing.T, name, role string) client.Client {
+	t.Helper()
+	ctx := context.Background()
+	b := &rbacv1.ClusterRoleBinding{ObjectMeta: metav1.ObjectMeta{Name: "test-" + name},
+		RoleRef:  rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: role},
+		Subjects: []rbacv1.Subject{{APIGroup: rbacv1.GroupName, Kind: rbacv1.UserKind, Name: name}}}
+	if err := admin.Create(ctx, b); err != nil {
+		t.Fatal(err)
+	}
+	deleteLater(t, b)
+	c, _, err := newUser(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		if err = c.List(ctx, &v1.GatewayProfileList{}); err == nil || time.Now().After(deadline) {
+			break
+		}
+	}
+	if err != nil {
+		t.Fatalf("%s cannot list profiles with role %s: %v", name, role, err)
+	}
+	return c
+}
+
+// TestPeopleRoles: the viewer reads every kind and writes none; the operator runs rollouts
+// (promote, roll back, pause, cordon) and cannot create or change Releases.
+func TestPeopleRoles(t *testing.T) {
+	ctx := context.Background()
+	rel := &v1.Release{ObjectMeta: metav1.ObjectMeta{Name: "people-r1"},
+		Spec: v1.ReleaseSpec{Source: v1.ReleaseSource{URL: "https://example.com/a.tar.gz"}, SHA256: sha, Label: "1.0.0"}}
+	rel2 := rel.DeepCopy()
+	rel2.Name = "people-r2"
+	prof := &v1.GatewayProfile{ObjectMeta: metav1.ObjectMeta{Name: "people"}, Spec: v1.GatewayProfileSpec{Release: "people-r2"}}
+	for _, o := range []client.Object{rel, rel2, prof} {
+		if err := admin.Create(ctx, o); err != nil {
+			t.Fatal(err)
+		}
+		deleteLater(t, o)
+	}
+	viewer := person(t, "vera", "gateway-operator-viewer")
+	operator := person(t, "otto", "gateway-operator-operator")
+	lists := []client.ObjectList{&v1.GatewayHostList{}, &v1.GatewayInstanceList{}, &v1.GatewayProfileList{}, &v1.ReleaseList{}, &v1.ToolRunList{}}
+	var steps []step
+	for _, who := range []struct {
+		name string
+		c    client.Client
+	}{{"vera", viewer}, {"otto", operator}} {
+		for _, l := range lists {
+			steps = append(steps, step{fmt.Sprintf("%s lists %T", who.name, l), func(_ *testing.T, ctx context.Context) error {
+				return who.c.List(ctx, l)
+			}, allowed})
+		}
+	}
+	steps = append(steps,
+		step{"vera promotes", func(_ *testing.T, ctx context.Context) error {
+			return viewer.Patch(ctx, named[v1.GatewayProfile]("people"), mergePatch(`{"metadata":{"annotations":{"gateway.agent.dev/promote":"1"}}}`))
+		}, byRBAC("patch", "gatewayprofiles")},
+		step{"vera cordons", func(_ *testing.T, ctx context.Context) error {
+			return viewer.Patch(ctx, named[v1.GatewayHost]("node-b"), mergePatch(`{"spec":{"unschedulable":true}}`))
+		}, byRBAC("patch", "gatewayhosts")},
+		step{"otto promotes", func(_ *testing.T, ctx context.Context) error {
+			return operator.Patch(ctx, named[v1.GatewayProfile]("people"), mergePatch(`{"metadata":{"annotations":{"gateway.agent.dev/promote":"1"}}}`))
+		}, allowed},
+		step{"otto aborts", func(_ *testing.T, ctx context.Context) error {
+			return operator.Patch(ctx, named[v1.GatewayProfile]("people"), mergePatch(`{"metadata":{"annotations":{"gateway.agent.dev/abort":"1"}}}`))
+		}, allowed},
+		step{"otto rolls back", func(_ *testing.T, ctx context.Context) error {
+			return operator.Patch(ctx, named[v1.GatewayProfile]("people"), mergePatch(`{"spec":{"release":"people-r1"}}`))
+		}, allowed},
+		step{"otto pauses", func(_ *testing.T, ctx context.Context) error {
+			return operator.Patch(ctx, named[v1.GatewayProfile]("people"), mergePatch(`{"spec":{"rollout":{"paused":true}}}`))
+		}, allowed},
+		step{"otto cordons a host", func(t *testing.T, ctx context.Context) error {
+			t.Cleanup(func() {
+				_ = admin.Patch(ctx, named[v1.GatewayHost]("node-b"), mergePatch(`{"spec":{"unschedulable":null}}`))
+			})
+			return operator.Patch(ctx, named[v1.GatewayHost]("node-b"), mergePatch(`{"spec":{"unschedulable":true}}`))
+		}, allowed},
+		step{"otto creates a Release", func(t *testing.T, ctx context.Context) error {
+			r := rel.DeepCopy()
+			r.ResourceVersion, r.Name = "", "people-r3"
+			deleteLater(t, r)
+			return operator.Create(ctx, r)
+		}, byRBAC("create", "releases")},
+		step{"otto labels a Release", func(_ *testing.T, ctx context.Context) error {
+			return operator.Patch(ctx, named[v1.Release]("people-r1"), mergePatch(`{"metadata":{"labels":{"x":"y"}}}`))
+		}, byRBAC("patch", "releases")},
+		step{"otto deletes a Release", func(_ *testing.T, ctx context.Context) error {
+			return operator.Delete(ctx, named[v1.Release]("people-r1"))
+		}, byRBAC("delete", "releases")},
+		step{"otto deletes the profile", func(_ *testing.T, ctx context.Context) error {
+			return operator.Delete(ctx, named[v1.GatewayProfile]("people"))
+		}, byRBAC("delete", "gatewayprofiles")},
+		step{"otto writes an instance's status", func(_ *testing.T, ctx context.Context) error {
+			return operator.Status().Patch(ctx, named[v1.GatewayInstance]("core.node-a"), mergePatch(`{"status":{"unit":"x"}}`))
+		}, byRBAC("patch", "gatewayinstances/status")},
+	)
+	runSteps(t, steps)
+
+	// The viewer role joins the built-in view role (the aggregation itself is done by
+	// kube-controller-manager, which does not run here).
+	var cr rbacv1.ClusterRole
+	if err := admin.Get(ctx, client.ObjectKey{Name: "gateway-operator-viewer"}, &cr); err != nil {
+		t.Fatal(err)
+	}
+	if cr.Labels["rbac.authorization.k8s.io/aggregate-to-view"] != "true" {
+		t.Errorf("the viewer role is not aggregated to view: %v", cr.Labels)
 	}
 }
