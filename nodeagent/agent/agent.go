@@ -164,7 +164,7 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 	}).SetupWithManager(mgr); err != nil {
 		return err
 	}
-	if err := mgr.Add(&Heartbeat{Client: mgr.GetClient(), Host: o.HostName, Labels: o.HostLabels,
+	if err := mgr.Add(&Heartbeat{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), Host: o.HostName, Labels: o.HostLabels,
 		Version: o.Version, Systemd: sd, Interval: o.HeartbeatInterval,
 		Capabilities: probeCapabilities(host, toolRuns != nil), Space: applier.StagingSpace}); err != nil {
 		return err

@@ -142,9 +142,16 @@ func (e *Env) StopAPIServer() error {
 		return fmt.Errorf("stop kube-apiserver %d: %w", pid, err)
 	}
 	if e.apiserver != nil {
-		_ = e.apiserver.Wait()
+		done := make(chan struct{})
+		go func() { _ = e.apiserver.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(20 * time.Second):
+			_ = e.apiserver.Process.Kill()
+			<-done
+		}
 		e.apiserver = nil
-	} else if err := waitGone(pid, 60*time.Second); err != nil {
+	} else if err := waitGone(pid); err != nil {
 		return err
 	}
 	e.apiserverArgs = args
@@ -244,13 +251,17 @@ func (e *Env) findAPIServer() (int, []string, error) {
 	return 0, nil, fmt.Errorf("no kube-apiserver child of this process serves port %s", u.Port())
 }
 
-// waitGone waits until a process no longer exists (envtest reaps its own children).
-func waitGone(pid int, timeout time.Duration) error {
-	deadline := time.Now().Add(timeout)
+// waitGone waits until a process no longer exists (envtest reaps its own children). A
+// kube-apiserver with clients attached may drain for long after SIGTERM although it stopped
+// listening at once: after a grace period it is killed.
+func waitGone(pid int) error {
+	killAt, deadline := time.Now().Add(20*time.Second), time.Now().Add(time.Minute)
 	for syscall.Kill(pid, 0) == nil {
-		if time.Now().After(deadline) {
+		if time.Now().After(killAt) {
 			_ = syscall.Kill(pid, syscall.SIGKILL)
-			return fmt.Errorf("kube-apiserver %d still there %s after SIGTERM; killed", pid, timeout)
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("kube-apiserver %d still there a minute after SIGTERM and SIGKILL", pid)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}

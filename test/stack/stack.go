@@ -78,6 +78,7 @@ type proc struct {
 	done      chan struct{} // closed when cmd has been waited for
 	down      bool          // killed or stopped on purpose: not started again
 	restarts  int
+	backoff   time.Duration
 }
 
 // Build compiles the binaries the stack runs into dir.
@@ -233,7 +234,12 @@ func (s *Stack) run(p *proc) error {
 	go func() {
 		err := cmd.Wait()
 		close(done)
-		time.Sleep(time.Second) // the kubelet's first back-off is longer; a second keeps tests short
+		// Back off as the kubelet does, doubling, but from one second up to ten: short tests.
+		s.mu.Lock()
+		p.backoff = min(max(2*p.backoff, time.Second), 10*time.Second)
+		wait := p.backoff
+		s.mu.Unlock()
+		time.Sleep(wait)
 		s.mu.Lock()
 		defer s.mu.Unlock()
 		if p.down || p.cmd != cmd {

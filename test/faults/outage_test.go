@@ -1,0 +1,107 @@
+package faults
+
+import (
+	"testing"
+	"time"
+
+	"github.com/agent-gateway/gateway-operator/test/agentruntime"
+	"github.com/agent-gateway/gateway-operator/test/stack"
+)
+
+// outage is how long the API server stays down mid-rollout: well past the hosts' grace period,
+// the leader lease and the agents' and manager's client back-offs.
+const outage = 60 * time.Second
+
+// TestAPIServerOutageMidRollout stops kube-apiserver (etcd and its data stay) just after the
+// rollout moved its first host, for five minutes, and starts it again on the same address.
+// Meanwhile every gateway keeps running its release, with no restart. Afterwards the agents
+// and the manager come back by themselves, and the rollout resumes and completes without ever
+// having more than maxUnavailable hosts unavailable.
+func TestAPIServerOutageMidRollout(t *testing.T) {
+	s := up(t, stack.Options{Hosts: []string{"out-a", "out-b", "out-c"}})
+	good1 := publish(t, s, agentruntime.Options{Version: "1.0.0"})
+	good2 := publish(t, s, agentruntime.Options{Version: "2.0.0"})
+	applyProfile(t, s, good1, 5)
+	complete(t, s, "1.0.0", 2*time.Minute)
+	before := gateways(t, s)
+
+	w := watchFleet(t, s)
+	applyProfile(t, s, good2, 5)
+	firstMove(t, w, "2.0.0")
+	if err := s.CP.StopAPIServer(); err != nil {
+		t.Fatal(err)
+	}
+	down := time.Now()
+	t.Logf("kube-apiserver stopped after the first move; gateways before the rollout: %v", before)
+
+	// The moved host's agent may be in the middle of its apply: let it finish, then nothing
+	// on any host may change while the API server is away.
+	time.Sleep(30 * time.Second)
+	during := gateways(t, s)
+	t.Logf("gateways 30 s into the outage: %v", during)
+	changed := 0
+	for host := range s.Hosts {
+		if during[host] != before[host] {
+			changed++
+		}
+	}
+	if changed > 1 {
+		t.Errorf("%d hosts changed while the API server was away, at most the moved one may: %v -> %v", changed, before, during)
+	}
+	for time.Since(down) < outage {
+		time.Sleep(min(15*time.Second, outage-time.Since(down)))
+		if now := gateways(t, s); !equal(now, during) {
+			t.Fatalf("a gateway changed %s into the outage: %v -> %v", time.Since(down).Round(time.Second), during, now)
+		}
+	}
+	if err := s.CP.StartAPIServer(); err != nil {
+		t.Fatal(err)
+	}
+	back := time.Now()
+	t.Logf("kube-apiserver started again after %s", back.Sub(down).Round(time.Second))
+
+	t.Logf("recovery: every agent heart-beating again %s after the API server came back", heartbeatsAfter(t, s, back).Round(100*time.Millisecond))
+	complete(t, s, "2.0.0", 5*time.Minute)
+	t.Logf("recovery: the rollout complete %s after the API server came back", time.Since(back).Round(100*time.Millisecond))
+	if at, n := w.movedTo("2.0.0"); n == 3 {
+		t.Logf("recovery: all three hosts moved, the last move seen at +%s", lastMove(w, "2.0.0").Sub(back).Round(100*time.Millisecond))
+		_ = at
+	}
+	for i := range 1 {
+		t.Logf("%s started again %d time(s) (exits on a lost leader lease)", stack.ManagerName(i), s.Restarts(stack.ManagerName(i)))
+	}
+	w.check(t, 1)
+	after := gateways(t, s)
+	for host := range s.Hosts {
+		if after[host] == before[host] {
+			t.Errorf("%s was not moved: %s", host, after[host])
+		}
+	}
+}
+
+func equal(a, b map[string]string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k, v := range a {
+		if b[k] != v {
+			return false
+		}
+	}
+	return true
+}
+
+// lastMove is the last time a host was pointed at label.
+func lastMove(w *fleetWatch, label string) time.Time {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	var last time.Time
+	for _, moves := range w.moves {
+		for _, m := range moves {
+			if m.label == label && m.at.After(last) {
+				last = m.at
+			}
+		}
+	}
+	return last
+}
