@@ -15,6 +15,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/util/workqueue"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -22,6 +23,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
 	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 	"sigs.k8s.io/controller-runtime/pkg/recorder"
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
@@ -67,9 +69,16 @@ func (r *InstanceReconciler) SetupWithManager(mgr ctrl.Manager) error {
 		// Spec and annotation changes (a retry) and deletion only: the agent's own status writes
 		// must not wake it.
 		For(&v1.GatewayInstance{}, builder.WithPredicates(predicate.Or(predicate.GenerationChangedPredicate{}, predicate.AnnotationChangedPredicate{}, deletionStarted))).
-		WithOptions(controller.Options{MaxConcurrentReconciles: workers}).
+		// A failed reconcile (the API server away: the status cannot be written) is tried again
+		// at most ten seconds apart, not up to the default 16 minutes: after an outage the host's
+		// proof must reach the rollout long before its progress deadline.
+		WithOptions(controller.Options{MaxConcurrentReconciles: workers,
+			RateLimiter: workqueue.NewTypedItemExponentialFailureRateLimiter[reconcile.Request](5*time.Millisecond, retryCap)}).
 		Complete(r)
 }
+
+// retryCap is the longest wait before a failed reconcile is tried again.
+const retryCap = 10 * time.Second
 
 // Reconcile applies one instance and reports the outcome in its status.
 func (r *InstanceReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
