@@ -349,3 +349,43 @@ func heartbeatsAfter(t *testing.T, s *stack.Stack, since time.Time) time.Duratio
 	}
 	return last
 }
+
+// firstMoved returns the host first pointed at label.
+func (w *fleetWatch) firstMoved(label string) string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	var first time.Time
+	host := ""
+	for h, moves := range w.moves {
+		for _, m := range moves {
+			if m.label == label && (host == "" || m.at.Before(first)) {
+				host, first = h, m.at
+			}
+		}
+	}
+	return host
+}
+
+// movesTo lists the moves to label in time order, for the log.
+func (w *fleetWatch) movesTo(label string) []string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	type hm struct {
+		host string
+		at   time.Time
+	}
+	var all []hm
+	for h, moves := range w.moves {
+		for _, m := range moves {
+			if m.label == label {
+				all = append(all, hm{h, m.at})
+			}
+		}
+	}
+	sort.Slice(all, func(i, j int) bool { return all[i].at.Before(all[j].at) })
+	out := make([]string, len(all))
+	for i, m := range all {
+		out[i] = m.host + " at " + m.at.Format("15:04:05.000")
+	}
+	return out
+}
