@@ -173,12 +173,19 @@ func TestAgentAppliesItsOwnInstances(t *testing.T) {
 
 	base := got.DeepCopy()
 	got.Spec.Release = v1.ReleaseArtifact{Name: "agent-2.0.0", URL: u2, SHA256: r2.SHA256, Label: r2.Label}
+	// Condition times have a resolution of a second: let one pass since the first proof.
+	firstAligned := condition(got, v1.ConditionAligned).LastTransitionTime
+	time.Sleep(time.Until(firstAligned.Add(1100 * time.Millisecond)))
 	if err := c.Patch(ctx, got, client.MergeFrom(base)); err != nil {
 		t.Fatal(err)
 	}
 	got = waitAligned("2.0.0")
 	if got.Status.MainPID == firstPID {
 		t.Error("the release changed but the main PID did not")
+	}
+	// Aligned on the new release since its proof: the rollout's minReadySeconds counts from it.
+	if a := condition(got, v1.ConditionAligned); !a.LastTransitionTime.After(firstAligned.Time) {
+		t.Errorf("Aligned on 2.0.0 since %s, the time of the proof of 1.0.0", a.LastTransitionTime)
 	}
 
 	// The other host's instance is never touched by this agent.

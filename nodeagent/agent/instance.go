@@ -124,6 +124,11 @@ func (r *InstanceReconciler) Reconcile(ctx context.Context, req ctrl.Request) (c
 	cancel()
 	base := gi.DeepCopy()
 	st := &gi.Status
+	// A new spec proven is a new alignment: its time starts the rollout's minReadySeconds,
+	// which would otherwise count from the first release this instance was ever proven on.
+	if st.ObservedGeneration != gi.Generation && err == nil {
+		meta.RemoveStatusCondition(&st.Conditions, v1.ConditionAligned)
+	}
 	st.ObservedGeneration = gi.Generation
 	st.Unit = "agent-gateway@" + gi.Spec.Profile + ".service"
 	var failure *apply.Failure
