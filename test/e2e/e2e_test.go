@@ -367,6 +367,7 @@ func TestRollbackAfterAFailedRelease(t *testing.T) {
 			meta.IsStatusConditionTrue(p.Status.Conditions, v1.ConditionDegraded)
 		return ok, fmt.Sprintf("%+v", p.Status)
 	})
+	t.Logf("halted: %s", meta.FindStatusCondition(api().Status.Conditions, v1.ConditionDegraded).Message)
 	h := s.Hosts["demo"]
 	socket := filepath.Join(h.Root, "opt/agent/gateways/api/home/run/status.sock")
 	if st, err := agentruntime.GetStatus(ctx, socket); err != nil || st.Version != "1.0.0" {
