@@ -2,7 +2,9 @@ package faults
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -82,7 +84,8 @@ func TestAPIServerOutageMidRollout(t *testing.T) {
 	for i, m := range w.movesTo("2.0.0") {
 		t.Logf("move %d: %s", i+1, m)
 	}
-	t.Logf("the manager was started again %d time(s): it exits when it cannot renew its leader lease", s.Restarts(stack.ManagerName(0)))
+	t.Logf("recovery: the manager leading again %s after the API server came back; it was started again %d time(s), as it exits when it cannot renew its lease",
+		leadingSince(t, s.Log(stack.ManagerName(0))).Sub(back.Truncate(time.Second)), s.Restarts(stack.ManagerName(0)))
 	w.check(t, 1)
 	after := gateways(t, s)
 	for host := range s.Hosts {
@@ -105,4 +108,25 @@ func equal(a, b map[string]string) bool {
 		}
 	}
 	return true
+}
+
+// leadingSince returns when a manager's log last says it acquired the lease (to the second).
+func leadingSince(t *testing.T, log string) time.Time {
+	t.Helper()
+	var at time.Time
+	for _, line := range strings.Split(log, "\n") {
+		var e struct {
+			TS  string `json:"ts"`
+			Msg string `json:"msg"`
+		}
+		if json.Unmarshal([]byte(line), &e) == nil && e.Msg == "Successfully acquired lease" {
+			if ts, err := time.Parse(time.RFC3339, e.TS); err == nil {
+				at = ts
+			}
+		}
+	}
+	if at.IsZero() {
+		t.Error("the manager's log never says it acquired the lease")
+	}
+	return at
 }
