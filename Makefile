@@ -85,7 +85,7 @@ test-deps: ## Install and build what the tests need (idempotent; cached outside 
 
 .PHONY: test
 test: fmt vet verify-generated test-deps lint $(HELM) ## Run the linters and every test against a real API server and real systemd hosts.
-	$(TEST_ENV) go test -count=1 -p 1 $(GO_TEST_FLAGS) ./...
+	$(TEST_ENV) go test -count=1 -p 1 -timeout 30m $(GO_TEST_FLAGS) ./...
 	hack/leftovers.sh
 
 .PHONY: test-e2e

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -33,6 +34,9 @@ type GatewayHostReconciler struct {
 	GracePeriod time.Duration
 	// Now is the clock; time.Now when nil.
 	Now func() time.Time
+
+	startOnce sync.Once
+	started   time.Time // this reconciler's first reconcile: when it began to watch heartbeats
 }
 
 // indexInstanceHost indexes instances by host, so a gone host's instances are found without
@@ -86,21 +90,22 @@ func (r *GatewayHostReconciler) Reconcile(ctx context.Context, req ctrl.Request)
 	if r.Now != nil {
 		now = r.Now()
 	}
-	reachable, msg, next := Reachability(h.Status.LastHeartbeatTime, r.GracePeriod, now)
+	r.startOnce.Do(func() { r.started = now })
+	was := meta.FindStatusCondition(h.Status.Conditions, v1.ConditionReachable)
+	wasReachable, wasUnreachable := was != nil && was.Status == metav1.ConditionTrue, was != nil && was.Status == metav1.ConditionFalse
+	reachable, msg, next := ReachabilitySince(h.Status.LastHeartbeatTime, wasReachable, r.GracePeriod, r.started, now)
 	base := h.DeepCopy()
 	status, reason := metav1.ConditionTrue, "HeartbeatFresh"
 	if !reachable {
 		status, reason = metav1.ConditionFalse, "HeartbeatStale"
 	}
-	// Read before it is set: setting changes the entry in place.
-	wasFalse := meta.IsStatusConditionFalse(h.Status.Conditions, v1.ConditionReachable)
 	v1.SetCondition(&h, v1.ConditionReachable, status, reason, msg)
 	if !equality.Semantic.DeepEqual(base.Status, h.Status) {
 		// Optimistic lock: the agent writes this status too.
 		if err := r.Client.Status().Patch(ctx, &h, client.MergeFromWithOptions(base, client.MergeFromWithOptimisticLock{})); err != nil {
 			return ctrl.Result{}, client.IgnoreNotFound(err)
 		}
-		if !reachable && !wasFalse {
+		if !reachable && !wasUnreachable {
 			r.Recorder.Eventf(&h, nil, corev1.EventTypeWarning, "Unreachable", "Heartbeat", "%s", msg)
 		}
 	}
@@ -163,6 +168,20 @@ func (r *GatewayHostReconciler) release(ctx context.Context, gi *v1.GatewayInsta
 		return client.IgnoreNotFound(r.Client.Delete(ctx, gi, client.Preconditions{UID: &uid}))
 	}
 	return nil
+}
+
+// ReachabilitySince is Reachability for a reconciler that has watched heartbeats only since
+// since: a host that was reachable stays so until it has missed a whole grace period under
+// this reconciler's eyes. A new leader, or a manager back after an outage of the API server
+// (when no heartbeat could land), does not declare every host unreachable at once; a rollout
+// would then move them all at once as hosts that serve nothing.
+func ReachabilitySince(last *metav1.Time, wasReachable bool, grace time.Duration, since, now time.Time) (bool, string, time.Duration) {
+	ok, msg, next := Reachability(last, grace, now)
+	if ok || !wasReachable || last == nil || !now.Before(since.Add(grace)) {
+		return ok, msg, next
+	}
+	return true, fmt.Sprintf("last heartbeat %s ago, before this controller was watching; unreachable if none comes within %s",
+		now.Sub(last.Time).Round(time.Second), since.Add(grace).Sub(now).Round(time.Second)), since.Add(grace).Sub(now) + time.Second
 }
 
 // Reachability decides whether a heartbeat is fresh at now, says so in words, and returns how

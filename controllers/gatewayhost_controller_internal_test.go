@@ -28,6 +28,37 @@ func TestReachability(t *testing.T) {
 	}
 }
 
+// A controller that has just started (a new leader, or back after the API server was away)
+// has not watched heartbeats for a grace period: a host that was reachable stays so until it
+// has missed one under its eyes, however old its last heartbeat (five minutes, after an
+// outage of the API server). A host already unreachable, or that never reported, stays so.
+func TestReachabilitySince(t *testing.T) {
+	grace := 40 * time.Second
+	since := time.Unix(1000, 0)
+	old := metav1.NewTime(since.Add(-5 * time.Minute))
+	for _, tc := range []struct {
+		name         string
+		last         *metav1.Time
+		wasReachable bool
+		now          time.Time
+		ok           bool
+	}{
+		{"reachable, just started", &old, true, since, true},
+		{"reachable, within a grace period of the start", &old, true, since.Add(39 * time.Second), true},
+		{"reachable, a grace period after the start", &old, true, since.Add(41 * time.Second), false},
+		{"unreachable before the start", &old, false, since, false},
+		{"never reported", nil, true, since, false},
+	} {
+		ok, msg, next := ReachabilitySince(tc.last, tc.wasReachable, grace, since, tc.now)
+		if ok != tc.ok || msg == "" || (ok && next <= 0) {
+			t.Errorf("%s: ReachabilitySince = %v, %q, %v; want %v", tc.name, ok, msg, next, tc.ok)
+		}
+		if ok && tc.now.Add(next).Before(since.Add(grace)) {
+			t.Errorf("%s: asks to look again after %v, before the grace period from the start ends", tc.name, next)
+		}
+	}
+}
+
 func TestConfigHashFollowsSpec(t *testing.T) {
 	a := configHashOf(t, "1.0.0")
 	if a != configHashOf(t, "1.0.0") {

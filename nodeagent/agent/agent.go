@@ -168,7 +168,7 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 	if err != nil {
 		return err
 	}
-	beat := &Heartbeat{Client: mgr.GetClient(), Host: o.HostName, Labels: reported,
+	beat := &Heartbeat{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), Host: o.HostName, Labels: reported,
 		Version: o.Version, Systemd: sd, Interval: o.HeartbeatInterval,
 		Capabilities: caps, Space: applier.StagingSpace}
 	if err := mgr.Add(beat); err != nil {
@@ -182,7 +182,6 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 	}).SetupWithManager(mgr); err != nil {
 		return err
 	}
-
 	if o.ProbeAddr != "0" && o.ProbeAddr != "" {
 		// Live only while systemd answers: an agent that cannot reach it cannot apply or prove.
 		if err := mgr.AddHealthzCheck("systemd", systemdCheck(sd)); err != nil {

@@ -182,12 +182,19 @@ func TestAgentAppliesItsOwnInstances(t *testing.T) {
 
 	base := got.DeepCopy()
 	got.Spec.Release = v1.ReleaseArtifact{Name: "agent-2.0.0", URL: u2, SHA256: r2.SHA256, Label: r2.Label}
+	// Condition times have a resolution of a second: let one pass since the first proof.
+	firstAligned := condition(got, v1.ConditionAligned).LastTransitionTime
+	time.Sleep(time.Until(firstAligned.Add(1100 * time.Millisecond)))
 	if err := c.Patch(ctx, got, client.MergeFrom(base)); err != nil {
 		t.Fatal(err)
 	}
 	got = waitAligned("2.0.0")
 	if got.Status.MainPID == firstPID {
 		t.Error("the release changed but the main PID did not")
+	}
+	// Aligned on the new release since its proof: the rollout's minReadySeconds counts from it.
+	if a := condition(got, v1.ConditionAligned); !a.LastTransitionTime.After(firstAligned.Time) {
+		t.Errorf("Aligned on 2.0.0 since %s, the time of the proof of 1.0.0", a.LastTransitionTime)
 	}
 
 	// The other host's instance is never touched by this agent.
@@ -498,4 +505,70 @@ func TestTwoAgentsWithOneIdentityAreReported(t *testing.T) {
 	if one.Duplicate() {
 		t.Error("the remaining agent still holds")
 	}
+}
+
+// frozenCache reads like an informer cache whose watch broke (the API server was away): it
+// returns the first copy of each object it ever read.
+type frozenCache struct {
+	client.Client
+	mu     sync.Mutex
+	copies map[string]*v1.GatewayHost
+}
+
+func (c *frozenCache) Get(ctx context.Context, key client.ObjectKey, obj client.Object, opts ...client.GetOption) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	gh, ok := obj.(*v1.GatewayHost)
+	if !ok {
+		return c.Client.Get(ctx, key, obj, opts...)
+	}
+	if old, ok := c.copies[key.Name]; ok {
+		old.DeepCopyInto(gh)
+		return nil
+	}
+	if err := c.Client.Get(ctx, key, obj, opts...); err != nil {
+		return err
+	}
+	c.copies[key.Name] = gh.DeepCopy()
+	return nil
+}
+
+// Heartbeats keep landing while the agent's cache lags behind the API server, as it does for
+// a while after an outage of the API server: a beat written on the cache's stale copy
+// conflicts, and is written again on the live object. Without that the host's heartbeat goes
+// stale, the host counts as unreachable, and a rollout moves it at once as a host that serves
+// nothing, beyond maxUnavailable.
+func TestHeartbeatsLandThroughAStaleCache(t *testing.T) {
+	h := systemdhost.Start(t, systemdhost.Options{Name: "stale-cache"})
+	ctx, cancel := context.WithCancel(context.Background())
+	sd, err := systemd.Dial(ctx, h.BusAddress)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		done <- (&agent.Heartbeat{Client: &frozenCache{Client: cp.Client, copies: map[string]*v1.GatewayHost{}}, APIReader: cp.Client,
+			Host: "stale-cache", Systemd: sd, Interval: 500 * time.Millisecond}).Start(logr.NewContext(ctx, testr.New(t)))
+	}()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+		sd.Close()
+		_ = cp.Client.Delete(context.Background(), &v1.GatewayHost{ObjectMeta: metav1.ObjectMeta{Name: "stale-cache"}})
+	})
+	var first *metav1.Time
+	eventually(t, "heartbeats after the cache froze", func() (bool, string) {
+		var gh v1.GatewayHost
+		if err := cp.Client.Get(ctx, client.ObjectKey{Name: "stale-cache"}, &gh); err != nil {
+			return false, err.Error()
+		}
+		hb := gh.Status.LastHeartbeatTime
+		if hb != nil && first == nil {
+			first = hb
+		}
+		// Heartbeat times have a resolution of a second: two seconds later is two more beats.
+		return hb != nil && hb.Sub(first.Time) >= 2*time.Second, fmt.Sprintf("first %v, last %v", first, hb)
+	})
 }

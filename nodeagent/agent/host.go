@@ -51,7 +51,11 @@ func probeCapabilities(host layout.Host, microVM bool) v1.HostCapabilities {
 // manager Runnable until the manager stops.
 type Heartbeat struct {
 	Client client.Client
-	Host   string
+	// APIReader reads past the cache. After the API server was away the cache can lag for
+	// long (its watch backs off), and a beat written on its stale copy conflicts: the next
+	// try reads the live object. The cached client is used when nil.
+	APIReader client.Reader
+	Host      string
 	// Labels are the facts the agent reports as labels, all under v1.LabelReportedPrefix; set
 	// at registration and kept current. Every other label is an administrator's.
 	Labels   map[string]string
@@ -129,12 +133,19 @@ func (h *Heartbeat) Start(ctx context.Context) error {
 // beat registers the host if needed and writes one heartbeat. A write that raced with the
 // controller manager's (which owns the Reachable condition) is retried on the fresh copy.
 func (h *Heartbeat) beat(ctx context.Context) error {
-	return retry.RetryOnConflict(retry.DefaultBackoff, func() error { return h.beatOnce(ctx) })
+	var reader client.Reader = h.Client
+	return retry.RetryOnConflict(retry.DefaultBackoff, func() error {
+		err := h.beatOnce(ctx, reader)
+		if apierrors.IsConflict(err) && h.APIReader != nil {
+			reader = h.APIReader
+		}
+		return err
+	})
 }
 
-func (h *Heartbeat) beatOnce(ctx context.Context) error {
+func (h *Heartbeat) beatOnce(ctx context.Context, reader client.Reader) error {
 	var gh v1.GatewayHost
-	err := h.Client.Get(ctx, client.ObjectKey{Name: h.Host}, &gh)
+	err := reader.Get(ctx, client.ObjectKey{Name: h.Host}, &gh)
 	if apierrors.IsNotFound(err) {
 		gh = v1.GatewayHost{ObjectMeta: metav1.ObjectMeta{Name: h.Host, Labels: h.Labels}}
 		// Create fills gh with what the API server stored; a Get right after it would read a

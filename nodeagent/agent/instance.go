@@ -14,6 +14,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/util/workqueue"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -23,6 +24,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/handler"
 	"sigs.k8s.io/controller-runtime/pkg/manager"
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 	"sigs.k8s.io/controller-runtime/pkg/recorder"
 	"sigs.k8s.io/controller-runtime/pkg/source"
 
@@ -81,9 +83,16 @@ func (r *InstanceReconciler) SetupWithManager(mgr ctrl.Manager) error {
 		// must not wake it.
 		For(&v1.GatewayInstance{}, builder.WithPredicates(predicate.Or(predicate.GenerationChangedPredicate{}, predicate.AnnotationChangedPredicate{}, deletionStarted))).
 		WatchesRawSource(source.Channel(found, &handler.TypedEnqueueRequestForObject[*v1.GatewayInstance]{})).
-		WithOptions(controller.Options{MaxConcurrentReconciles: workers}).
+		// A failed reconcile (the API server away: the status cannot be written) is tried again
+		// at most ten seconds apart, not up to the default 16 minutes: after an outage the host's
+		// proof must reach the rollout long before its progress deadline.
+		WithOptions(controller.Options{MaxConcurrentReconciles: workers,
+			RateLimiter: workqueue.NewTypedItemExponentialFailureRateLimiter[reconcile.Request](5*time.Millisecond, retryCap)}).
 		Complete(r)
 }
+
+// retryCap is the longest wait before a failed reconcile is tried again.
+const retryCap = 10 * time.Second
 
 // Reconcile applies one instance and reports the outcome in its status.
 func (r *InstanceReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
@@ -136,6 +145,11 @@ func (r *InstanceReconciler) Reconcile(ctx context.Context, req ctrl.Request) (c
 	cancel()
 	base := gi.DeepCopy()
 	st := &gi.Status
+	// A new spec proven is a new alignment: its time starts the rollout's minReadySeconds,
+	// which would otherwise count from the first release this instance was ever proven on.
+	if st.ObservedGeneration != gi.Generation && err == nil {
+		v1.RemoveCondition(&gi, v1.ConditionAligned)
+	}
 	st.ObservedGeneration = gi.Generation
 	// The retry request this apply answers (the annotation as read before applying).
 	st.LastHandledRetry = v1.RequestToken(gi.Annotations[v1.AnnotationRetry])

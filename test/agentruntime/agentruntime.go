@@ -49,6 +49,9 @@ type Options struct {
 	Hostile string
 	// SwapTarget is where the HostileSwap runtime points its symlink.
 	SwapTarget string
+	// UnsafeEntry adds a file that climbs out of the release folder (../escaped): an archive
+	// the agent must refuse to unpack.
+	UnsafeEntry bool
 }
 
 // Hostile runtimes: a gateway that runs someone's code and turns on its host.
@@ -91,6 +94,9 @@ func Build(o Options) (*Tarball, error) {
 		return nil, err
 	}
 	files := map[string][]byte{"agent_cli/release.json": info}
+	if o.UnsafeEntry {
+		files["../escaped"] = []byte("written outside the release folder\n")
+	}
 	err = fs.WalkDir(sources, "python", func(p string, d fs.DirEntry, err error) error {
 		if err != nil || d.IsDir() {
 			return err

@@ -6,11 +6,17 @@
 package controlplane
 
 import (
+	"errors"
 	"fmt"
+	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
+	"time"
 
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
@@ -34,6 +40,10 @@ type Env struct {
 	Scheme *k8sruntime.Scheme
 	// BinDir holds kube-apiserver, etcd and kubectl.
 	BinDir string
+	// apiserver is the kube-apiserver StartAPIServer started, replacing envtest's.
+	apiserver *exec.Cmd
+	// apiserverArgs is the command line of the stopped kube-apiserver.
+	apiserverArgs []string
 }
 
 // Start starts kube-apiserver and etcd and installs the CRDs from config/crd/bases.
@@ -110,4 +120,150 @@ func (e *Env) Kubeconfig(dir, user string, groups ...string) (string, error) {
 	}
 	p := filepath.Join(dir, strings.NewReplacer(":", "-", "/", "-").Replace(user)+".kubeconfig")
 	return p, os.WriteFile(p, b, 0o600)
+}
+
+// StopAPIServer stops kube-apiserver (SIGTERM, as a node shutdown would) and leaves etcd, its
+// data and the certificates alone, for StartAPIServer to start it again the same way.
+func (e *Env) StopAPIServer() error {
+	if e.apiserverArgs != nil {
+		return errors.New("kube-apiserver is already stopped")
+	}
+	var pid int
+	var args []string
+	if e.apiserver != nil {
+		pid, args = e.apiserver.Process.Pid, e.apiserver.Args
+	} else {
+		var err error
+		if pid, args, err = e.findAPIServer(); err != nil {
+			return err
+		}
+	}
+	if err := syscall.Kill(pid, syscall.SIGTERM); err != nil {
+		return fmt.Errorf("stop kube-apiserver %d: %w", pid, err)
+	}
+	if e.apiserver != nil {
+		done := make(chan struct{})
+		go func() { _ = e.apiserver.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(20 * time.Second):
+			_ = e.apiserver.Process.Kill()
+			<-done
+		}
+		e.apiserver = nil
+	} else if err := waitGone(pid); err != nil {
+		return err
+	}
+	e.apiserverArgs = args
+	return nil
+}
+
+// StartAPIServer starts kube-apiserver again after StopAPIServer, on the same address with
+// the same certificates and etcd, and waits until it is ready.
+func (e *Env) StartAPIServer() error {
+	if e.apiserverArgs == nil {
+		return errors.New("kube-apiserver was not stopped")
+	}
+	cmd := exec.Command(e.apiserverArgs[0], e.apiserverArgs[1:]...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start kube-apiserver: %w", err)
+	}
+	e.apiserver, e.apiserverArgs = cmd, nil
+	hc, err := rest.HTTPClientFor(e.Config)
+	if err != nil {
+		return err
+	}
+	deadline := time.Now().Add(time.Minute)
+	for {
+		res, err := hc.Get(strings.TrimRight(e.Config.Host, "/") + "/readyz")
+		if err == nil {
+			res.Body.Close()
+			if res.StatusCode == http.StatusOK {
+				return nil
+			}
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("kube-apiserver not ready a minute after its restart (%v)", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// Stop stops the control plane, including a kube-apiserver started again by StartAPIServer.
+func (e *Env) Stop() error {
+	if e.apiserver != nil {
+		_ = e.apiserver.Process.Signal(syscall.SIGTERM)
+		done := make(chan struct{})
+		go func() { _ = e.apiserver.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(30 * time.Second):
+			_ = e.apiserver.Process.Kill()
+			<-done
+		}
+		e.apiserver = nil
+	}
+	return e.Environment.Stop()
+}
+
+// findAPIServer finds the kube-apiserver envtest started for this Env: a child of this
+// process running BinDir/kube-apiserver on the port of Config.Host.
+func (e *Env) findAPIServer() (int, []string, error) {
+	u, err := url.Parse(e.Config.Host)
+	if err != nil {
+		return 0, nil, err
+	}
+	want := filepath.Join(e.BinDir, "kube-apiserver")
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		return 0, nil, err
+	}
+	for _, d := range entries {
+		pid, err := strconv.Atoi(d.Name())
+		if err != nil {
+			continue
+		}
+		stat, err := os.ReadFile(filepath.Join("/proc", d.Name(), "stat"))
+		if err != nil {
+			continue
+		}
+		// The fields after the command name, which is in parentheses: state, then ppid.
+		_, rest, _ := strings.Cut(string(stat), ") ")
+		f := strings.Fields(rest)
+		if len(f) < 2 || f[1] != strconv.Itoa(os.Getpid()) {
+			continue
+		}
+		raw, err := os.ReadFile(filepath.Join("/proc", d.Name(), "cmdline"))
+		if err != nil {
+			continue
+		}
+		args := strings.Split(strings.TrimRight(string(raw), "\x00"), "\x00")
+		if len(args) == 0 || filepath.Clean(args[0]) != filepath.Clean(want) && filepath.Base(args[0]) != "kube-apiserver" {
+			continue
+		}
+		for _, a := range args {
+			if a == "--secure-port="+u.Port() {
+				return pid, args, nil
+			}
+		}
+	}
+	return 0, nil, fmt.Errorf("no kube-apiserver child of this process serves port %s", u.Port())
+}
+
+// waitGone waits until a process no longer exists (envtest reaps its own children). A
+// kube-apiserver with clients attached may drain for long after SIGTERM although it stopped
+// listening at once: after a grace period it is killed.
+func waitGone(pid int) error {
+	killAt, deadline := time.Now().Add(20*time.Second), time.Now().Add(time.Minute)
+	for syscall.Kill(pid, 0) == nil {
+		if time.Now().After(killAt) {
+			_ = syscall.Kill(pid, syscall.SIGKILL)
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("kube-apiserver %d still there a minute after SIGTERM and SIGKILL", pid)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return nil
 }

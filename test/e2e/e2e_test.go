@@ -326,3 +326,79 @@ spec:
 		}
 	}
 }
+
+// TestRollbackAfterAFailedRelease is what a new user does with `make demo`: the samples on one
+// host; api pointed at a release that fails on the host (its archive climbs out of the release
+// folder); the agent keeps the host on the good release, the rollout halts, the profile is
+// Degraded. Rolling back the documented way, spec.release back to the good release, converges:
+// the rollout Complete, the profile Ready and no longer Degraded, the host proven on the good
+// release, core never touched.
+func TestRollbackAfterAFailedRelease(t *testing.T) {
+	s := up(t, "demo")
+	ctx := context.Background()
+	kubectl(t, s, "apply", "-f", "config/samples/")
+	for _, p := range []string{"core", "api"} {
+		eventually(t, p+" aligned", 3*time.Minute, profileAligned(s, p, "1.0.0", 1))
+	}
+	core := mainPIDs(t, s, "core")
+
+	tb := agentruntime.MustBuild(t, agentruntime.Options{Version: "2.0.0-unsafe", UnsafeEntry: true})
+	tarball := filepath.Join(dropDir(t), "unsafe.tar.gz")
+	if err := os.WriteFile(tarball, tb.Data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	manifest := filepath.Join(t.TempDir(), "unsafe.yaml")
+	if err := os.WriteFile(manifest, []byte(fmt.Sprintf("apiVersion: gateway.agent.dev/v1alpha1\nkind: Release\nmetadata:\n  name: agent-runtime-unsafe\nspec:\n  source:\n    url: file://%s\n  sha256: %s\n  label: %s\n",
+		tarball, tb.SHA256, tb.Label)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	kubectl(t, s, "apply", "-f", manifest)
+	api := func() v1.GatewayProfile {
+		var p v1.GatewayProfile
+		if err := s.CP.Client.Get(ctx, client.ObjectKey{Name: "api"}, &p); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	kubectl(t, s, "patch", "gwp", "api", "--type=merge", "-p", `{"spec":{"release":"agent-runtime-unsafe"}}`)
+	eventually(t, "api halted and Degraded", 2*time.Minute, func() (bool, string) {
+		p := api()
+		ok := p.Status.Rollout != nil && p.Status.Rollout.Phase == v1.RolloutHalted &&
+			meta.IsStatusConditionTrue(p.Status.Conditions, v1.ConditionDegraded)
+		return ok, fmt.Sprintf("%+v", p.Status)
+	})
+	t.Logf("halted: %s", meta.FindStatusCondition(api().Status.Conditions, v1.ConditionDegraded).Message)
+	h := s.Hosts["demo"]
+	socket := filepath.Join(h.Root, "opt/agent/gateways/api/home/run/status.sock")
+	if st, err := agentruntime.GetStatus(ctx, socket); err != nil || st.Version != "1.0.0" {
+		t.Errorf("after the failed release the host does not serve api 1.0.0: %+v %v", st, err)
+	}
+	if _, err := os.Lstat(filepath.Join(h.Root, "opt/agent/releases/escaped")); err == nil {
+		t.Error("the unsafe archive wrote outside its release folder")
+	}
+
+	kubectl(t, s, "patch", "gwp", "api", "--type=merge", "-p", `{"spec":{"release":"agent-runtime-1.0.0"}}`)
+	eventually(t, "the rollback complete, api Ready and not Degraded", 2*time.Minute, func() (bool, string) {
+		p := api()
+		ok := p.Status.Rollout != nil && p.Status.Rollout.Phase == v1.RolloutComplete &&
+			p.Status.Rollout.To != nil && p.Status.Rollout.To.Label == "1.0.0" && p.Status.Updated == 1 && p.Status.Aligned == 1 &&
+			meta.IsStatusConditionTrue(p.Status.Conditions, v1.ConditionReady) &&
+			meta.IsStatusConditionFalse(p.Status.Conditions, v1.ConditionDegraded)
+		return ok, fmt.Sprintf("%+v", p.Status)
+	})
+	var gi v1.GatewayInstance
+	if err := s.CP.Client.Get(ctx, client.ObjectKey{Name: "api.demo"}, &gi); err != nil {
+		t.Fatal(err)
+	}
+	if gi.Spec.Release.Label != "1.0.0" || gi.Status.CurrentRelease == nil || gi.Status.CurrentRelease.Label != "1.0.0" ||
+		!meta.IsStatusConditionTrue(gi.Status.Conditions, v1.ConditionAligned) || gi.Status.Alignment == nil {
+		t.Errorf("api.demo is not proven on 1.0.0: spec %s, status %+v", gi.Spec.Release.Label, gi.Status)
+	}
+	if st, err := agentruntime.GetStatus(ctx, socket); err != nil || st.Version != "1.0.0" || int64(st.PID) != gi.Status.MainPID {
+		t.Errorf("api after the rollback: %+v %v (instance says main PID %d)", st, err, gi.Status.MainPID)
+	}
+	if now := mainPIDs(t, s, "core"); now["demo"] != core["demo"] {
+		t.Errorf("core was restarted: %d -> %d", core["demo"], now["demo"])
+	}
+	t.Logf("kubectl get gwp,gwi:\n%s", kubectl(t, s, "get", "gwp,gwi"))
+}

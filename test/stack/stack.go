@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -48,6 +49,8 @@ type Options struct {
 	ManagerMetricsAddr string
 	// AgentArgs are extra flags for every node agent.
 	AgentArgs []string
+	// ManagerReplicas is how many manager processes run (default 1); they elect a leader.
+	ManagerReplicas int
 }
 
 // Stack is a running system.
@@ -57,10 +60,25 @@ type Stack struct {
 	Hosts map[string]*systemdhost.Host
 	// AdminKubeconfig is a kubeconfig for an administrator.
 	AdminKubeconfig string
-	// ManagerPID is the controller manager's process.
+	// ManagerPID is the first controller manager replica's process.
 	ManagerPID int
 	opts       Options
-	procs      []*exec.Cmd
+	mu         sync.Mutex
+	procs      map[string]*proc
+	order      []string // start order; Down stops in reverse
+}
+
+// proc is one component process. Like a pod's container under the kubelet, a component that
+// exits by itself is started again (a manager exits when it loses its leader lease); one the
+// test killed stays down until the test starts it.
+type proc struct {
+	name, bin string
+	args      []string
+	cmd       *exec.Cmd
+	done      chan struct{} // closed when cmd has been waited for
+	down      bool          // killed or stopped on purpose: not started again
+	restarts  int
+	backoff   time.Duration
 }
 
 // Build compiles the binaries the stack runs into dir.
@@ -73,7 +91,7 @@ func Up(o Options) (s *Stack, err error) {
 			o.Progress(m)
 		}
 	}
-	s = &Stack{Hosts: map[string]*systemdhost.Host{}, opts: o}
+	s = &Stack{Hosts: map[string]*systemdhost.Host{}, opts: o, procs: map[string]*proc{}}
 	defer func() {
 		if err != nil {
 			_ = s.Down()
@@ -114,12 +132,17 @@ func Up(o Options) (s *Stack, err error) {
 	if metrics == "" {
 		metrics = "0"
 	}
-	if err := s.start("manager", filepath.Join(o.BinDir, "manager"), "--kubeconfig="+mkc,
-		"--leader-elect", "--leader-election-namespace=gateway-operator-system",
-		"--metrics-bind-address="+metrics, "--pprof="+fmt.Sprint(metrics != "0"), "--health-probe-bind-address=0", "--host-grace-period="+grace.String()); err != nil {
-		return s, err
+	for i := range max(o.ManagerReplicas, 1) {
+		if i > 0 {
+			metrics = "0" // one replica serves metrics
+		}
+		if err := s.start(ManagerName(i), filepath.Join(o.BinDir, "manager"), "--kubeconfig="+mkc,
+			"--leader-elect", "--leader-election-namespace=gateway-operator-system",
+			"--metrics-bind-address="+metrics, "--pprof="+fmt.Sprint(metrics != "0"), "--health-probe-bind-address=0", "--host-grace-period="+grace.String()); err != nil {
+			return s, err
+		}
 	}
-	s.ManagerPID = s.procs[len(s.procs)-1].Process.Pid
+	s.ManagerPID = s.PID(ManagerName(0))
 	for _, name := range o.Hosts {
 		say("booting sandboxed systemd host " + name)
 		h, err := systemdhost.Boot(systemdhost.Options{Name: name, Dir: o.Dir})
@@ -138,7 +161,7 @@ func Up(o Options) (s *Stack, err error) {
 			"--host-name=" + name, "--root=" + h.Root, "--dbus-address=" + h.BusAddress,
 			fmt.Sprintf("--proc-root=/proc/%d/root/proc", h.PID), "--launcher=" + filepath.Join(o.BinDir, "launch"),
 			"--heartbeat-interval=5s", "--metrics-bind-address=0", "--health-probe-bind-address=0"}, o.AgentArgs...)
-		if err := s.start("agent-"+name, filepath.Join(o.BinDir, "nodeagent"), args...); err != nil {
+		if err := s.start(AgentName(name), filepath.Join(o.BinDir, "nodeagent"), args...); err != nil {
 			return s, err
 		}
 	}
@@ -167,23 +190,128 @@ func (s *Stack) kubeconfig(user string, groups ...string) (string, error) {
 	return s.CP.Kubeconfig(s.opts.Dir, user, groups...)
 }
 
-// start runs a binary in the background; its output goes to Dir/<name>.log.
+// ManagerName names manager replica i (from 0) for Log, PID, Kill and Start.
+func ManagerName(i int) string {
+	if i == 0 {
+		return "manager"
+	}
+	return fmt.Sprintf("manager-%d", i+1)
+}
+
+// AgentName names the node agent of a host for Log, PID, Kill and Start.
+func AgentName(host string) string { return "agent-" + host }
+
+// start runs a binary in the background, started again whenever it exits by itself; its
+// output goes to Dir/<name>.log.
 func (s *Stack) start(name, bin string, args ...string) error {
-	log, err := os.Create(filepath.Join(s.opts.Dir, name+".log"))
+	p := &proc{name: name, bin: bin, args: args}
+	if err := s.run(p); err != nil {
+		return err
+	}
+	s.mu.Lock()
+	s.procs[name] = p
+	s.order = append(s.order, name)
+	s.mu.Unlock()
+	return nil
+}
+
+// run starts p's process and watches it. Called with s.mu held, or before p is shared.
+func (s *Stack) run(p *proc) error {
+	log, err := os.OpenFile(filepath.Join(s.opts.Dir, p.name+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return err
 	}
-	cmd := exec.Command(bin, args...)
+	defer log.Close()
+	cmd := exec.Command(p.bin, p.args...)
 	cmd.Stdout, cmd.Stderr = log, log
 	// If the process that started the stack dies, its components die with it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
 	if err := cmd.Start(); err != nil {
-		log.Close()
-		return fmt.Errorf("start %s: %w", name, err)
+		return fmt.Errorf("start %s: %w", p.name, err)
 	}
-	log.Close()
-	s.procs = append(s.procs, cmd)
+	done := make(chan struct{})
+	p.cmd, p.done, p.down = cmd, done, false
+	go func() {
+		err := cmd.Wait()
+		close(done)
+		// Back off as the kubelet does, doubling, but from one second up to ten: short tests.
+		s.mu.Lock()
+		p.backoff = min(max(2*p.backoff, time.Second), 10*time.Second)
+		wait := p.backoff
+		s.mu.Unlock()
+		time.Sleep(wait)
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if p.down || p.cmd != cmd {
+			return
+		}
+		p.restarts++
+		if f, ferr := os.OpenFile(filepath.Join(s.opts.Dir, p.name+".log"), os.O_WRONLY|os.O_APPEND, 0); ferr == nil {
+			fmt.Fprintf(f, "stack: %s exited (%v); starting it again\n", p.name, err)
+			f.Close()
+		}
+		_ = s.run(p)
+	}()
 	return nil
+}
+
+// PID returns the process id of a running component, 0 if it is down.
+func (s *Stack) PID(name string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	p := s.procs[name]
+	if p == nil || p.down {
+		return 0
+	}
+	select {
+	case <-p.done:
+		return 0
+	default:
+		return p.cmd.Process.Pid
+	}
+}
+
+// Restarts says how often a component was started again after it exited by itself.
+func (s *Stack) Restarts(name string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if p := s.procs[name]; p != nil {
+		return p.restarts
+	}
+	return 0
+}
+
+// Kill kills a component with SIGKILL, as a crash or the OOM killer would, and waits until it
+// is gone. It stays down until Start.
+func (s *Stack) Kill(name string) error {
+	s.mu.Lock()
+	p := s.procs[name]
+	if p == nil {
+		s.mu.Unlock()
+		return fmt.Errorf("no component %s", name)
+	}
+	p.down = true
+	cmd, done := p.cmd, p.done
+	s.mu.Unlock()
+	_ = cmd.Process.Kill()
+	<-done
+	return nil
+}
+
+// Start starts a killed component again, with the same flags.
+func (s *Stack) Start(name string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	p := s.procs[name]
+	if p == nil {
+		return fmt.Errorf("no component %s", name)
+	}
+	select {
+	case <-p.done:
+	default:
+		return fmt.Errorf("%s is running", name)
+	}
+	return s.run(p)
 }
 
 // Log returns what a component (manager, agent-<host>) wrote.
@@ -208,10 +336,20 @@ func (s *Stack) Kubectl(args ...string) (string, error) {
 // plane. It is safe to call on a partly started stack.
 func (s *Stack) Down() error {
 	var errs []error
-	for i := len(s.procs) - 1; i >= 0; i-- {
-		stop(s.procs[i])
+	s.mu.Lock()
+	order := s.order
+	s.order = nil
+	for _, p := range s.procs {
+		p.down = true
 	}
-	s.procs = nil
+	s.mu.Unlock()
+	for i := len(order) - 1; i >= 0; i-- {
+		s.mu.Lock()
+		p := s.procs[order[i]]
+		cmd, done := p.cmd, p.done
+		s.mu.Unlock()
+		stop(cmd, done)
+	}
 	for _, h := range s.Hosts {
 		if err := h.Stop(); err != nil {
 			errs = append(errs, err)
@@ -226,9 +364,7 @@ func (s *Stack) Down() error {
 	return errors.Join(errs...)
 }
 
-func stop(cmd *exec.Cmd) {
-	done := make(chan struct{})
-	go func() { _ = cmd.Wait(); close(done) }()
+func stop(cmd *exec.Cmd, done <-chan struct{}) {
 	_ = cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-done:
