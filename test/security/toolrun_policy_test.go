@@ -477,7 +477,12 @@ func TestToolRunLeavesForeignObjects(t *testing.T) {
 	foreignPod := plainPod("trun-foreign")
 	foreignCM := &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Name: "trun-foreignstdin-stdin", Namespace: runsNS},
 		Data: map[string]string{"stdin": "someone else's"}}
-	for _, o := range []client.Object{foreignPod, foreignCM} {
+	// Someone else's NetworkPolicy under the run's name: taking it as the run's would give the run
+	// whatever it allows.
+	foreignNP := &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Name: "trun-foreignnp", Namespace: runsNS},
+		Spec: networkingv1.NetworkPolicySpec{PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeEgress},
+			Egress: []networkingv1.NetworkPolicyEgressRule{{}}}}
+	for _, o := range []client.Object{foreignPod, foreignCM, foreignNP} {
 		if err := admin.Create(ctx, o); err != nil {
 			t.Fatal(err)
 		}
@@ -490,6 +495,7 @@ func TestToolRunLeavesForeignObjects(t *testing.T) {
 	}{
 		{toolRunObj("foreign", ""), foreignPod, "PodConflict"},
 		{toolRunObj("foreignstdin", "question"), foreignCM, "ConfigMapConflict"},
+		{toolRunObj("foreignnp", ""), foreignNP, "NetworkPolicyConflict"},
 	} {
 		t.Run(c.reason, func(t *testing.T) {
 			if err := admin.Create(ctx, c.run); err != nil {
