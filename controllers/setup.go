@@ -31,7 +31,8 @@ func Setup(mgr ctrl.Manager, o Options) error {
 	if o.ToolRunTTL == 0 {
 		o.ToolRunTTL = time.Hour
 	}
-	if err := (&ToolRunReconciler{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorder("toolrun-controller"),
+	if err := (&ToolRunReconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(),
+		Recorder:     mgr.GetEventRecorder("toolrun-controller"),
 		RuntimeClass: o.ToolRunRuntimeClass, TTL: o.ToolRunTTL}).SetupWithManager(mgr); err != nil {
 		return err
 	}

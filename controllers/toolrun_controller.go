@@ -2,6 +2,7 @@ package controllers
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -31,8 +32,11 @@ const (
 // ToolRunReconciler runs each ToolRun as one Pod with the Kata RuntimeClass: untrusted code
 // gets a microVM of its own, never a gateway's process or a runc container.
 type ToolRunReconciler struct {
-	Client   client.Client
-	Recorder recorder.EventRecorder
+	Client client.Client
+	// APIReader reads what the cache does not hold: Pods without the tool-run label, and the
+	// ConfigMaps and NetworkPolicies the manager may get but not list or watch. Client when nil.
+	APIReader client.Reader
+	Recorder  recorder.EventRecorder
 	// RuntimeClass is the Kata RuntimeClass every tool run uses.
 	RuntimeClass string
 	// TTL is how long a finished run is kept.
@@ -47,6 +51,36 @@ func (r *ToolRunReconciler) SetupWithManager(mgr ctrl.Manager) error {
 		For(&v1.ToolRun{}).
 		Owns(&corev1.Pod{}).
 		Complete(r)
+}
+
+func (r *ToolRunReconciler) reader() client.Reader {
+	if r.APIReader != nil {
+		return r.APIReader
+	}
+	return r.Client
+}
+
+// conflict is an object with a run's name that the run does not control: someone else's, so
+// the run neither adopts, reads nor deletes it.
+type conflict struct {
+	reason string
+	msg    string
+}
+
+func (c *conflict) Error() string { return c.msg }
+
+// owned says whether the object already stored under obj's name is controlled by tr; a
+// *conflict when it is not.
+func (r *ToolRunReconciler) owned(ctx context.Context, tr *v1.ToolRun, obj client.Object, kind string) error {
+	if err := r.reader().Get(ctx, client.ObjectKeyFromObject(obj), obj); err != nil {
+		return err
+	}
+	if metav1.IsControlledBy(obj, tr) {
+		return nil
+	}
+	return &conflict{reason: kind + "Conflict", msg: fmt.Sprintf(
+		"%s %s/%s exists and is not controlled by this ToolRun: it is left alone; delete it or give the run another name",
+		kind, obj.GetNamespace(), obj.GetName())}
 }
 
 func (r *ToolRunReconciler) now() time.Time {
@@ -98,6 +132,27 @@ func (r *ToolRunReconciler) reconcileRun(ctx context.Context, tr *v1.ToolRun) (c
 		r.Recorder.Eventf(tr, nil, corev1.EventTypeWarning, "Rejected", "Admit", "%s", msg)
 		return ctrl.Result{}, nil
 	}
+	res, err := r.ensureRun(ctx, tr)
+	var c *conflict
+	if errors.As(err, &c) {
+		r.finish(tr, v1.ToolRunRejected, c.reason, c.msg)
+		r.Recorder.Eventf(tr, nil, corev1.EventTypeWarning, c.reason, "Run", "%s", c.msg)
+		return ctrl.Result{}, nil
+	}
+	return res, err
+}
+
+// ensureRun makes the run's NetworkPolicy, stdin and Pod, or reads the Pod it made.
+func (r *ToolRunReconciler) ensureRun(ctx context.Context, tr *v1.ToolRun) (ctrl.Result, error) {
+	var pod corev1.Pod
+	err := r.Client.Get(ctx, client.ObjectKey{Namespace: tr.Namespace, Name: podName(tr)}, &pod)
+	if err == nil && !metav1.IsControlledBy(&pod, tr) {
+		return ctrl.Result{}, r.owned(ctx, tr, &pod, "Pod")
+	}
+	missing := apierrors.IsNotFound(err)
+	if err != nil && !missing {
+		return ctrl.Result{}, err
+	}
 	if err := r.ensureNetworkPolicy(ctx, tr); err != nil {
 		return ctrl.Result{}, err
 	}
@@ -106,23 +161,27 @@ func (r *ToolRunReconciler) reconcileRun(ctx context.Context, tr *v1.ToolRun) (c
 			return ctrl.Result{}, err
 		}
 	}
-	var pod corev1.Pod
-	err := r.Client.Get(ctx, client.ObjectKey{Namespace: tr.Namespace, Name: podName(tr)}, &pod)
-	if apierrors.IsNotFound(err) {
+	if missing {
 		pod = *r.pod(tr)
 		if err := ctrl.SetControllerReference(tr, &pod, r.Client.Scheme()); err != nil {
 			return ctrl.Result{}, err
 		}
-		if err := r.Client.Create(ctx, &pod); err != nil {
+		err = r.Client.Create(ctx, &pod)
+		if err == nil {
+			tr.Status.Phase, tr.Status.PodName = v1.ToolRunPending, pod.Name
+			r.running(tr, "PodCreated", "pod "+pod.Name+" created with RuntimeClass "+r.RuntimeClass)
+			r.Recorder.Eventf(tr, &pod, corev1.EventTypeNormal, "PodCreated", "Run", "created pod %s (RuntimeClass %s)", pod.Name, r.RuntimeClass)
+			return ctrl.Result{}, nil
+		}
+		if !apierrors.IsAlreadyExists(err) {
 			return ctrl.Result{}, fmt.Errorf("create pod: %w", err)
 		}
-		tr.Status.Phase, tr.Status.PodName = v1.ToolRunPending, pod.Name
-		r.running(tr, "PodCreated", "pod "+pod.Name+" created with RuntimeClass "+r.RuntimeClass)
-		r.Recorder.Eventf(tr, &pod, corev1.EventTypeNormal, "PodCreated", "Run", "created pod %s (RuntimeClass %s)", pod.Name, r.RuntimeClass)
-		return ctrl.Result{}, nil
-	}
-	if err != nil {
-		return ctrl.Result{}, err
+		// Not in the cache: another's Pod without the tool-run label, or ours the cache has not
+		// seen yet.
+		pod = corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: tr.Namespace, Name: podName(tr)}}
+		if err := r.owned(ctx, tr, &pod, "Pod"); err != nil {
+			return ctrl.Result{}, err
+		}
 	}
 	r.observe(tr, &pod)
 	if terminal(tr.Status.Phase) {
@@ -210,13 +269,27 @@ func (r *ToolRunReconciler) expire(ctx context.Context, tr *v1.ToolRun) (ctrl.Re
 		return ctrl.Result{RequeueAfter: left}, nil
 	}
 	// Owner references let the garbage collector remove the rest; delete them here too, so
-	// nothing lingers on clusters (or tests) without one.
-	for _, o := range []client.Object{
-		&corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: tr.Namespace, Name: podName(tr)}},
-		&networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: tr.Namespace, Name: podName(tr)}},
-		&corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Namespace: tr.Namespace, Name: podName(tr) + "-stdin"}},
+	// nothing lingers on clusters (or tests) without one. Only what this run controls: an
+	// object of the same name that is someone else's stays.
+	for _, o := range []struct {
+		obj  client.Object
+		kind string
+	}{
+		{&corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: tr.Namespace, Name: podName(tr)}}, "Pod"},
+		{&networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: tr.Namespace, Name: podName(tr)}}, "NetworkPolicy"},
+		{&corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Namespace: tr.Namespace, Name: podName(tr) + "-stdin"}}, "ConfigMap"},
 	} {
-		if err := r.Client.Delete(ctx, o); client.IgnoreNotFound(err) != nil {
+		err := r.owned(ctx, tr, o.obj, o.kind)
+		var c *conflict
+		if apierrors.IsNotFound(err) || errors.As(err, &c) {
+			continue
+		}
+		if err != nil {
+			return ctrl.Result{}, err
+		}
+		// The UID precondition keeps a replacement made since the read from being deleted.
+		uid := o.obj.GetUID()
+		if err := r.Client.Delete(ctx, o.obj, client.Preconditions{UID: &uid}); client.IgnoreNotFound(err) != nil {
 			return ctrl.Result{}, err
 		}
 	}
@@ -297,10 +370,13 @@ func (r *ToolRunReconciler) ensureNetworkPolicy(ctx context.Context, tr *v1.Tool
 	if err := ctrl.SetControllerReference(tr, np, r.Client.Scheme()); err != nil {
 		return err
 	}
-	if err := r.Client.Create(ctx, np); err != nil && !apierrors.IsAlreadyExists(err) {
-		return fmt.Errorf("create network policy: %w", err)
+	if err := r.Client.Create(ctx, np); !apierrors.IsAlreadyExists(err) {
+		if err != nil {
+			return fmt.Errorf("create network policy: %w", err)
+		}
+		return nil
 	}
-	return nil
+	return r.owned(ctx, tr, &networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: np.Namespace, Name: np.Name}}, "NetworkPolicy")
 }
 
 // ensureStdin stores the run's stdin where its Pod reads it.
@@ -312,8 +388,11 @@ func (r *ToolRunReconciler) ensureStdin(ctx context.Context, tr *v1.ToolRun) err
 	if err := ctrl.SetControllerReference(tr, cm, r.Client.Scheme()); err != nil {
 		return err
 	}
-	if err := r.Client.Create(ctx, cm); err != nil && !apierrors.IsAlreadyExists(err) {
-		return fmt.Errorf("create stdin: %w", err)
+	if err := r.Client.Create(ctx, cm); !apierrors.IsAlreadyExists(err) {
+		if err != nil {
+			return fmt.Errorf("create stdin: %w", err)
+		}
+		return nil
 	}
-	return nil
+	return r.owned(ctx, tr, &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Namespace: cm.Namespace, Name: cm.Name}}, "ConfigMap")
 }

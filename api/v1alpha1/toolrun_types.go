@@ -140,9 +140,12 @@ type ToolRunStatus struct {
 	Conditions []metav1.Condition `json:"conditions,omitempty"`
 }
 
-// ToolRun is one untrusted tool execution, run in its own Kata microVM Pod.
+// ToolRun is one untrusted tool execution, run in its own Kata microVM Pod. Its name is at
+// most 63 characters: it becomes the value of the gateway.agent.dev/toolrun label on the run's
+// Pod, ConfigMap and NetworkPolicy (named trun-<name> and trun-<name>-stdin).
 //
 // +kubebuilder:object:root=true
+// +kubebuilder:validation:XValidation:rule="size(self.metadata.name) <= 63",message="a ToolRun name is at most 63 characters: it becomes a label value of the run's Pod"
 // +kubebuilder:subresource:status
 // +kubebuilder:resource:shortName=trun,categories=gateway
 // +kubebuilder:printcolumn:name="Profile",type=string,JSONPath=`.spec.profile`

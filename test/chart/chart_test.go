@@ -507,7 +507,7 @@ func TestValuesTakeEffect(t *testing.T) {
 }
 
 // TestReleaseNamespace: installed into another namespace, every namespaced object, every service-account subject and
-// the agent policy's service-account user follow the release namespace.
+// the service-account users of the agent and manager policies follow the release namespace.
 func TestReleaseNamespace(t *testing.T) {
 	out := helm(t, "template", "gw", "CHART", "--namespace", "gw-system")
 	if strings.Contains(out, namespace) {
@@ -531,6 +531,10 @@ func TestReleaseNamespace(t *testing.T) {
 	match := str(find(objs, "ValidatingAdmissionPolicy", "gateway-agent-own-host"), "spec", "matchConditions", 0, "expression")
 	if !strings.Contains(match, "'system:serviceaccount:gw-system:gateway-agent'") {
 		t.Errorf("agent policy does not match the gw-system agent service account: %s", match)
+	}
+	match = str(find(objs, "ValidatingAdmissionPolicy", "gateway-manager-toolrun-objects"), "spec", "matchConditions", 0, "expression")
+	if !strings.Contains(match, "'system:serviceaccount:gw-system:gateway-operator-manager'") {
+		t.Errorf("manager policy does not match the gw-system manager service account: %s", match)
 	}
 }
 
