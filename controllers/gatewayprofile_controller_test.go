@@ -237,9 +237,14 @@ func TestStaleHeartbeatMarksUnreachable(t *testing.T) {
 	beat()
 	eventually(t, "Reachable", reachable(metav1.ConditionTrue))
 	eventually(t, "Unreachable after the grace period", reachable(metav1.ConditionFalse))
-	eventually(t, "an Unreachable event", func() (bool, string) {
+	eventually(t, "an Unreachable event for the stale heartbeat", func() (bool, string) {
 		notes := eventNotes(t, "hb-1", "Unreachable")
-		return len(notes) == 1, fmt.Sprint(notes)
+		for _, n := range notes {
+			if strings.Contains(n, "no heartbeat for") {
+				return true, ""
+			}
+		}
+		return false, fmt.Sprint(notes)
 	})
 	beat()
 	eventually(t, "Reachable again", reachable(metav1.ConditionTrue))

@@ -146,46 +146,46 @@ func TestSettingsOnlyRolloutSimulatedAgents(t *testing.T) {
 // person can move it on); after a resume, a retried host counts as moving until its agent has
 // answered that retry, so its old failure does not halt the rollout again.
 func TestHaltIsStalledAndResumeIsNotAFailureSimulatedAgents(t *testing.T) {
-	mustCreate(t, host("rs-0", map[string]string{"pool": "rs"}))
-	simulatedAgentHeartbeats(t, "rs-0")
+	mustCreate(t, host("hr-0", map[string]string{"pool": "hr"}))
+	simulatedAgentHeartbeats(t, "hr-0")
 	good, bad := strings.Repeat("6", 64), strings.Repeat("7", 64)
-	mustCreate(t, rel("rs-good", "1.0.0", good))
-	mustCreate(t, rel("rs-bad", "2.0.0", bad))
-	agents := startSimulatedAgents(t, "rs")
-	mustCreate(t, profile("rs", "rs-good", map[string]string{"pool": "rs"}))
-	eventually(t, "the first rollout", rolloutPhase(t, "rs", v1.RolloutComplete))
+	mustCreate(t, rel("hr-good", "1.0.0", good))
+	mustCreate(t, rel("hr-bad", "2.0.0", bad))
+	agents := startSimulatedAgents(t, "hr")
+	mustCreate(t, profile("hr", "hr-good", map[string]string{"pool": "hr"}))
+	eventually(t, "the first rollout", rolloutPhase(t, "hr", v1.RolloutComplete))
 
 	agents.mu.Lock()
-	agents.failSHA, agents.failing["rs-0"] = bad, true
+	agents.failSHA, agents.failing["hr-0"] = bad, true
 	agents.mu.Unlock()
-	setRelease(t, "rs", "rs-bad", nil)
-	eventually(t, "the halt", rolloutPhase(t, "rs", v1.RolloutHalted))
-	eventually(t, "Stalled", conditionsSay(t, "rs", metav1.ConditionFalse, "RolloutHalted", false, true))
+	setRelease(t, "hr", "hr-bad", nil)
+	eventually(t, "the halt", rolloutPhase(t, "hr", v1.RolloutHalted))
+	eventually(t, "Stalled", conditionsSay(t, "hr", metav1.ConditionFalse, "RolloutHalted", false, true))
 
 	// The host would pass now, but its agent has not answered yet.
 	agents.mu.Lock()
-	agents.failing["rs-0"], agents.hold = false, true
+	agents.failing["hr-0"], agents.hold = false, true
 	agents.mu.Unlock()
-	token := annotate(t, "rs", v1.AnnotationResume)
+	token := annotate(t, "hr", v1.AnnotationResume)
 	eventually(t, "the retry asked of the host", func() (bool, string) {
-		gi, err := getInstance(v1.InstanceName("rs", "rs-0"))
+		gi, err := getInstance(v1.InstanceName("hr", "hr-0"))
 		if err != nil {
 			return false, err.Error()
 		}
 		return gi.Annotations[v1.AnnotationRetry] != "", fmt.Sprint(gi.Annotations)
 	})
-	eventually(t, "the rollout moving again", rolloutPhase(t, "rs", v1.RolloutProgressing))
-	eventually(t, "Reconciling", conditionsSay(t, "rs", metav1.ConditionFalse, "RollingOut", true, false))
-	if h := getProfile(t, "rs").Status.LastHandled; h == nil || h.Resume != token {
+	eventually(t, "the rollout moving again", rolloutPhase(t, "hr", v1.RolloutProgressing))
+	eventually(t, "Reconciling", conditionsSay(t, "hr", metav1.ConditionFalse, "RollingOut", true, false))
+	if h := getProfile(t, "hr").Status.LastHandled; h == nil || h.Resume != token {
 		t.Errorf("resume %s not recorded: %+v", token, h)
 	}
 	time.Sleep(time.Second)
-	if ph := getProfile(t, "rs").Status.Rollout.Phase; ph != v1.RolloutProgressing {
+	if ph := getProfile(t, "hr").Status.Rollout.Phase; ph != v1.RolloutProgressing {
 		t.Fatalf("before the agent answered the retry, the rollout is %s", ph)
 	}
 	agents.mu.Lock()
 	agents.hold = false
 	agents.mu.Unlock()
-	eventually(t, "the rollout completes", rolloutPhase(t, "rs", v1.RolloutComplete))
-	eventually(t, "Ready", conditionsSay(t, "rs", metav1.ConditionTrue, "AllAligned", false, false))
+	eventually(t, "the rollout completes", rolloutPhase(t, "hr", v1.RolloutComplete))
+	eventually(t, "Ready", conditionsSay(t, "hr", metav1.ConditionTrue, "AllAligned", false, false))
 }
