@@ -223,6 +223,11 @@ func TestToolRunPodVolumes(t *testing.T) {
 			LocalObjectReference: corev1.LocalObjectReference{Name: "db-password"}, Key: "password"}}}}
 		refusedBy(t, createPod(ctx, t, dev, p), toolRunPolicy, "environment variables may only have literal values")
 	})
+	t.Run("host-port", func(t *testing.T) {
+		p := hardenedPod("host-port", "host-port")
+		p.Spec.Containers[0].Ports = []corev1.ContainerPort{{ContainerPort: 8080, HostPort: 8080}}
+		refusedBy(t, createPod(ctx, t, dev, p), toolRunPolicy, "may not bind a host port")
+	})
 	t.Run("envfrom-secret", func(t *testing.T) {
 		p := hardenedPod("envfrom-secret", "envfrom-secret")
 		p.Spec.Containers[0].EnvFrom = []corev1.EnvFromSource{{SecretRef: &corev1.SecretEnvSource{
