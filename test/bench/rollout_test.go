@@ -28,9 +28,11 @@ import (
 	toolscache "k8s.io/client-go/tools/cache"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	logf "sigs.k8s.io/controller-runtime/pkg/log"
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
 	"github.com/agent-gateway/gateway-operator/test/stack"
+	"github.com/go-logr/logr"
 )
 
 const metricsAddr = "127.0.0.1:18480"
@@ -64,6 +66,8 @@ func BenchmarkFleetRolloutSimulatedAgents(b *testing.B) {
 }
 
 func run(b *testing.B) {
+	// The simulators' caches log nothing worth reading.
+	logf.SetLogger(logr.Discard())
 	ctx := context.Background()
 	bin := b.TempDir()
 	if err := stack.Build(bin); err != nil {
