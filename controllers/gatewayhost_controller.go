@@ -13,6 +13,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
@@ -45,13 +46,11 @@ const indexInstanceHost = "spec.host"
 
 // SetupWithManager registers the reconciler. Besides its hosts it watches instances, so that
 // an instance whose host is already gone (deleted while the manager was down) is released too.
+// A heartbeat of a reachable host wakes nothing: the check queued for when it would go stale
+// reads it. Setup registers the cache indexes it reads by.
 func (r *GatewayHostReconciler) SetupWithManager(mgr ctrl.Manager) error {
-	if err := mgr.GetFieldIndexer().IndexField(context.Background(), &v1.GatewayInstance{}, indexInstanceHost,
-		func(o client.Object) []string { return []string{o.(*v1.GatewayInstance).Spec.Host} }); err != nil {
-		return err
-	}
 	return ctrl.NewControllerManagedBy(mgr).
-		For(&v1.GatewayHost{}).
+		For(&v1.GatewayHost{}, builder.WithPredicates(hostMattersToItsController)).
 		Watches(&v1.GatewayInstance{}, handler.EnqueueRequestsFromMapFunc(r.goneHostOf)).
 		Complete(r)
 }
@@ -185,14 +184,15 @@ func ReachabilitySince(last *metav1.Time, wasReachable bool, grace time.Duration
 }
 
 // Reachability decides whether a heartbeat is fresh at now, says so in words, and returns how
-// long until it goes stale (0 when it already is).
+// long until it goes stale (0 when it already is). The words do not change while the answer
+// stays the same, so that a check finds nothing to write.
 func Reachability(last *metav1.Time, grace time.Duration, now time.Time) (bool, string, time.Duration) {
 	if last == nil {
 		return false, "the host's agent has never reported", 0
 	}
 	age := now.Sub(last.Time)
 	if age > grace {
-		return false, fmt.Sprintf("no heartbeat for %s (grace period %s)", age.Round(time.Second), grace), 0
+		return false, fmt.Sprintf("no heartbeat since %s (grace period %s)", last.UTC().Format(time.RFC3339), grace), 0
 	}
-	return true, fmt.Sprintf("heartbeat %s ago", age.Round(time.Second)), grace - age + time.Second
+	return true, fmt.Sprintf("the agent reports within the grace period (%s)", grace), grace - age + time.Second
 }

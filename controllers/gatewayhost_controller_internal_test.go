@@ -12,6 +12,7 @@ import (
 func TestReachability(t *testing.T) {
 	now := time.Unix(1000, 0)
 	at := func(ago time.Duration) *metav1.Time { m := metav1.NewTime(now.Add(-ago)); return &m }
+	msgs := map[bool]map[string]bool{true: {}, false: {}}
 	for _, tc := range []struct {
 		last *metav1.Time
 		ok   bool
@@ -25,6 +26,17 @@ func TestReachability(t *testing.T) {
 		if ok != tc.ok || (ok && next <= 0) || (!ok && next != 0) || msg == "" {
 			t.Errorf("Reachability(%v) = %v, %q, %v; want ok=%v", tc.last, ok, msg, next, tc.ok)
 		}
+		msgs[ok][msg] = true
+	}
+	// A fresh heartbeat of any age reads the same, or every check would write the condition.
+	if len(msgs[true]) != 1 {
+		t.Errorf("reachable hosts got different messages: %v", msgs[true])
+	}
+	// A stale one names when it was last heard of, which later checks do not change.
+	if ok, a, _ := Reachability(at(time.Minute), 40*time.Second, now); ok {
+		t.Error("a heartbeat a minute old is fresh")
+	} else if _, b, _ := Reachability(at(time.Minute), 40*time.Second, now.Add(time.Hour)); a != b {
+		t.Errorf("a stale heartbeat reads %q, then %q an hour later", a, b)
 	}
 }
 

@@ -16,6 +16,7 @@ import (
 	kerrors "k8s.io/apimachinery/pkg/util/errors"
 	"k8s.io/client-go/util/workqueue"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
 	"sigs.k8s.io/controller-runtime/pkg/event"
@@ -48,12 +49,14 @@ const instanceBatch = 250 * time.Millisecond
 const replan = 50 * time.Millisecond
 
 // SetupWithManager registers the reconciler: a profile is reconciled when it, one of its
-// instances, any host, or its release changes.
+// instances, a host it selects (in what the profile decides on, never a mere heartbeat), or
+// its release changes. Setup registers the cache indexes it reads by.
 func (r *GatewayProfileReconciler) SetupWithManager(mgr ctrl.Manager) error {
-	if err := mgr.GetFieldIndexer().IndexField(context.Background(), &v1.GatewayInstance{}, indexInstanceProfile,
-		func(o client.Object) []string { return []string{o.(*v1.GatewayInstance).Spec.Profile} }); err != nil {
-		return err
-	}
+	return r.setupWith(mgr, r)
+}
+
+// setupWith registers rec behind the profile controller's watches.
+func (r *GatewayProfileReconciler) setupWith(mgr ctrl.Manager, rec reconcile.Reconciler) error {
 	batch := func(o client.Object, q workqueue.TypedRateLimitingInterface[reconcile.Request]) {
 		if p := o.(*v1.GatewayInstance).Spec.Profile; p != "" {
 			q.AddAfter(reconcile.Request{NamespacedName: client.ObjectKey{Name: p}}, instanceBatch)
@@ -72,35 +75,9 @@ func (r *GatewayProfileReconciler) SetupWithManager(mgr ctrl.Manager) error {
 				batch(e.Object, q)
 			},
 		}).
-		Watches(&v1.GatewayHost{}, handler.EnqueueRequestsFromMapFunc(r.allProfiles)).
+		Watches(&v1.GatewayHost{}, r.profilesOfHost(), builder.WithPredicates(hostMattersToProfiles)).
 		Watches(&v1.Release{}, handler.EnqueueRequestsFromMapFunc(r.profilesOfRelease)).
-		Complete(r)
-}
-
-func (r *GatewayProfileReconciler) allProfiles(ctx context.Context, _ client.Object) []reconcile.Request {
-	var list v1.GatewayProfileList
-	if err := r.Client.List(ctx, &list); err != nil {
-		return nil
-	}
-	reqs := make([]reconcile.Request, 0, len(list.Items))
-	for _, p := range list.Items {
-		reqs = append(reqs, reconcile.Request{NamespacedName: client.ObjectKeyFromObject(&p)})
-	}
-	return reqs
-}
-
-func (r *GatewayProfileReconciler) profilesOfRelease(ctx context.Context, o client.Object) []reconcile.Request {
-	var list v1.GatewayProfileList
-	if err := r.Client.List(ctx, &list); err != nil {
-		return nil
-	}
-	var reqs []reconcile.Request
-	for _, p := range list.Items {
-		if p.Spec.Release == o.GetName() {
-			reqs = append(reqs, reconcile.Request{NamespacedName: client.ObjectKeyFromObject(&p)})
-		}
-	}
-	return reqs
+		Complete(rec)
 }
 
 // Reconcile brings a profile's instances in line with its spec and reports their state. The

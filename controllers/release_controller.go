@@ -14,8 +14,6 @@ import (
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
-	"sigs.k8s.io/controller-runtime/pkg/handler"
-	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 	"sigs.k8s.io/controller-runtime/pkg/recorder"
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
@@ -27,13 +25,12 @@ type ReleaseReconciler struct {
 	Recorder recorder.EventRecorder
 }
 
-// SetupWithManager registers the reconciler; a profile's change wakes the release it names.
+// SetupWithManager registers the reconciler; a profile's change of release (or its creation
+// or deletion) wakes the releases it named.
 func (r *ReleaseReconciler) SetupWithManager(mgr ctrl.Manager) error {
 	return ctrl.NewControllerManagedBy(mgr).
 		For(&v1.Release{}).
-		Watches(&v1.GatewayProfile{}, handler.EnqueueRequestsFromMapFunc(func(_ context.Context, o client.Object) []reconcile.Request {
-			return []reconcile.Request{{NamespacedName: client.ObjectKey{Name: o.(*v1.GatewayProfile).Spec.Release}}}
-		})).
+		Watches(&v1.GatewayProfile{}, releasesOfProfile()).
 		Complete(r)
 }
 
@@ -98,14 +95,12 @@ func validateRelease(rel *v1.Release) error {
 
 func (r *ReleaseReconciler) profilesUsing(ctx context.Context, name string) ([]string, error) {
 	var list v1.GatewayProfileList
-	if err := r.Client.List(ctx, &list); err != nil {
+	if err := r.Client.List(ctx, &list, client.MatchingFields{indexProfileRelease: name}, client.UnsafeDisableDeepCopy); err != nil {
 		return nil, err
 	}
 	var names []string
 	for _, p := range list.Items {
-		if p.Spec.Release == name {
-			names = append(names, p.Name)
-		}
+		names = append(names, p.Name)
 	}
 	sort.Strings(names)
 	return names, nil

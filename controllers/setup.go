@@ -18,6 +18,9 @@ type Options struct {
 
 // Setup registers every reconciler with the manager.
 func Setup(mgr ctrl.Manager, o Options) error {
+	if err := indexFields(mgr); err != nil {
+		return err
+	}
 	if err := (&ReleaseReconciler{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorder("release-controller")}).SetupWithManager(mgr); err != nil {
 		return err
 	}
