@@ -240,7 +240,7 @@ func TestStaleHeartbeatMarksUnreachable(t *testing.T) {
 	eventually(t, "an Unreachable event for the stale heartbeat", func() (bool, string) {
 		notes := eventNotes(t, "hb-1", "Unreachable")
 		for _, n := range notes {
-			if strings.Contains(n, "no heartbeat for") {
+			if strings.Contains(n, "no heartbeat since") {
 				return true, ""
 			}
 		}
