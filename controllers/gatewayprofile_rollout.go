@@ -187,24 +187,38 @@ func (r *GatewayProfileReconciler) moveAll(ctx context.Context, p *v1.GatewayPro
 			if j.base == nil {
 				if err := r.Client.Create(ctx, j.gi); err != nil {
 					errs[i] = fmt.Errorf("create instance %s: %w", j.gi.Name, err)
-					return
 				}
-				r.Recorder.Eventf(p, j.gi, corev1.EventTypeNormal, "InstanceCreated", "Rollout",
-					"host %s selected: created %s on release %s", j.host, j.gi.Name, j.gi.Spec.Release.Label)
 				return
 			}
 			if err := r.Client.Patch(ctx, j.gi, client.MergeFrom(j.base)); err != nil {
 				errs[i] = fmt.Errorf("update instance %s: %w", j.gi.Name, err)
-				return
 			}
-			r.Recorder.Eventf(p, j.gi, corev1.EventTypeNormal, "InstanceUpdated", "Rollout",
-				"%s: release %s -> %s (config %s)", j.gi.Name, j.base.Spec.Release.Label, j.gi.Spec.Release.Label, j.gi.Spec.ConfigHash)
 		}()
 	}
 	wg.Wait()
+	// One event per wave, not per host: on a large fleet per-host events were most of the
+	// manager's writes and of the memory its event recorder keeps.
+	var created, updated []string
 	for i, j := range jobs {
-		if errs[i] == nil {
-			instances[j.host] = j.gi
+		if errs[i] != nil {
+			continue
+		}
+		instances[j.host] = j.gi
+		if j.base == nil {
+			created = append(created, j.host)
+		} else {
+			updated = append(updated, j.host)
+		}
+	}
+	if len(jobs) > 0 {
+		spec := jobs[0].gi.Spec
+		if len(created) > 0 {
+			r.Recorder.Eventf(p, nil, corev1.EventTypeNormal, "InstanceCreated", "Rollout",
+				"%d host(s) selected, instances created on release %s: %s", len(created), spec.Release.Label, hostList(created))
+		}
+		if len(updated) > 0 {
+			r.Recorder.Eventf(p, nil, corev1.EventTypeNormal, "InstanceUpdated", "Rollout",
+				"%d host(s) moved to release %s and the profile's current settings: %s", len(updated), spec.Release.Label, hostList(updated))
 		}
 	}
 	return errors.Join(errs...)
