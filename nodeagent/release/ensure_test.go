@@ -414,3 +414,52 @@ func TestEnsureFinalPathIsAFile(t *testing.T) {
 		t.Errorf("a broken host was blamed on the artifact: %v", err)
 	}
 }
+
+// The store walks release trees by path (to sync and to remove them), which is safe only in a
+// folder no one else can write: a releases folder that others may write, or that is a link,
+// is refused before anything is staged or removed there.
+func TestReleasesFolderMustBePrivate(t *testing.T) {
+	data := tgz(t, validEntries()...)
+	for _, tc := range []struct {
+		name  string
+		setup func(t *testing.T, dir string) string
+	}{
+		{"group-writable", func(t *testing.T, dir string) string {
+			if err := os.Chmod(dir, 0o775); err != nil {
+				t.Fatal(err)
+			}
+			return "writable by group or others"
+		}},
+		{"world-writable", func(t *testing.T, dir string) string {
+			if err := os.Chmod(dir, 0o757); err != nil {
+				t.Fatal(err)
+			}
+			return "writable by group or others"
+		}},
+		{"link", func(t *testing.T, dir string) string {
+			real := dir + ".real"
+			if err := os.Rename(dir, real); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Symlink(real, dir); err != nil {
+				t.Fatal(err)
+			}
+			return "not a folder"
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			st, base := newStore(t)
+			if err := os.MkdirAll(st.Dir, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			want := tc.setup(t, st.Dir)
+			a := Artifact{URL: writeArtifact(t, base, data), SHA256: sha(data), Label: testLabel}
+			if _, err := st.Ensure(context.Background(), a); err == nil || !strings.Contains(err.Error(), want) {
+				t.Errorf("Ensure: %v; want a refusal saying %q", err, want)
+			}
+			if _, err := st.GC(1, nil); err == nil || !strings.Contains(err.Error(), want) {
+				t.Errorf("GC: %v; want a refusal saying %q", err, want)
+			}
+		})
+	}
+}

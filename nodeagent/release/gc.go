@@ -32,6 +32,9 @@ func (s *Store) GC(keep int, inUse []string) ([]string, error) {
 	if err != nil {
 		return nil, fmt.Errorf("release GC: %w", err)
 	}
+	if err := s.private(); err != nil {
+		return nil, fmt.Errorf("release GC: %w", err)
+	}
 	protected := make(map[string]bool)
 	for _, p := range inUse {
 		for _, elem := range strings.Split(filepath.ToSlash(filepath.Clean(p)), "/") {

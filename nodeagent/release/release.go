@@ -20,6 +20,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -201,6 +202,9 @@ func (s *Store) Ensure(ctx context.Context, a Artifact) (string, error) {
 		return "", fmt.Errorf("release %s: %w", a.Label, err)
 	}
 	if err := os.MkdirAll(s.Dir, 0o755); err != nil { //nolint:gosec // release trees are read by every gateway (DESIGN host layout)
+		return "", fmt.Errorf("release %s: %w", a.Label, err)
+	}
+	if err := s.private(); err != nil {
 		return "", fmt.Errorf("release %s: %w", a.Label, err)
 	}
 
@@ -516,6 +520,27 @@ func (c ctxReader) Read(p []byte) (int, error) {
 		return 0, err
 	}
 	return c.r.Read(p)
+}
+
+// private checks that the releases folder is the agent's alone: a real folder (not a link),
+// owned by the agent's user, that no group or other user may write. The walks by path below
+// (syncTree, makeWritable) are safe only in such a folder, so this is checked, not assumed,
+// before anything is staged or removed there.
+func (s *Store) private() error {
+	fi, err := os.Lstat(s.Dir)
+	if err != nil {
+		return err
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	switch {
+	case !fi.IsDir():
+		return fmt.Errorf("the releases folder %s is not a folder (a link?); refusing to stage or remove releases there", s.Dir)
+	case fi.Mode().Perm()&0o022 != 0:
+		return fmt.Errorf("the releases folder %s is writable by group or others (mode %v); only the agent may write there", s.Dir, fi.Mode().Perm())
+	case ok && int(st.Uid) != os.Geteuid():
+		return fmt.Errorf("the releases folder %s is owned by uid %d, not the agent's (%d)", s.Dir, st.Uid, os.Geteuid())
+	}
+	return nil
 }
 
 // syncTree flushes every file and folder of a tree to disk, so the rename that publishes it can
