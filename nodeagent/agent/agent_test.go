@@ -330,33 +330,52 @@ func (c *laggingCache) Get(ctx context.Context, key client.ObjectKey, obj client
 	return c.Client.Get(ctx, key, obj, opts...)
 }
 
+// beatingHost boots a systemd host for heartbeat tests and dials its systemd; the GatewayHost
+// they register is deleted when the test ends.
+func beatingHost(t *testing.T, name string) *systemd.Conn {
+	t.Helper()
+	h := systemdhost.Start(t, systemdhost.Options{Name: name})
+	sd, err := systemd.Dial(context.Background(), h.BusAddress)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		sd.Close()
+		_ = cp.Client.Delete(context.Background(), &v1.GatewayHost{ObjectMeta: metav1.ObjectMeta{Name: name}})
+	})
+	return sd
+}
+
+// runBeat runs a heartbeat until the returned function is called (or the test ends).
+func runBeat(t *testing.T, beat *agent.Heartbeat) (stop func()) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- beat.Start(logr.NewContext(ctx, testr.New(t))) }()
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cancel()
+			if err := <-done; err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	t.Cleanup(stop)
+	return stop
+}
+
 // The first heartbeat registers the host and lands at once, even when the agent reads through
 // a cache that has not seen the new GatewayHost yet: with an interval of an hour, a first beat
 // that failed would leave the host unreachable (and moved by any rollout as a host that serves
 // nothing) for that hour.
 func TestFirstHeartbeatLandsThroughALaggingCache(t *testing.T) {
-	h := systemdhost.Start(t, systemdhost.Options{Name: "first-beat"})
-	ctx, cancel := context.WithCancel(context.Background())
-	sd, err := systemd.Dial(ctx, h.BusAddress)
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() {
-		done <- (&agent.Heartbeat{Client: &laggingCache{Client: cp.Client, created: map[string]time.Time{}},
-			Host: "first-beat", Systemd: sd, Interval: time.Hour}).Start(logr.NewContext(ctx, testr.New(t)))
-	}()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Error(err)
-		}
-		sd.Close()
-		_ = cp.Client.Delete(context.Background(), &v1.GatewayHost{ObjectMeta: metav1.ObjectMeta{Name: "first-beat"}})
-	})
+	sd := beatingHost(t, "first-beat")
+	runBeat(t, &agent.Heartbeat{Client: &laggingCache{Client: cp.Client, created: map[string]time.Time{}},
+		Host: "first-beat", Systemd: sd, Interval: time.Hour})
 	eventually(t, "the first heartbeat", func() (bool, string) {
 		var gh v1.GatewayHost
-		if err := cp.Client.Get(ctx, client.ObjectKey{Name: "first-beat"}, &gh); err != nil {
+		if err := cp.Client.Get(context.Background(), client.ObjectKey{Name: "first-beat"}, &gh); err != nil {
 			return false, err.Error()
 		}
 		return gh.Status.LastHeartbeatTime != nil, "registered without a heartbeat"
@@ -457,35 +476,12 @@ func TestReleasedInstancesLeaveNoUnitsBehind(t *testing.T) {
 // machine image) both find out, say so on the host and hold their applies; once one stops,
 // the other goes on alone.
 func TestTwoAgentsWithOneIdentityAreReported(t *testing.T) {
-	h := systemdhost.Start(t, systemdhost.Options{Name: "twin"})
 	ctx := context.Background()
-	sd, err := systemd.Dial(ctx, h.BusAddress)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		sd.Close()
-		_ = cp.Client.Delete(ctx, &v1.GatewayHost{ObjectMeta: metav1.ObjectMeta{Name: "twin"}})
-	})
-	run := func(id string) (*agent.Heartbeat, func()) {
-		beat := &agent.Heartbeat{Client: cp.Client, Host: "twin", Systemd: sd, Interval: 300 * time.Millisecond, ID: id}
-		bctx, cancel := context.WithCancel(ctx)
-		done := make(chan error, 1)
-		go func() { done <- beat.Start(logr.NewContext(bctx, testr.New(t))) }()
-		var once sync.Once
-		stop := func() {
-			once.Do(func() {
-				cancel()
-				if err := <-done; err != nil {
-					t.Error(err)
-				}
-			})
-		}
-		t.Cleanup(stop)
-		return beat, stop
-	}
-	one, _ := run("agent-one")
-	two, stopTwo := run("agent-two")
+	sd := beatingHost(t, "twin")
+	one := &agent.Heartbeat{Client: cp.Client, Host: "twin", Systemd: sd, Interval: 300 * time.Millisecond, ID: "agent-one"}
+	two := &agent.Heartbeat{Client: cp.Client, Host: "twin", Systemd: sd, Interval: 300 * time.Millisecond, ID: "agent-two"}
+	runBeat(t, one)
+	stopTwo := runBeat(t, two)
 	dup := func(want metav1.ConditionStatus) func() (bool, string) {
 		return func() (bool, string) {
 			var gh v1.GatewayHost
@@ -539,25 +535,10 @@ func (c *frozenCache) Get(ctx context.Context, key client.ObjectKey, obj client.
 // stale, the host counts as unreachable, and a rollout moves it at once as a host that serves
 // nothing, beyond maxUnavailable.
 func TestHeartbeatsLandThroughAStaleCache(t *testing.T) {
-	h := systemdhost.Start(t, systemdhost.Options{Name: "stale-cache"})
-	ctx, cancel := context.WithCancel(context.Background())
-	sd, err := systemd.Dial(ctx, h.BusAddress)
-	if err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan error, 1)
-	go func() {
-		done <- (&agent.Heartbeat{Client: &frozenCache{Client: cp.Client, copies: map[string]*v1.GatewayHost{}}, APIReader: cp.Client,
-			Host: "stale-cache", Systemd: sd, Interval: 500 * time.Millisecond}).Start(logr.NewContext(ctx, testr.New(t)))
-	}()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Error(err)
-		}
-		sd.Close()
-		_ = cp.Client.Delete(context.Background(), &v1.GatewayHost{ObjectMeta: metav1.ObjectMeta{Name: "stale-cache"}})
-	})
+	ctx := context.Background()
+	sd := beatingHost(t, "stale-cache")
+	runBeat(t, &agent.Heartbeat{Client: &frozenCache{Client: cp.Client, copies: map[string]*v1.GatewayHost{}}, APIReader: cp.Client,
+		Host: "stale-cache", Systemd: sd, Interval: 500 * time.Millisecond})
 	var first *metav1.Time
 	eventually(t, "heartbeats after the cache froze", func() (bool, string) {
 		var gh v1.GatewayHost
