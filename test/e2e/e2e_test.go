@@ -234,17 +234,10 @@ func TestCanaryCatchesBrokenRelease(t *testing.T) {
 	dir := dropDir(t)
 	publish := func(o agentruntime.Options) string {
 		tb := agentruntime.MustBuild(t, o)
-		tarball := filepath.Join(dir, tb.Label+".tar.gz")
-		if err := os.WriteFile(tarball, tb.Data, 0o644); err != nil {
-			t.Fatal(err)
-		}
 		name := "rt-" + strings.ReplaceAll(tb.Label, ".", "-")
-		manifest := filepath.Join(dir, name+".yaml")
-		if err := os.WriteFile(manifest, []byte(fmt.Sprintf("apiVersion: gateway.agent.dev/v1alpha1\nkind: Release\nmetadata:\n  name: %s\nspec:\n  source:\n    url: file://%s\n  sha256: %s\n  label: %s\n",
-			name, tarball, tb.SHA256, tb.Label)), 0o644); err != nil {
+		if err := s.Publish(dir, name, tb); err != nil {
 			t.Fatal(err)
 		}
-		kubectl(t, s, "apply", "-f", manifest)
 		return name
 	}
 	good1 := publish(agentruntime.Options{Version: "1.0.0"})
@@ -343,16 +336,9 @@ func TestRollbackAfterAFailedRelease(t *testing.T) {
 	core := mainPIDs(t, s, "core")
 
 	tb := agentruntime.MustBuild(t, agentruntime.Options{Version: "2.0.0-unsafe", UnsafeEntry: true})
-	tarball := filepath.Join(dropDir(t), "unsafe.tar.gz")
-	if err := os.WriteFile(tarball, tb.Data, 0o644); err != nil {
+	if err := s.Publish(dropDir(t), "agent-runtime-unsafe", tb); err != nil {
 		t.Fatal(err)
 	}
-	manifest := filepath.Join(t.TempDir(), "unsafe.yaml")
-	if err := os.WriteFile(manifest, []byte(fmt.Sprintf("apiVersion: gateway.agent.dev/v1alpha1\nkind: Release\nmetadata:\n  name: agent-runtime-unsafe\nspec:\n  source:\n    url: file://%s\n  sha256: %s\n  label: %s\n",
-		tarball, tb.SHA256, tb.Label)), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	kubectl(t, s, "apply", "-f", manifest)
 	api := func() v1.GatewayProfile {
 		var p v1.GatewayProfile
 		if err := s.CP.Client.Get(ctx, client.ObjectKey{Name: "api"}, &p); err != nil {

@@ -100,17 +100,10 @@ func publish(t *testing.T, s *stack.Stack, o agentruntime.Options) string {
 	}
 	t.Cleanup(func() { _ = os.RemoveAll(dir) })
 	tb := agentruntime.MustBuild(t, o)
-	tarball := filepath.Join(dir, tb.Label+".tar.gz")
-	if err := os.WriteFile(tarball, tb.Data, 0o644); err != nil {
-		t.Fatal(err)
-	}
 	name := "rt-" + strings.ReplaceAll(tb.Label, ".", "-")
-	manifest := filepath.Join(dir, name+".yaml")
-	if err := os.WriteFile(manifest, []byte(fmt.Sprintf("apiVersion: gateway.agent.dev/v1alpha1\nkind: Release\nmetadata:\n  name: %s\nspec:\n  source:\n    url: file://%s\n  sha256: %s\n  label: %s\n",
-		name, tarball, tb.SHA256, tb.Label)), 0o644); err != nil {
+	if err := s.Publish(dir, name, tb); err != nil {
 		t.Fatal(err)
 	}
-	kubectl(t, s, "apply", "-f", manifest)
 	return name
 }
 

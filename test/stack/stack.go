@@ -373,3 +373,22 @@ func stop(cmd *exec.Cmd, done <-chan struct{}) {
 		<-done
 	}
 }
+
+// Publish drops a built release into dir (a folder under the agents' file:// drop folder,
+// agentruntime.SampleDir) and applies a Release named name for it with kubectl, as a person
+// would.
+func (s *Stack) Publish(dir, name string, tb *agentruntime.Tarball) error {
+	tarball := filepath.Join(dir, name+".tar.gz")
+	if err := os.WriteFile(tarball, tb.Data, 0o644); err != nil { //nolint:gosec // agents read release files as root; the mode only mirrors a published file
+		return err
+	}
+	manifest := filepath.Join(dir, name+".yaml")
+	if err := os.WriteFile(manifest, []byte(fmt.Sprintf("apiVersion: gateway.agent.dev/v1alpha1\nkind: Release\nmetadata:\n  name: %s\nspec:\n  source:\n    url: file://%s\n  sha256: %s\n  label: %s\n",
+		name, tarball, tb.SHA256, tb.Label)), 0o644); err != nil { //nolint:gosec // a manifest, nothing secret
+		return err
+	}
+	if out, err := s.Kubectl("apply", "-f", manifest); err != nil {
+		return fmt.Errorf("kubectl apply %s: %v\n%s", manifest, err, out)
+	}
+	return nil
+}
