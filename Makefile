@@ -71,8 +71,15 @@ lint-go: $(GOLANGCI_LINT) ## Lint Go code with the pinned golangci-lint and .gol
 	$(GOLANGCI_LINT) run ./...
 
 .PHONY: build
-build: ## Build the binaries into ./bin.
+build: ## Build the binaries into ./bin: manager, gateway-nodeagent, gateway-launch.
 	CGO_ENABLED=0 go build -trimpath -o $(LOCALBIN)/ ./cmd/...
+
+# Where make install puts the node agent: / on a bare-metal host, or a folder holding a host's root.
+DESTDIR ?= /
+
+.PHONY: install
+install: build ## Install the node agent, its unit and /etc/gateway-operator under DESTDIR (default /; idempotent).
+	hack/install-host.sh --root $(DESTDIR) --bin $(LOCALBIN)
 
 ##@ Tests
 
