@@ -74,6 +74,10 @@ lint-go: $(GOLANGCI_LINT) ## Lint Go code with the pinned golangci-lint and .gol
 build: ## Build the binaries into ./bin: manager, gateway-nodeagent, gateway-launch.
 	CGO_ENABLED=0 go build -trimpath -o $(LOCALBIN)/ ./cmd/...
 
+.PHONY: images
+images: ## Build the manager and agent OCI images, their SPDX SBOMs and a kustomization pinning their digests into dist/images (no container engine needed).
+	go run ./hack/images --out dist/images --config config/images.env
+
 # Where make install puts the node agent: / on a bare-metal host, or a folder holding a host's root.
 DESTDIR ?= /
 

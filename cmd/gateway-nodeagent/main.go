@@ -13,6 +13,10 @@ import (
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 
+	// Release downloads over https need root certificates; the agent's image carries none, so
+	// the agent falls back to these when the system has no bundle.
+	_ "golang.org/x/crypto/x509roots/fallback"
+
 	"github.com/agent-gateway/gateway-operator/nodeagent/agent"
 	"github.com/agent-gateway/gateway-operator/nodeagent/microvm"
 	"github.com/agent-gateway/gateway-operator/nodeagent/unit"
