@@ -14,8 +14,10 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/go-logr/logr"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/layout"
+	logf "sigs.k8s.io/controller-runtime/pkg/log"
 	"sigs.k8s.io/yaml"
 
 	"github.com/agent-gateway/gateway-operator/test/images"
@@ -45,6 +47,7 @@ func buildOnce(t *testing.T) (string, []string) {
 }
 
 func TestMain(m *testing.M) {
+	logf.SetLogger(logr.Discard())
 	code := m.Run()
 	if built.dir != "" {
 		_ = os.RemoveAll(built.dir)

@@ -1,0 +1,170 @@
+package images_test
+
+import (
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	coordinationv1 "k8s.io/api/coordination/v1"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
+	"github.com/agent-gateway/gateway-operator/test/controlplane"
+	"github.com/agent-gateway/gateway-operator/test/repo"
+)
+
+const managerUser = "system:serviceaccount:gateway-operator-system:gateway-operator-manager"
+
+// TestManagerImageRuns starts the manager image with runc as config/manager/manager.yaml asks
+// (its command and arguments, its non-root user, no capabilities, no privilege escalation, a
+// read-only root) against a real API server: it becomes the leader and reconciles a profile.
+// Only what a pod gets from the cluster differs: a kubeconfig file instead of the service
+// account token, the lease namespace the pod would know, and the host's network with the
+// ports moved off the manifest's, so that runs on one machine do not collide.
+func TestManagerImageRuns(t *testing.T) {
+	runc := requireRunc(t)
+	dir, _ := buildOnce(t)
+	img := image(t, filepath.Join(dir, "manager"))
+	cf, err := img.ConfigFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pod, ctr := container(t, "config/manager/manager.yaml")
+
+	cp, err := controlplane.Start()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := cp.Stop(); err != nil {
+			t.Error(err)
+		}
+	})
+	admin, err := cp.Kubeconfig(t.TempDir(), "gateway-admin", "system:masters")
+	if err != nil {
+		t.Fatal(err)
+	}
+	root, err := repo.Path(".")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{
+		{"apply", "-f", "config/manager/namespace.yaml"},
+		{"apply", "-k", "config/rbac"},
+		{"apply", "-k", "config/policies"},
+	} {
+		cmd := exec.Command(cp.Kubectl(), append([]string{"--kubeconfig=" + admin}, args...)...) //nolint:gosec // the control plane's kubectl
+		cmd.Dir = root
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("kubectl %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+
+	bundle := t.TempDir()
+	if err := os.Mkdir(filepath.Join(bundle, "rootfs"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	unpack(t, img, filepath.Join(bundle, "rootfs"))
+	user := processUser(t, cf)
+	kc, err := cp.Kubeconfig(t.TempDir(), managerUser)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Readable by the container's user only, as a projected token would be.
+	if err := os.Chown(kc, int(user.UID), int(user.GID)); err != nil {
+		t.Fatal(err)
+	}
+
+	sc := ctr.SecurityContext
+	podSC := pod.SecurityContext
+	if podSC == nil || podSC.RunAsNonRoot == nil || !*podSC.RunAsNonRoot || user.UID == 0 {
+		t.Fatalf("the manifest asks for runAsNonRoot and the image's user is %d: the pod would not start", user.UID)
+	}
+	if sc == nil || sc.Capabilities == nil || !slices.Equal(sc.Capabilities.Drop, []corev1.Capability{"ALL"}) {
+		t.Fatalf("the manifest's manager container drops %v capabilities; this test gives it none", sc)
+	}
+	probe := freePort(t)
+	args := slices.Clone(ctr.Args)
+	args = setArg(args, "metrics-bind-address", "0")
+	args = setArg(args, "health-probe-bind-address", "127.0.0.1:"+strconv.Itoa(probe))
+	args = append(args, "--kubeconfig=/etc/gateway-operator/kubeconfig", "--leader-election-namespace=gateway-operator-system")
+	if _, ok := argValue(ctr.Args, "leader-elect"); !slices.Contains(ctr.Args, "--leader-elect") && !ok {
+		t.Fatalf("the manifest does not elect a leader: %q", ctr.Args)
+	}
+
+	spec := baseSpec("gateway-manager-under-test", *sc.ReadOnlyRootFilesystem)
+	spec.Process.User = user
+	spec.Process.Args = append(slices.Clone(ctr.Command), args...)
+	spec.Process.Env = cf.Config.Env
+	spec.Process.NoNewPrivileges = sc.AllowPrivilegeEscalation != nil && !*sc.AllowPrivilegeEscalation
+	spec.Process.Capabilities = &specs.LinuxCapabilities{Bounding: []string{}, Effective: []string{}, Permitted: []string{}, Inheritable: []string{}, Ambient: []string{}}
+	spec.Mounts = append(spec.Mounts, specs.Mount{Destination: "/etc/gateway-operator/kubeconfig", Type: "bind", Source: kc, Options: []string{"bind", "ro"}})
+	if !spec.Process.NoNewPrivileges || !spec.Root.Readonly {
+		t.Fatalf("the manifest lets the manager escalate privileges or write its root: %+v", sc)
+	}
+	r := start(t, runc, bundle, spec)
+
+	ctx := t.Context()
+	c := cp.Client
+	var lease coordinationv1.Lease
+	waitFor(t, r, "the manager in the container to become leader", func() bool {
+		err := c.Get(ctx, client.ObjectKey{Namespace: "gateway-operator-system", Name: "gateway-operator.gateway.agent.dev"}, &lease)
+		return err == nil && lease.Spec.HolderIdentity != nil && strings.HasPrefix(*lease.Spec.HolderIdentity, "gateway-manager-under-test_")
+	})
+	// It runs as the image's user, not root.
+	status, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(r.pid(t)), "status"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "Uid:\t" + strconv.Itoa(int(user.UID)); !strings.Contains(string(status), want) {
+		t.Errorf("the manager's process status lacks %q:\n%s", want, status)
+	}
+
+	for _, f := range []string{"config/samples/release.yaml", "config/samples/profile_core.yaml"} {
+		cmd := exec.Command(cp.Kubectl(), "--kubeconfig="+admin, "apply", "-f", f) //nolint:gosec // see above
+		cmd.Dir = root
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("kubectl apply -f %s: %v\n%s", f, err, out)
+		}
+	}
+	var p v1.GatewayProfile
+	waitFor(t, r, "the profile to be reconciled", func() bool {
+		err := c.Get(ctx, client.ObjectKey{Name: "core"}, &p)
+		return err == nil && p.Status.ObservedGeneration == p.Generation && meta.FindStatusCondition(p.Status.Conditions, v1.ConditionReady) != nil
+	})
+}
+
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = l.Close() }()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// waitFor polls cond for up to two minutes, and fails at once if the container exits.
+func waitFor(t *testing.T, r *runtime, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(2 * time.Minute)
+	for !cond() {
+		select {
+		case <-r.done:
+			t.Fatalf("the container exited while waiting for %s:\n%s", what, r.out.String())
+		case <-time.After(250 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("gave up waiting for %s", what)
+		}
+	}
+}
