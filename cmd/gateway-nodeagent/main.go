@@ -33,6 +33,7 @@ func main() {
 	flag.StringVar(&labels, "host-labels", "", "extra labels the agent reports on its GatewayHost, as k=v,k2=v2; each key must start with reported.gateway.agent.dev/ (the labels profiles select on are set by an administrator)")
 	flag.StringVar(&o.Root, "root", "/", "prefix under which the host's filesystem is reached")
 	flag.StringVar(&o.BusAddress, "dbus-address", "", "D-Bus address of the host's system bus, e.g. unix:path=/run/dbus/system_bus_socket (required)")
+	flag.BoolVar(&o.HostTools, "host-tools", false, "run the host's own systemd-analyze and useradd chrooted into --root (for the container image, which carries neither)")
 	flag.StringVar(&o.ProcRoot, "proc-root", "/proc", "where the host's /proc is read")
 	flag.StringVar(&o.Launcher, "launcher", filepath.Join(filepath.Dir(self), "gateway-launch"), "the launch binary to install on the host")
 	flag.StringVar(&o.Python, "python", unit.DefaultPython, "the interpreter gateways run")
