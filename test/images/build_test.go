@@ -22,6 +22,7 @@ import (
 
 	"github.com/agent-gateway/gateway-operator/test/images"
 	"github.com/agent-gateway/gateway-operator/test/repo"
+	"github.com/agent-gateway/gateway-operator/test/systemdhost"
 )
 
 // built is one run of hack/images, shared by the tests of this package.
@@ -48,7 +49,7 @@ func buildOnce(t *testing.T) (string, []string) {
 
 func TestMain(m *testing.M) {
 	logf.SetLogger(logr.Discard())
-	code := m.Run()
+	code := systemdhost.RunWithLeakCheck(m)
 	if built.dir != "" {
 		_ = os.RemoveAll(built.dir)
 	}

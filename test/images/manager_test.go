@@ -27,19 +27,31 @@ const managerUser = "system:serviceaccount:gateway-operator-system:gateway-opera
 // TestManagerImageRuns starts the manager image with runc as config/manager/manager.yaml asks
 // (its command and arguments, its non-root user, no capabilities, no privilege escalation, a
 // read-only root) against a real API server: it becomes the leader and reconciles a profile.
-// Only what a pod gets from the cluster differs: a kubeconfig file instead of the service
-// account token, the lease namespace the pod would know, and the host's network with the
-// ports moved off the manifest's, so that runs on one machine do not collide.
 func TestManagerImageRuns(t *testing.T) {
 	runc := requireRunc(t)
-	dir, _ := buildOnce(t)
-	img := image(t, filepath.Join(dir, "manager"))
-	cf, err := img.ConfigFile()
+	cp, admin := cluster(t)
+	r, user := runManager(t, runc, cp)
+
+	// It runs as the image's user, not root.
+	status, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(r.pid(t)), "status"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	pod, ctr := container(t, "config/manager/manager.yaml")
+	if want := "Uid:\t" + strconv.Itoa(int(user.UID)); !strings.Contains(string(status), want) {
+		t.Errorf("the manager's process status lacks %q:\n%s", want, status)
+	}
+	kubectl(t, cp, admin, "", "apply", "-f", "config/samples/release.yaml", "-f", "config/samples/profile_core.yaml")
+	var p v1.GatewayProfile
+	waitFor(t, r, "the profile to be reconciled", func() bool {
+		err := cp.Client.Get(t.Context(), client.ObjectKey{Name: "core"}, &p)
+		return err == nil && p.Status.ObservedGeneration == p.Generation && meta.FindStatusCondition(p.Status.Conditions, v1.ConditionReady) != nil
+	})
+}
 
+// cluster starts a control plane with the operator's namespace, RBAC and admission policies
+// from config/, and returns it with an administrator's kubeconfig.
+func cluster(t *testing.T) (*controlplane.Env, string) {
+	t.Helper()
 	cp, err := controlplane.Start()
 	if err != nil {
 		t.Fatal(err)
@@ -53,22 +65,40 @@ func TestManagerImageRuns(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	kubectl(t, cp, admin, "", "apply", "-f", "config/manager/namespace.yaml")
+	kubectl(t, cp, admin, "", "apply", "-k", "config/rbac")
+	kubectl(t, cp, admin, "", "apply", "-k", "config/policies")
+	return cp, admin
+}
+
+// kubectl runs the control plane's kubectl from the repository's root, with stdin.
+func kubectl(t *testing.T, cp *controlplane.Env, kubeconfig, stdin string, args ...string) {
+	t.Helper()
 	root, err := repo.Path(".")
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, args := range [][]string{
-		{"apply", "-f", "config/manager/namespace.yaml"},
-		{"apply", "-k", "config/rbac"},
-		{"apply", "-k", "config/policies"},
-	} {
-		cmd := exec.Command(cp.Kubectl(), append([]string{"--kubeconfig=" + admin}, args...)...) //nolint:gosec // the control plane's kubectl
-		cmd.Dir = root
-		if out, err := cmd.CombinedOutput(); err != nil {
-			t.Fatalf("kubectl %s: %v\n%s", strings.Join(args, " "), err, out)
-		}
+	cmd := exec.Command(cp.Kubectl(), append([]string{"--kubeconfig=" + kubeconfig}, args...)...) //nolint:gosec // the control plane's kubectl
+	cmd.Dir = root
+	cmd.Stdin = strings.NewReader(stdin)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("kubectl %s: %v\n%s", strings.Join(args, " "), err, out)
 	}
+}
 
+// runManager starts the manager image as config/manager/manager.yaml runs it and waits until
+// it leads. Only what a pod gets from the cluster differs: a kubeconfig file instead of the
+// service account token, the lease namespace the pod would know, and the host's network with
+// the ports moved off the manifest's, so that runs on one machine do not collide.
+func runManager(t *testing.T, runc string, cp *controlplane.Env) (*runtime, specs.User) {
+	t.Helper()
+	dir, _ := buildOnce(t)
+	img := image(t, filepath.Join(dir, "manager"))
+	cf, err := img.ConfigFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pod, ctr := container(t, "config/manager/manager.yaml")
 	bundle := t.TempDir()
 	if err := os.Mkdir(filepath.Join(bundle, "rootfs"), 0o755); err != nil {
 		t.Fatal(err)
@@ -89,17 +119,16 @@ func TestManagerImageRuns(t *testing.T) {
 	if podSC == nil || podSC.RunAsNonRoot == nil || !*podSC.RunAsNonRoot || user.UID == 0 {
 		t.Fatalf("the manifest asks for runAsNonRoot and the image's user is %d: the pod would not start", user.UID)
 	}
-	if sc == nil || sc.Capabilities == nil || !slices.Equal(sc.Capabilities.Drop, []corev1.Capability{"ALL"}) {
-		t.Fatalf("the manifest's manager container drops %v capabilities; this test gives it none", sc)
+	if sc == nil || sc.Capabilities == nil || !slices.Equal(sc.Capabilities.Drop, []corev1.Capability{"ALL"}) || sc.ReadOnlyRootFilesystem == nil {
+		t.Fatalf("the manifest's manager container security context is %+v; this test gives it no capabilities and a read-only root", sc)
 	}
-	probe := freePort(t)
-	args := slices.Clone(ctr.Args)
-	args = setArg(args, "metrics-bind-address", "0")
-	args = setArg(args, "health-probe-bind-address", "127.0.0.1:"+strconv.Itoa(probe))
-	args = append(args, "--kubeconfig=/etc/gateway-operator/kubeconfig", "--leader-election-namespace=gateway-operator-system")
-	if _, ok := argValue(ctr.Args, "leader-elect"); !slices.Contains(ctr.Args, "--leader-elect") && !ok {
+	if !slices.Contains(ctr.Args, "--leader-elect") {
 		t.Fatalf("the manifest does not elect a leader: %q", ctr.Args)
 	}
+	args := slices.Clone(ctr.Args)
+	args = setArg(args, "metrics-bind-address", "0")
+	args = setArg(args, "health-probe-bind-address", "127.0.0.1:"+strconv.Itoa(freePort(t)))
+	args = append(args, "--kubeconfig=/etc/gateway-operator/kubeconfig", "--leader-election-namespace=gateway-operator-system")
 
 	spec := baseSpec("gateway-manager-under-test", *sc.ReadOnlyRootFilesystem)
 	spec.Process.User = user
@@ -111,36 +140,14 @@ func TestManagerImageRuns(t *testing.T) {
 	if !spec.Process.NoNewPrivileges || !spec.Root.Readonly {
 		t.Fatalf("the manifest lets the manager escalate privileges or write its root: %+v", sc)
 	}
-	r := start(t, runc, bundle, spec)
+	r := start(t, runc, "manager", bundle, spec)
 
-	ctx := t.Context()
-	c := cp.Client
 	var lease coordinationv1.Lease
 	waitFor(t, r, "the manager in the container to become leader", func() bool {
-		err := c.Get(ctx, client.ObjectKey{Namespace: "gateway-operator-system", Name: "gateway-operator.gateway.agent.dev"}, &lease)
+		err := cp.Client.Get(t.Context(), client.ObjectKey{Namespace: "gateway-operator-system", Name: "gateway-operator.gateway.agent.dev"}, &lease)
 		return err == nil && lease.Spec.HolderIdentity != nil && strings.HasPrefix(*lease.Spec.HolderIdentity, "gateway-manager-under-test_")
 	})
-	// It runs as the image's user, not root.
-	status, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(r.pid(t)), "status"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if want := "Uid:\t" + strconv.Itoa(int(user.UID)); !strings.Contains(string(status), want) {
-		t.Errorf("the manager's process status lacks %q:\n%s", want, status)
-	}
-
-	for _, f := range []string{"config/samples/release.yaml", "config/samples/profile_core.yaml"} {
-		cmd := exec.Command(cp.Kubectl(), "--kubeconfig="+admin, "apply", "-f", f) //nolint:gosec // see above
-		cmd.Dir = root
-		if out, err := cmd.CombinedOutput(); err != nil {
-			t.Fatalf("kubectl apply -f %s: %v\n%s", f, err, out)
-		}
-	}
-	var p v1.GatewayProfile
-	waitFor(t, r, "the profile to be reconciled", func() bool {
-		err := c.Get(ctx, client.ObjectKey{Name: "core"}, &p)
-		return err == nil && p.Status.ObservedGeneration == p.Generation && meta.FindStatusCondition(p.Status.Conditions, v1.ConditionReady) != nil
-	})
+	return r, user
 }
 
 func freePort(t *testing.T) int {

@@ -134,9 +134,9 @@ type runtime struct {
 // start writes spec into bundle/config.json and runs it. runc's state and the container's
 // cgroup (one level, named after the container) are the test's own and go away in its
 // cleanup.
-func start(t *testing.T, runc, bundle string, spec *specs.Spec) *runtime {
+func start(t *testing.T, runc, name, bundle string, spec *specs.Spec) *runtime {
 	t.Helper()
-	id := fmt.Sprintf("gateway-image-test-%d", os.Getpid())
+	id := fmt.Sprintf("gateway-image-test-%s-%d", name, os.Getpid())
 	spec.Linux.CgroupsPath = "/" + id
 	b, err := json.MarshalIndent(spec, "", "  ")
 	if err != nil {
@@ -165,7 +165,7 @@ func start(t *testing.T, runc, bundle string, spec *specs.Spec) *runtime {
 			t.Errorf("runc left the container's cgroups behind: %v", left)
 		}
 		if t.Failed() {
-			t.Logf("container output:\n%s", r.out.String())
+			t.Logf("output of the %s container:\n%s", name, r.out.String())
 		}
 	})
 	return r
