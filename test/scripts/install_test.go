@@ -1,6 +1,7 @@
 package scripts_test
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"fmt"
 	"io/fs"
@@ -211,5 +212,58 @@ func TestBinaryNamesAgree(t *testing.T) {
 				t.Errorf("%s does not name %s", f, n)
 			}
 		}
+	}
+}
+
+// TestHostArchiveInstalls packs the host install twice (the same bytes both times), unpacks
+// it, and installs from the unpacked archive alone: the archive carries the binaries under the
+// names the unit runs, the unit and the install script.
+func TestHostArchiveInstalls(t *testing.T) {
+	script, err := repo.Path("hack/dist-host.sh")
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := t.TempDir()
+	for _, f := range []string{"gateway-nodeagent", "gateway-launch"} {
+		if err := os.WriteFile(filepath.Join(bin, f), []byte(f+" build"), 0o755); err != nil { //nolint:gosec // an executable
+			t.Fatal(err)
+		}
+	}
+	out := t.TempDir()
+	var archives [2][]byte
+	for i := range archives {
+		p := filepath.Join(out, fmt.Sprintf("host-%d.tar.gz", i))
+		if b, err := exec.Command(script, p, bin).CombinedOutput(); err != nil { //nolint:gosec // our script
+			t.Fatalf("dist-host.sh: %v\n%s", err, b)
+		}
+		if archives[i], err = os.ReadFile(p); err != nil { //nolint:gosec // our output
+			t.Fatal(err)
+		}
+	}
+	if !bytes.Equal(archives[0], archives[1]) {
+		t.Error("two packs of the same files differ")
+	}
+	list, err := exec.Command("tar", "-tzf", filepath.Join(out, "host-0.tar.gz")).Output() //nolint:gosec // our output
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "bin/\nbin/gateway-launch\nbin/gateway-nodeagent\nconfig/\nconfig/nodeagent/\nconfig/nodeagent/gateway-agent.service\nhack/\nhack/install-host.sh\n"
+	if string(list) != want {
+		t.Errorf("archive holds:\n%s\nwant:\n%s", list, want)
+	}
+	unpacked, root := t.TempDir(), t.TempDir()
+	if b, err := exec.Command("tar", "-xzf", filepath.Join(out, "host-0.tar.gz"), "-C", unpacked).CombinedOutput(); err != nil { //nolint:gosec // our output
+		t.Fatalf("unpack: %v\n%s", err, b)
+	}
+	if b, err := exec.Command(filepath.Join(unpacked, "hack/install-host.sh"), "--root", root).CombinedOutput(); err != nil { //nolint:gosec // the unpacked script
+		t.Fatalf("install from the archive: %v\n%s", err, b)
+	}
+	for _, f := range []string{"gateway-nodeagent", "gateway-launch"} {
+		if b, _ := os.ReadFile(filepath.Join(root, "usr/local/bin", f)); string(b) != f+" build" { //nolint:gosec // our temporary root
+			t.Errorf("%s installed from the archive holds %q", f, b)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(root, "etc/systemd/system/gateway-agent.service")); err != nil {
+		t.Error(err)
 	}
 }
