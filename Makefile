@@ -71,8 +71,24 @@ lint-go: $(GOLANGCI_LINT) ## Lint Go code with the pinned golangci-lint and .gol
 	$(GOLANGCI_LINT) run ./...
 
 .PHONY: build
-build: ## Build the binaries into ./bin.
+build: ## Build the binaries into ./bin: manager, gateway-nodeagent, gateway-launch.
 	CGO_ENABLED=0 go build -trimpath -o $(LOCALBIN)/ ./cmd/...
+
+.PHONY: images
+images: ## Build the manager and agent OCI images, their SPDX SBOMs and a kustomization pinning their digests into dist/images (no container engine needed).
+	go run ./hack/images --out dist/images --config config/images.env
+
+.PHONY: dist
+dist: build ## Pack the bare-metal host install (binaries, unit, install script) into dist/, reproducibly.
+	mkdir -p dist
+	hack/dist-host.sh dist/gateway-agent-$$(sed -n 's/^IMAGE_TAG=//p' config/images.env)-linux-$$(go env GOARCH).tar.gz $(LOCALBIN)
+
+# Where make install puts the node agent: / on a bare-metal host, or a folder holding a host's root.
+DESTDIR ?= /
+
+.PHONY: install
+install: build ## Install the node agent, its unit and /etc/gateway-operator under DESTDIR (default /; idempotent).
+	hack/install-host.sh --root $(DESTDIR) --bin $(LOCALBIN)
 
 ##@ Tests
 

@@ -42,6 +42,9 @@ type Options struct {
 	HostLabels map[string]string
 	// Root is the prefix of the host's filesystem ("/" on a real host).
 	Root string
+	// HostTools runs the host's systemd-analyze and useradd chrooted into Root, for an agent
+	// whose container image carries neither (the DaemonSet).
+	HostTools bool
 	// BusAddress is the D-Bus address of the host's system bus. Required.
 	BusAddress string
 	// ProcRoot is where the host's /proc is read ("/proc" on a real host).
@@ -128,7 +131,7 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 	}
 	defer sd.Close()
 
-	host := layout.Host{Root: o.Root}
+	host := layout.Host{Root: o.Root, HostTools: o.HostTools}
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
 		Scheme: Scheme(),
 		Logger: log,
@@ -210,7 +213,7 @@ func startMicroVMs(o Options, sd *systemd.Conn, log logr.Logger) (*microvm.Socke
 	if err := checkMicroVMUser(m.User); err != nil {
 		return nil, err
 	}
-	u, err := users.Manager{Root: o.Root}.Ensure(m.User, users.RoleMicroVM)
+	u, err := users.Manager{Root: o.Root, HostTools: o.HostTools}.Ensure(m.User, users.RoleMicroVM)
 	if err != nil {
 		return nil, fmt.Errorf("microVM user: %w", err)
 	}

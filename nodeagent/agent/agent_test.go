@@ -39,7 +39,7 @@ func TestMain(m *testing.M) {
 }
 
 func run(m *testing.M) int {
-	bins, cleanup, err := repo.BuildTemp("launch")
+	bins, cleanup, err := repo.BuildTemp("gateway-launch")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1

@@ -169,7 +169,9 @@ func (a *Applier) step(s Step) {
 	}
 }
 
-func (a *Applier) users() users.Manager { return users.Manager{Root: a.Host.Root} }
+func (a *Applier) users() users.Manager {
+	return users.Manager{Root: a.Host.Root, HostTools: a.Host.HostTools}
+}
 
 func (a *Applier) python() string {
 	if a.Python != "" {

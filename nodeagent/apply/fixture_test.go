@@ -24,7 +24,7 @@ import (
 var launchBin string
 
 func TestMain(m *testing.M) {
-	bins, cleanup, err := repo.BuildTemp("launch")
+	bins, cleanup, err := repo.BuildTemp("gateway-launch")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)

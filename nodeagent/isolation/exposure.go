@@ -6,7 +6,6 @@ import (
 	"encoding/hex"
 	"fmt"
 	"os"
-	"os/exec"
 	"path"
 	"regexp"
 	"sort"
@@ -72,7 +71,7 @@ func (v *Verifier) measure(ctx context.Context, unitName string) (string, error)
 	ctx, cancel := context.WithTimeout(ctx, orDefault(v.ExposureTimeout, DefaultExposureTimeout))
 	defer cancel()
 	// A fixed binary and a validated unit name, without a shell.
-	cmd := exec.CommandContext(ctx, "systemd-analyze", "security", "--offline=yes", "--root="+v.Host.Root, "--no-pager", unitName) //nolint:gosec // see above
+	cmd := v.Host.Command(ctx, layout.SystemdAnalyze, "security", "--offline=yes", "--root="+v.Host.ToolRoot(), "--no-pager", unitName)
 	cmd.Env = append(os.Environ(), "SYSTEMD_COLORS=0")
 	out, err := cmd.CombinedOutput()
 	m := exposureRE.FindSubmatch(out)

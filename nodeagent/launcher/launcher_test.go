@@ -162,14 +162,14 @@ func without(env []string, key string) []string {
 	return out
 }
 
-// TestLaunchBinary builds cmd/launch and runs it: a dry run prints the banner and the command
+// TestLaunchBinary builds cmd/gateway-launch and runs it: a dry run prints the banner and the command
 // and runs nothing; a bad environment exits with ExitConfig and one plain line, no trace.
 func TestLaunchBinary(t *testing.T) {
 	dir := t.TempDir()
-	if err := repo.Build(dir, "launch"); err != nil {
+	if err := repo.Build(dir, "gateway-launch"); err != nil {
 		t.Fatal(err)
 	}
-	bin := filepath.Join(dir, "launch")
+	bin := filepath.Join(dir, "gateway-launch")
 	current, _ := profileTree(t)
 	marker := filepath.Join(t.TempDir(), "ran")
 	// The "interpreter" would leave a marker if it ever ran.

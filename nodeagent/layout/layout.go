@@ -37,6 +37,9 @@ const (
 type Host struct {
 	// Root is the prefix under which the host's filesystem is reached: "/" on a real host.
 	Root string
+	// HostTools runs the host's own systemd-analyze and useradd chrooted into Root instead of
+	// the agent's (see Command): what the agent's container image, which carries neither, needs.
+	HostTools bool
 }
 
 // On returns the path under the root prefix of a path inside the host.

@@ -7,6 +7,7 @@ package users
 
 import (
 	"bufio"
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
@@ -15,7 +16,6 @@ import (
 	"io"
 	"io/fs"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -45,6 +45,8 @@ const (
 // registry of the users it created.
 type Manager struct {
 	Root string
+	// HostTools runs the host's useradd chrooted into Root (see layout.Host.Command).
+	HostTools bool
 }
 
 // User is one system user.
@@ -200,10 +202,12 @@ func (m Manager) create(reg *registry, name string, role Role) (*User, error) {
 	}
 	args := []string{"--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
 		"--shell", "/usr/sbin/nologin", "--comment", mark(pending)}
-	if m.Root != "" && m.Root != "/" {
-		args = append(args, "--prefix", m.Root)
+	host := layout.Host{Root: m.Root, HostTools: m.HostTools}
+	if r := host.ToolRoot(); r != "" && r != "/" {
+		args = append(args, "--prefix", r)
 	}
-	out, err := exec.Command("useradd", append(args, "--", name)...).CombinedOutput() //nolint:gosec // a fixed binary, no shell, and "--" before the name
+	// A fixed binary, no shell, and "--" before the name.
+	out, err := host.Command(context.Background(), layout.UserAdd, append(args, "--", name)...).CombinedOutput()
 	if err != nil {
 		return nil, fmt.Errorf("useradd %s: %v: %s", name, err, strings.TrimSpace(string(out)))
 	}

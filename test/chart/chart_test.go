@@ -23,6 +23,7 @@ import (
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"sigs.k8s.io/yaml"
 
+	"github.com/agent-gateway/gateway-operator/test/images"
 	"github.com/agent-gateway/gateway-operator/test/repo"
 )
 
@@ -423,9 +424,14 @@ func TestRendersWhatConfigInstalls(t *testing.T) {
 		}
 	}
 	agent := container(t, objs, "DaemonSet", "gateway-agent")
-	for _, c := range []map[string]any{mgr, agent} {
-		if c["image"] != "ghcr.io/agent-gateway/gateway-operator:0.1.0" {
-			t.Errorf("container %s: image %v, want ghcr.io/agent-gateway/gateway-operator:0.1.0", c["name"], c["image"])
+	names, err := images.Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for c, want := range map[string]string{"manager": names.ManagerRef(), "agent": names.AgentRef()} {
+		ctr := map[string]map[string]any{"manager": mgr, "agent": agent}[c]
+		if ctr["image"] != want {
+			t.Errorf("container %s: image %v, want %s (config/images.env)", c, ctr["image"], want)
 		}
 	}
 	if r := get(find(objs, "Deployment", "gateway-operator-manager"), "spec", "replicas"); r != float64(2) {
@@ -472,7 +478,7 @@ func TestValuesTakeEffect(t *testing.T) {
 	}
 	agent := container(t, objs, "DaemonSet", "gateway-agent")
 	for _, c := range []map[string]any{mgr, agent} {
-		if c["image"] != "ghcr.io/agent-gateway/gateway-operator:v9" || c["imagePullPolicy"] != "Always" {
+		if !strings.HasSuffix(str(c, "image"), "-"+str(c, "name")+":v9") || c["imagePullPolicy"] != "Always" {
 			t.Errorf("container %s: image %v pull policy %v, want tag v9 and Always", c["name"], c["image"], c["imagePullPolicy"])
 		}
 	}

@@ -19,7 +19,7 @@ func Path(rel string) (string, error) {
 	return p, nil
 }
 
-// Build compiles commands of cmd/ (e.g. "launch", "manager") into dir, as static binaries.
+// Build compiles commands of cmd/ (e.g. "gateway-launch", "manager") into dir, as static binaries.
 func Build(dir string, commands ...string) error {
 	root, err := Path(".")
 	if err != nil {

@@ -82,7 +82,9 @@ type proc struct {
 }
 
 // Build compiles the binaries the stack runs into dir.
-func Build(dir string) error { return repo.Build(dir, "manager", "nodeagent", "launch") }
+func Build(dir string) error {
+	return repo.Build(dir, "manager", "gateway-nodeagent", "gateway-launch")
+}
 
 // Up starts everything. On error, what was started is stopped again.
 func Up(o Options) (s *Stack, err error) {
@@ -159,9 +161,9 @@ func Up(o Options) (s *Stack, err error) {
 		say("starting the node agent of " + name)
 		args := append([]string{"--kubeconfig=" + akc,
 			"--host-name=" + name, "--root=" + h.Root, "--dbus-address=" + h.BusAddress,
-			fmt.Sprintf("--proc-root=/proc/%d/root/proc", h.PID), "--launcher=" + filepath.Join(o.BinDir, "launch"),
+			fmt.Sprintf("--proc-root=/proc/%d/root/proc", h.PID), "--launcher=" + filepath.Join(o.BinDir, "gateway-launch"),
 			"--heartbeat-interval=5s", "--metrics-bind-address=0", "--health-probe-bind-address=0"}, o.AgentArgs...)
-		if err := s.start(AgentName(name), filepath.Join(o.BinDir, "nodeagent"), args...); err != nil {
+		if err := s.start(AgentName(name), filepath.Join(o.BinDir, "gateway-nodeagent"), args...); err != nil {
 			return s, err
 		}
 	}

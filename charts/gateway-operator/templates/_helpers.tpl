@@ -14,8 +14,9 @@ app.kubernetes.io/name: gateway-operator
 app.kubernetes.io/component: {{ . }}
 {{- end -}}
 
+{{/* The image of one component (manager, agent) with the chart's tag. Arguments: ctx, component. */}}
 {{- define "gateway-operator.image" -}}
-{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion | toString }}
+{{ index .ctx.Values.image .component }}:{{ .ctx.Values.image.tag | default .ctx.Chart.AppVersion | toString }}
 {{- end -}}
 
 {{/*

@@ -1,4 +1,4 @@
-// Command launch starts one gateway profile. agent-gateway@<profile>.service runs it with the
+// Command gateway-launch starts one gateway profile. agent-gateway@<profile>.service runs it with the
 // profile's environment file; it checks that the environment is consistent, prints one alignment
 // banner line, moves into the release tree and execs the runtime. With --probe it runs the
 // isolation probe instead (agent-gateway-probe@<profile>.service) and exits with its result.

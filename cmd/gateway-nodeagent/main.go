@@ -1,4 +1,4 @@
-// Command nodeagent runs on every gateway host: it registers the host, watches the host's
+// Command gateway-nodeagent runs on every gateway host: it registers the host, watches the host's
 // GatewayInstances and applies them to systemd.
 package main
 
@@ -12,6 +12,10 @@ import (
 
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
+
+	// Release downloads over https need root certificates; the agent's image carries none, so
+	// the agent falls back to these when the system has no bundle.
+	_ "golang.org/x/crypto/x509roots/fallback"
 
 	"github.com/agent-gateway/gateway-operator/nodeagent/agent"
 	"github.com/agent-gateway/gateway-operator/nodeagent/microvm"
@@ -29,8 +33,9 @@ func main() {
 	flag.StringVar(&labels, "host-labels", "", "extra labels the agent reports on its GatewayHost, as k=v,k2=v2; each key must start with reported.gateway.agent.dev/ (the labels profiles select on are set by an administrator)")
 	flag.StringVar(&o.Root, "root", "/", "prefix under which the host's filesystem is reached")
 	flag.StringVar(&o.BusAddress, "dbus-address", "", "D-Bus address of the host's system bus, e.g. unix:path=/run/dbus/system_bus_socket (required)")
+	flag.BoolVar(&o.HostTools, "host-tools", false, "run the host's own systemd-analyze and useradd chrooted into --root (for the container image, which carries neither)")
 	flag.StringVar(&o.ProcRoot, "proc-root", "/proc", "where the host's /proc is read")
-	flag.StringVar(&o.Launcher, "launcher", filepath.Join(filepath.Dir(self), "launch"), "the launch binary to install on the host")
+	flag.StringVar(&o.Launcher, "launcher", filepath.Join(filepath.Dir(self), "gateway-launch"), "the launch binary to install on the host")
 	flag.StringVar(&o.Python, "python", unit.DefaultPython, "the interpreter gateways run")
 	flag.IntVar(&o.KeepReleases, "keep-releases", 5, "releases kept on disk per host")
 	flag.StringVar(&o.ReleaseFileRoot, "release-file-root", agent.DefaultReleaseFileRoot, "the only folder file:// release URLs may name a file in (root-writable only); empty turns file:// off")
@@ -57,7 +62,7 @@ func main() {
 	log := zap.New(zap.UseFlagOptions(&zopts))
 	ctrl.SetLogger(log)
 	if o.BusAddress == "" {
-		fmt.Fprintln(os.Stderr, "nodeagent: --dbus-address is required (the agent never guesses which systemd to drive)")
+		fmt.Fprintln(os.Stderr, "gateway-nodeagent: --dbus-address is required (the agent never guesses which systemd to drive)")
 		os.Exit(2)
 	}
 	if labels != "" {
@@ -65,7 +70,7 @@ func main() {
 		for _, kv := range strings.Split(labels, ",") {
 			k, v, ok := strings.Cut(kv, "=")
 			if !ok {
-				fmt.Fprintf(os.Stderr, "nodeagent: --host-labels: %q is not k=v\n", kv)
+				fmt.Fprintf(os.Stderr, "gateway-nodeagent: --host-labels: %q is not k=v\n", kv)
 				os.Exit(2)
 			}
 			o.HostLabels[k] = v
@@ -73,11 +78,11 @@ func main() {
 	}
 	cfg, err := ctrl.GetConfig()
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "nodeagent:", err)
+		fmt.Fprintln(os.Stderr, "gateway-nodeagent:", err)
 		os.Exit(1)
 	}
 	if err := agent.Run(ctrl.SetupSignalHandler(), cfg, o, log.WithValues("host", o.HostName)); err != nil {
-		fmt.Fprintln(os.Stderr, "nodeagent:", err)
+		fmt.Fprintln(os.Stderr, "gateway-nodeagent:", err)
 		os.Exit(1)
 	}
 }
