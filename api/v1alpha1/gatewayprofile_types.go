@@ -39,6 +39,20 @@ type GatewaySettings struct {
 	// +optional
 	Env []EnvVar `json:"env,omitempty"`
 
+	// EnvFrom adds every key of a Secret in the operator's namespace as a variable, after the
+	// profile's env. A name set twice is refused.
+	// +kubebuilder:validation:MaxItems=16
+	// +optional
+	EnvFrom []EnvFromSource `json:"envFrom,omitempty"`
+
+	// Files are written under the profile's home before the gateway starts, from Secrets or
+	// ConfigMaps in the operator's namespace. Only the hosts that run the profile may read them.
+	// +listType=map
+	// +listMapKey=path
+	// +kubebuilder:validation:MaxItems=32
+	// +optional
+	Files []FileSource `json:"files,omitempty"`
+
 	// EgressAllowlist lists the destinations a Production-isolated gateway may reach; all other
 	// IP traffic is denied (systemd IPAddressDeny=any). Each entry is an IP address, a CIDR or one
 	// of localhost, link-local, multicast. Ignored, and reported so, in Convenience mode.
