@@ -37,7 +37,7 @@ const (
 
 // EnvVar is one variable added to a profile's environment file.
 // +kubebuilder:validation:XValidation:rule="!self.name.startsWith('AGENT_') && !self.name.startsWith('PYTHON') && !self.name.startsWith('LD_')",message="env names starting with AGENT_, PYTHON or LD_ are reserved: the agent sets the runtime path and identity itself"
-// +kubebuilder:validation:XValidation:rule="!(has(self.value) && self.value != ” && has(self.valueFrom))",message="set at most one of value and valueFrom"
+// +kubebuilder:validation:XValidation:rule="!(has(self.value) && size(self.value) > 0 && has(self.valueFrom))",message="set at most one of value and valueFrom"
 type EnvVar struct {
 	// Name of the variable: letters, digits and underscores, not starting with a digit.
 	// Names starting with AGENT_, PYTHON or LD_ are reserved.
