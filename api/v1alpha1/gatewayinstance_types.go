@@ -121,6 +121,13 @@ type AlignmentProof struct {
 	// +optional
 	ReleaseSHA256 string `json:"releaseSHA256,omitempty"`
 
+	// MaterialDigest is the digest of the secret and configuration material the process
+	// started with (its AGENT_MATERIAL_DIGEST), equal to spec.material.digest; empty when the
+	// profile names none.
+	// +kubebuilder:validation:MaxLength=71
+	// +optional
+	MaterialDigest string `json:"materialDigest,omitempty"`
+
 	// UnitClean is true when the unit file and its drop-ins set no PYTHONPATH.
 	// +optional
 	UnitClean bool `json:"unitClean,omitempty"`

@@ -221,7 +221,9 @@ func TestManagerGrantsOnlyAgentAccess(t *testing.T) {
 			return manager.Create(ctx, b)
 		}
 	}
-	user := func(n string) rbacv1.Subject { return rbacv1.Subject{APIGroup: rbacv1.GroupName, Kind: "User", Name: n} }
+	user := func(n string) rbacv1.Subject {
+		return rbacv1.Subject{APIGroup: rbacv1.GroupName, Kind: "User", Name: n}
+	}
 	waitForAccessPolicy(t)
 	roleMsg := "a Role it writes allows only get, on Secrets or ConfigMaps it names"
 	runSteps(t, []step{
