@@ -21,11 +21,12 @@ const (
 )
 
 // material reads the Secrets and ConfigMaps the profile names and returns where they are and
-// their digest, nil when it names none. A *v1.MaterialError says what is missing or refused,
-// without a value.
+// their digest, nil when it names none, and records in the profile's status which versions of
+// them it read. A *v1.MaterialError says what is missing or refused, without a value.
 func (r *GatewayProfileReconciler) material(ctx context.Context, p *v1.GatewayProfile) (*v1.MaterialSource, error) {
 	secNames, cmNames := p.Spec.MaterialRefs()
 	if len(secNames)+len(cmNames) == 0 {
+		p.Status.Material = nil
 		return nil, nil
 	}
 	if r.MaterialNamespace == "" {
@@ -56,6 +57,14 @@ func (r *GatewayProfileReconciler) material(ctx context.Context, p *v1.GatewayPr
 	if err != nil {
 		return nil, err
 	}
+	st := &v1.ProfileMaterial{Digest: m.Digest}
+	for _, n := range secNames {
+		st.Objects = append(st.Objects, v1.MaterialObject{Kind: "Secret", Name: n, ResourceVersion: secrets[n].ResourceVersion})
+	}
+	for _, n := range cmNames {
+		st.Objects = append(st.Objects, v1.MaterialObject{Kind: "ConfigMap", Name: n, ResourceVersion: cms[n].ResourceVersion})
+	}
+	p.Status.Material = st
 	return &v1.MaterialSource{Namespace: r.MaterialNamespace, Digest: m.Digest}, nil
 }
 

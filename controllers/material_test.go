@@ -108,6 +108,11 @@ func TestMaterialDigestRotationAndAccess(t *testing.T) {
 	if rotated.Spec.ConfigHash == first.Spec.ConfigHash {
 		t.Error("a rotated Secret kept the config hash")
 	}
+	eventually(t, "the profile's status to name the rotated Secret's version", func() (bool, string) {
+		m := getProfile(t, "mat").Status.Material
+		return m != nil && m.Digest == rotated.Spec.Material.Digest && len(m.Objects) == 2 &&
+			m.Objects[0] == v1.MaterialObject{Kind: "Secret", Name: "mat-creds", ResourceVersion: sec.ResourceVersion}, fmt.Sprintf("%+v", m)
+	})
 	simulatedAgentReports(t, "mat.mat-1", true, "")
 
 	// A missing key: the profile says so and the host keeps its spec.
