@@ -92,9 +92,9 @@ type SecretReference struct {
 // EnvFromSource adds every key of a Secret as a variable. Each key, after the prefix, must be a
 // variable name that is not reserved; otherwise the profile reports MaterialInvalid.
 type EnvFromSource struct {
-	// Prefix is put before every key.
+	// Prefix is put before every key; empty by default.
 	// +kubebuilder:validation:MaxLength=64
-	// +kubebuilder:validation:Pattern=`^[A-Za-z_][A-Za-z0-9_]*$`
+	// +kubebuilder:validation:Pattern=`^([A-Za-z_][A-Za-z0-9_]*)?$`
 	// +kubebuilder:validation:XValidation:rule="!self.startsWith('AGENT_') && !self.startsWith('PYTHON') && !self.startsWith('LD_')",message="prefixes starting with AGENT_, PYTHON or LD_ are reserved"
 	// +optional
 	Prefix string `json:"prefix,omitempty"`

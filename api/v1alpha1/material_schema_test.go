@@ -58,6 +58,9 @@ func TestMaterialValidation(t *testing.T) {
 		{"m18", func(s *v1.GatewayProfileSpec) {
 			s.EnvFrom = []v1.EnvFromSource{{Prefix: "LD_", SecretRef: v1.SecretReference{Name: "x"}}}
 		}, "reserved"},
+		{"m20", func(s *v1.GatewayProfileSpec) {
+			s.EnvFrom = []v1.EnvFromSource{{Prefix: "1X", SecretRef: v1.SecretReference{Name: "x"}}}
+		}, "spec.envFrom[0].prefix"},
 		{"m19", func(s *v1.GatewayProfileSpec) {
 			s.Files = make([]v1.FileSource, 33)
 			for i := range s.Files {
@@ -69,7 +72,7 @@ func TestMaterialValidation(t *testing.T) {
 	}
 	mustCreate(t, p("material", func(s *v1.GatewayProfileSpec) {
 		s.Env = []v1.EnvVar{{Name: "PLAIN", Value: "1"}, {Name: "TOKEN", ValueFrom: &v1.EnvVarSource{SecretKeyRef: *key}}}
-		s.EnvFrom = []v1.EnvFromSource{{Prefix: "APP_", SecretRef: v1.SecretReference{Name: "app-env"}}}
+		s.EnvFrom = []v1.EnvFromSource{{Prefix: "APP_", SecretRef: v1.SecretReference{Name: "app-env"}}, {SecretRef: v1.SecretReference{Name: "keys"}}}
 		s.Files = []v1.FileSource{
 			{Path: ".env", SecretKeyRef: key},
 			{Path: "config/app.yaml", Mode: ptr32(0o644), ConfigMapKeyRef: &v1.KeySelector{Name: "app-config", Key: "app.yaml"}},
