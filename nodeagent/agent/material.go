@@ -95,6 +95,11 @@ func (r *InstanceReconciler) material(ctx context.Context, gi *v1.GatewayInstanc
 // progress deadline.
 func (r *InstanceReconciler) waitForMaterial(ctx context.Context, gi *v1.GatewayInstance, w *materialWait) (ctrl.Result, error) {
 	ctrl.LoggerFrom(ctx).Info("material not ready; the gateway keeps what it runs", "reason", w.reason, "message", w.msg)
+	if w.reason == ReasonMaterialChanged && gi.Status.ObservedGeneration == gi.Generation && gi.Status.ConfigHash == gi.Spec.ConfigHash {
+		// A rotation the controller has not brought to this host yet: the gateway runs this
+		// very spec, proven; its new instance spec will wake the agent.
+		return ctrl.Result{RequeueAfter: ReproveInterval}, nil
+	}
 	base := gi.DeepCopy()
 	msg := w.msg + "; the gateway keeps the material it runs"
 	if v1.SetCondition(gi, v1.ConditionReady, metav1.ConditionFalse, w.reason, msg) {
