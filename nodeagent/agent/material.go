@@ -97,7 +97,15 @@ func (r *InstanceReconciler) waitForMaterial(ctx context.Context, gi *v1.Gateway
 	ctrl.LoggerFrom(ctx).Info("material not ready; the gateway keeps what it runs", "reason", w.reason, "message", w.msg)
 	if w.reason == ReasonMaterialChanged && gi.Status.ObservedGeneration == gi.Generation && gi.Status.ConfigHash == gi.Spec.ConfigHash {
 		// A rotation the controller has not brought to this host yet: the gateway runs this
-		// very spec, proven; its new instance spec will wake the agent.
+		// very spec, proven, and the status says so still; a retry asked for is answered by
+		// it. The new instance spec will wake the agent.
+		if token := v1.RequestToken(gi.Annotations[v1.AnnotationRetry]); token != gi.Status.LastHandledRetry {
+			base := gi.DeepCopy()
+			gi.Status.LastHandledRetry = token
+			if err := r.Client.Status().Patch(ctx, gi, client.MergeFrom(base)); err != nil {
+				return ctrl.Result{}, fmt.Errorf("write status: %w", err)
+			}
+		}
 		return ctrl.Result{RequeueAfter: ReproveInterval}, nil
 	}
 	base := gi.DeepCopy()

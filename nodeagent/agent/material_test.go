@@ -86,6 +86,27 @@ func TestAgentAppliesOnlyTheMaterialItWasGiven(t *testing.T) {
 	if got.Status.Alignment == nil || got.Status.Alignment.MaterialDigest != m.Digest {
 		t.Errorf("the proof names material %+v; want %s", got.Status.Alignment, m.Digest)
 	}
+
+	// The Secret rotates; the controller has not rolled it to this host yet. The host, asked to
+	// look again, still runs this spec, proven, and says so.
+	sec.Data = map[string][]byte{"token": []byte(value + "-rotated")}
+	if err := c.Update(ctx, sec); err != nil {
+		t.Fatal(err)
+	}
+	base := got.DeepCopy()
+	got.Annotations = map[string]string{v1.AnnotationRetry: "after-rotation"}
+	if err := c.Patch(ctx, &got, client.MergeFrom(base)); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the retry answered", func() (bool, string) {
+		if err := c.Get(ctx, client.ObjectKeyFromObject(gi), &got); err != nil {
+			return false, err.Error()
+		}
+		return got.Status.LastHandledRetry == "after-rotation", got.Status.LastHandledRetry
+	})
+	if r := condition(&got, v1.ConditionReady); r == nil || r.Status != metav1.ConditionTrue {
+		t.Errorf("a proven host reports %+v while a rotation waits to reach it", r)
+	}
 	var evs eventsv1.EventList
 	if err := c.List(ctx, &evs); err != nil {
 		t.Fatal(err)
