@@ -83,7 +83,7 @@ func TestConfigHashFollowsSpec(t *testing.T) {
 		p := &v1.GatewayProfile{ObjectMeta: metav1.ObjectMeta{Name: "core"}, Spec: v1.GatewayProfileSpec{Release: "r"}}
 		p.Spec.Resources.TasksMax = tasks
 		r := &v1.Release{ObjectMeta: metav1.ObjectMeta{Name: "r"}, Spec: v1.ReleaseSpec{SHA256: "x", Label: "1.0.0"}}
-		return profileSpec(p, r).forHost("h").ConfigHash
+		return profileSpec(p, r, nil).forHost("h").ConfigHash
 	}
 	if capped(64) == capped(128) {
 		t.Error("a different tasksMax kept the hash")
@@ -94,5 +94,5 @@ func configHashOf(t *testing.T, label string) string {
 	t.Helper()
 	p := &v1.GatewayProfile{ObjectMeta: metav1.ObjectMeta{Name: "core"}, Spec: v1.GatewayProfileSpec{Release: "r"}}
 	r := &v1.Release{ObjectMeta: metav1.ObjectMeta{Name: "r"}, Spec: v1.ReleaseSpec{SHA256: "x", Label: label}}
-	return profileSpec(p, r).forHost("h").ConfigHash
+	return profileSpec(p, r, nil).forHost("h").ConfigHash
 }

@@ -2,6 +2,7 @@ package controllers
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sort"
 	"strings"
@@ -35,6 +36,9 @@ const FinalizerProfileInstances = "gateway.agent.dev/instances"
 type GatewayProfileReconciler struct {
 	Client   client.Client
 	Recorder recorder.EventRecorder
+	// MaterialNamespace holds the Secrets and ConfigMaps profiles name; the manager caches
+	// those of this namespace only.
+	MaterialNamespace string
 }
 
 // indexInstanceProfile indexes instances by profile, so a reconcile reads its own instances
@@ -77,6 +81,8 @@ func (r *GatewayProfileReconciler) setupWith(mgr ctrl.Manager, rec reconcile.Rec
 		}).
 		Watches(&v1.GatewayHost{}, r.profilesOfHost(), builder.WithPredicates(hostMattersToProfiles)).
 		Watches(&v1.Release{}, handler.EnqueueRequestsFromMapFunc(r.profilesOfRelease)).
+		Watches(&corev1.Secret{}, handler.EnqueueRequestsFromMapFunc(r.profilesOfMaterial(indexProfileSecrets))).
+		Watches(&corev1.ConfigMap{}, handler.EnqueueRequestsFromMapFunc(r.profilesOfMaterial(indexProfileConfigMaps))).
 		Complete(rec)
 }
 
@@ -150,6 +156,20 @@ func (r *GatewayProfileReconciler) reconcileNormal(ctx context.Context, p *v1.Ga
 		return ctrl.Result{}, nil
 	}
 
+	mat, err := r.material(ctx, p)
+	if err != nil {
+		var me *v1.MaterialError
+		if !errors.As(err, &me) {
+			return ctrl.Result{}, err
+		}
+		// Nothing moves: every host keeps the material it runs until the objects are mended.
+		msg := me.Msg + "; hosts keep the material they run"
+		summarize(p, instances, &rel, nil)
+		setState(p, metav1.ConditionFalse, me.Reason, msg, stateStalled)
+		r.Recorder.Eventf(p, nil, corev1.EventTypeWarning, me.Reason, "Plan", "%s", msg)
+		return ctrl.Result{}, nil
+	}
+
 	hosts, err := r.selectedHosts(ctx, p)
 	if err != nil {
 		setState(p, metav1.ConditionFalse, "InvalidSelector", err.Error(), stateStalled)
@@ -180,7 +200,7 @@ func (r *GatewayProfileReconciler) reconcileNormal(ctx context.Context, p *v1.Ga
 		delete(instances, host)
 	}
 
-	tmpl := profileSpec(p, &rel)
+	tmpl := profileSpec(p, &rel, mat)
 	res, err := r.rollout(ctx, p, &rel, tmpl, hosts, canary, instances)
 	failed := summarize(p, instances, &rel, tmpl.hashFor)
 	p.Status.Desired = count32(len(hosts))

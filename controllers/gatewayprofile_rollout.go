@@ -40,7 +40,7 @@ func (r *GatewayProfileReconciler) rollout(ctx context.Context, p *v1.GatewayPro
 	handled := p.Status.LastHandled
 
 	if token, ok := v1.Requested(p, v1.AnnotationAbort, handled.Abort); ok {
-		if err := r.abort(ctx, p, instances); err != nil {
+		if err := r.abort(ctx, p, tmpl.spec.Material, instances); err != nil {
 			return ctrl.Result{}, err
 		}
 		handled.Abort = token
@@ -303,8 +303,9 @@ func rollingBack(p *v1.GatewayProfile, rel *v1.Release) bool {
 }
 
 // abort returns every host already moved to the target to the release the rollout started
-// from, at once, and stops the rollout until the spec names a new target.
-func (r *GatewayProfileReconciler) abort(ctx context.Context, p *v1.GatewayProfile, instances map[string]*v1.GatewayInstance) error {
+// from, at once, and stops the rollout until the spec names a new target. The material stays
+// the current one: a bad Secret is mended by changing it, which rolls out again.
+func (r *GatewayProfileReconciler) abort(ctx context.Context, p *v1.GatewayProfile, mat *v1.MaterialSource, instances map[string]*v1.GatewayInstance) error {
 	st := p.Status.Rollout
 	if st.From == nil {
 		r.Recorder.Eventf(p, nil, corev1.EventTypeWarning, "AbortRefused", "Abort", "nothing to return to: this is the profile's first rollout")
@@ -322,7 +323,7 @@ func (r *GatewayProfileReconciler) abort(ctx context.Context, p *v1.GatewayProfi
 		v1.SetCondition(p, v1.ConditionPaused, metav1.ConditionFalse, "Aborted", st.Step)
 		r.Recorder.Eventf(p, nil, corev1.EventTypeWarning, "RolloutAborted", "Abort", "%s", st.Step)
 	}
-	tmpl := profileSpec(p, &prev)
+	tmpl := profileSpec(p, &prev, mat)
 	desired := map[string]v1.GatewayInstanceSpec{}
 	var back []string
 	for host, gi := range instances {

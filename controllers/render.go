@@ -19,8 +19,9 @@ type templateSpec struct {
 	key  string
 }
 
-// profileSpec is what a profile asks of every host, given the release it runs.
-func profileSpec(p *v1.GatewayProfile, rel *v1.Release) templateSpec {
+// profileSpec is what a profile asks of every host, given the release it runs and where and
+// what its material is (nil when it names none).
+func profileSpec(p *v1.GatewayProfile, rel *v1.Release, mat *v1.MaterialSource) templateSpec {
 	spec := v1.GatewayInstanceSpec{
 		Profile: p.Name,
 		Release: v1.ReleaseArtifact{
@@ -32,6 +33,7 @@ func profileSpec(p *v1.GatewayProfile, rel *v1.Release) templateSpec {
 		GatewaySettings: *p.Spec.GatewaySettings.DeepCopy(),
 		AutoRollback:    ptrBool(p.Spec.Rollout.AutoRollback == nil || *p.Spec.Rollout.AutoRollback),
 		HealthProbe:     p.Spec.Rollout.HealthProbe.DeepCopy(),
+		Material:        mat.DeepCopy(),
 	}
 	return templateSpec{spec: spec, key: configHash(spec)}
 }

@@ -3,7 +3,11 @@ package controllers
 import (
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 )
 
 // Options configure the controller manager's reconcilers.
@@ -14,6 +18,22 @@ type Options struct {
 	ToolRunRuntimeClass string
 	// ToolRunTTL is how long a finished tool run is kept.
 	ToolRunTTL time.Duration
+	// MaterialNamespace holds the Secrets and ConfigMaps profiles name, and each host's Role
+	// and RoleBinding to read them. The manager's cache must cover Secrets, ConfigMaps, Roles and
+	// RoleBindings of this namespace (MaterialCache says how).
+	MaterialNamespace string
+}
+
+// DefaultMaterialNamespace is the operator's namespace in config/.
+const DefaultMaterialNamespace = "gateway-operator-system"
+
+// MaterialCache limits the manager's cache of Secrets, ConfigMaps, Roles and RoleBindings to
+// the material namespace: the manager never holds another namespace's secrets in memory.
+func MaterialCache(ns string) map[client.Object]cache.ByObject {
+	only := cache.ByObject{Namespaces: map[string]cache.Config{ns: {}}}
+	return map[client.Object]cache.ByObject{
+		&corev1.Secret{}: only, &corev1.ConfigMap{}: only, &rbacv1.Role{}: only, &rbacv1.RoleBinding{}: only,
+	}
 }
 
 // Setup registers every reconciler with the manager.
@@ -39,5 +59,12 @@ func Setup(mgr ctrl.Manager, o Options) error {
 		RuntimeClass: o.ToolRunRuntimeClass, TTL: o.ToolRunTTL}).SetupWithManager(mgr); err != nil {
 		return err
 	}
-	return (&GatewayProfileReconciler{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorder("gatewayprofile-controller")}).SetupWithManager(mgr)
+	if o.MaterialNamespace == "" {
+		o.MaterialNamespace = DefaultMaterialNamespace
+	}
+	if err := (&AgentAccessReconciler{Client: mgr.GetClient(), Namespace: o.MaterialNamespace}).SetupWithManager(mgr); err != nil {
+		return err
+	}
+	return (&GatewayProfileReconciler{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorder("gatewayprofile-controller"),
+		MaterialNamespace: o.MaterialNamespace}).SetupWithManager(mgr)
 }

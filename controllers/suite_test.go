@@ -9,11 +9,13 @@ import (
 	"testing"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/util/retry"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/config"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
@@ -36,6 +38,9 @@ var (
 
 const grace = 8 * time.Second
 
+// materialNS holds the Secrets and ConfigMaps the tests' profiles name.
+const materialNS = "gateway-material"
+
 func TestMain(m *testing.M) {
 	os.Exit(run(m))
 }
@@ -50,6 +55,10 @@ func run(m *testing.M) int {
 	defer func() { _ = cp.Stop() }()
 	c = cp.Client
 	ctrl.SetLogger(zap.New(zap.WriteTo(logSink())))
+	if err := c.Create(context.Background(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: materialNS}}); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
 	if err := startManager(); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
@@ -69,6 +78,7 @@ var stopManager func() error
 func startManager() error {
 	mgr, err := ctrl.NewManager(cp.Config, ctrl.Options{
 		Scheme:  cp.Scheme,
+		Cache:   cache.Options{ByObject: controllers.MaterialCache(materialNS)},
 		Metrics: metricsserver.Options{BindAddress: "0"},
 		// Every manager of this binary registers the same controller names.
 		Controller: config.Controller{SkipNameValidation: ptr(true)},
@@ -76,7 +86,7 @@ func startManager() error {
 	if err != nil {
 		return err
 	}
-	if err := controllers.Setup(mgr, controllers.Options{HostGracePeriod: grace}); err != nil {
+	if err := controllers.Setup(mgr, controllers.Options{HostGracePeriod: grace, MaterialNamespace: materialNS}); err != nil {
 		return err
 	}
 	ctx, cancel := context.WithCancel(context.Background())

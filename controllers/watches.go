@@ -38,6 +38,12 @@ func indexFields(mgr ctrl.Manager) error {
 		func(o client.Object) []string { return []string{o.(*v1.GatewayInstance).Spec.Host} }); err != nil {
 		return err
 	}
+	if err := idx.IndexField(ctx, &v1.GatewayProfile{}, indexProfileSecrets, profileSecrets); err != nil {
+		return err
+	}
+	if err := idx.IndexField(ctx, &v1.GatewayProfile{}, indexProfileConfigMaps, profileConfigMaps); err != nil {
+		return err
+	}
 	return idx.IndexField(ctx, &v1.GatewayProfile{}, indexProfileRelease,
 		func(o client.Object) []string { return []string{o.(*v1.GatewayProfile).Spec.Release} })
 }

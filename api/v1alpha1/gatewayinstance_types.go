@@ -45,7 +45,27 @@ type GatewayInstanceSpec struct {
 	// +optional
 	ConfigHash string `json:"configHash,omitempty"`
 
+	// Material says where the agent reads the Secrets and ConfigMaps the settings name (env
+	// valueFrom, envFrom, files) and what it must find there. Unset when they name none.
+	// +optional
+	Material *MaterialSource `json:"material,omitempty"`
+
 	GatewaySettings `json:",inline"`
+}
+
+// MaterialSource locates a profile's secret and configuration material. It carries no value.
+type MaterialSource struct {
+	// Namespace holds the Secrets and ConfigMaps: the operator's.
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=63
+	// +kubebuilder:validation:Pattern=`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`
+	Namespace string `json:"namespace"`
+
+	// Digest is MaterialDigest of the objects as the controller read them: a change of a value
+	// changes it, and so the instance's config hash, and rolls out like any setting. The agent
+	// applies only material whose digest it finds equal.
+	// +kubebuilder:validation:Pattern=`^sha256:[a-f0-9]{64}$`
+	Digest string `json:"digest"`
 }
 
 // AlignmentProof is what the agent read from the host to show that the running gateway process
@@ -100,6 +120,13 @@ type AlignmentProof struct {
 	// ReleaseSHA256 is the release sha256 the process's environment declares.
 	// +optional
 	ReleaseSHA256 string `json:"releaseSHA256,omitempty"`
+
+	// MaterialDigest is the digest of the secret and configuration material the process
+	// started with (its AGENT_MATERIAL_DIGEST), equal to spec.material.digest; empty when the
+	// profile names none.
+	// +kubebuilder:validation:MaxLength=71
+	// +optional
+	MaterialDigest string `json:"materialDigest,omitempty"`
 
 	// UnitClean is true when the unit file and its drop-ins set no PYTHONPATH.
 	// +optional

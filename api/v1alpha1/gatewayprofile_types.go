@@ -39,6 +39,20 @@ type GatewaySettings struct {
 	// +optional
 	Env []EnvVar `json:"env,omitempty"`
 
+	// EnvFrom adds every key of a Secret in the operator's namespace as a variable, after the
+	// profile's env. A name set twice is refused.
+	// +kubebuilder:validation:MaxItems=16
+	// +optional
+	EnvFrom []EnvFromSource `json:"envFrom,omitempty"`
+
+	// Files are written under the profile's home before the gateway starts, from Secrets or
+	// ConfigMaps in the operator's namespace. Only the hosts that run the profile may read them.
+	// +listType=map
+	// +listMapKey=path
+	// +kubebuilder:validation:MaxItems=32
+	// +optional
+	Files []FileSource `json:"files,omitempty"`
+
 	// EgressAllowlist lists the destinations a Production-isolated gateway may reach; all other
 	// IP traffic is denied (systemd IPAddressDeny=any). Each entry is an IP address, a CIDR or one
 	// of localhost, link-local, multicast. Ignored, and reported so, in Convenience mode.
@@ -327,6 +341,12 @@ type GatewayProfileStatus struct {
 	// +optional
 	History []RolloutRecord `json:"history,omitempty"`
 
+	// Material is the secret and configuration material the profile rolls out now: its digest
+	// and the resourceVersion of each Secret and ConfigMap it was read from. After changing a
+	// Secret, wait until its resourceVersion shows here, then for Ready (docs/rollouts.md).
+	// +optional
+	Material *ProfileMaterial `json:"material,omitempty"`
+
 	// LastHandled records the last request token of each operator action the controller
 	// acted on (see the gateway.agent.dev/promote, resume and abort annotations).
 	// +optional
@@ -339,6 +359,28 @@ type GatewayProfileStatus struct {
 	// +listMapKey=type
 	// +optional
 	Conditions []metav1.Condition `json:"conditions,omitempty"`
+}
+
+// ProfileMaterial is what a profile's instances carry of its Secrets and ConfigMaps: never a
+// value.
+type ProfileMaterial struct {
+	// Digest is the digest every selected host's instance carries (spec.material.digest).
+	// +optional
+	Digest string `json:"digest,omitempty"`
+	// Objects are the Secrets and ConfigMaps the digest was computed from.
+	// +kubebuilder:validation:MaxItems=128
+	// +optional
+	Objects []MaterialObject `json:"objects,omitempty"`
+}
+
+// MaterialObject names one Secret or ConfigMap and the version of it that was read.
+type MaterialObject struct {
+	// Kind is Secret or ConfigMap.
+	Kind string `json:"kind"`
+	// Name of the object in the operator's namespace.
+	Name string `json:"name"`
+	// ResourceVersion of the object that was read.
+	ResourceVersion string `json:"resourceVersion"`
 }
 
 // HandledRequests are the tokens of the operator actions last acted on. A token longer than 64

@@ -38,6 +38,8 @@ func main() {
 	flag.DurationVar(&o.HostGracePeriod, "host-grace-period", 40*time.Second, "heartbeat age after which a host counts as unreachable")
 	flag.StringVar(&o.ToolRunRuntimeClass, "toolrun-runtime-class", "kata", "the Kata RuntimeClass every ToolRun pod runs with (never a fallback to runc)")
 	flag.DurationVar(&o.ToolRunTTL, "toolrun-ttl", time.Hour, "how long a finished ToolRun is kept")
+	flag.StringVar(&o.MaterialNamespace, "material-namespace", controllers.DefaultMaterialNamespace,
+		"the namespace of the Secrets and ConfigMaps profiles name, and of each host's Role to read them")
 	zopts := zap.Options{}
 	zopts.BindFlags(flag.CommandLine)
 	flag.Parse()
@@ -72,9 +74,9 @@ func main() {
 		// The manager reads only tool-run Pods: never cache every Pod of the cluster.
 		// Nothing here reads managedFields: dropping them from the cache halves what a large
 		// fleet's hosts and instances take in memory, and what each copy of them costs.
-		Cache: cache.Options{ByObject: map[client.Object]cache.ByObject{
-			&corev1.Pod{}: {Label: toolRunPods},
-		}, DefaultTransform: cache.TransformStripManagedFields()},
+		// Secrets, ConfigMaps, Roles and RoleBindings: those of the material namespace only.
+		Cache: cache.Options{ByObject: byObject(toolRunPods, o.MaterialNamespace),
+			DefaultTransform: cache.TransformStripManagedFields()},
 		Metrics:                 metrics,
 		HealthProbeBindAddress:  probeAddr,
 		LeaderElection:          leaderElect,
@@ -99,6 +101,12 @@ func main() {
 	if err := mgr.Start(ctrl.SetupSignalHandler()); err != nil {
 		fail(err)
 	}
+}
+
+func byObject(toolRunPods labels.Selector, materialNS string) map[client.Object]cache.ByObject {
+	m := controllers.MaterialCache(materialNS)
+	m[&corev1.Pod{}] = cache.ByObject{Label: toolRunPods}
+	return m
 }
 
 func fail(err error) {

@@ -179,7 +179,7 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 	}
 	if err := (&InstanceReconciler{
 		Hold:   beat.Duplicate,
-		Client: mgr.GetClient(), Host: o.HostName, Applier: applier, ToolRuns: toolRuns,
+		Client: mgr.GetClient(), Reader: mgr.GetAPIReader(), Host: o.HostName, Applier: applier, ToolRuns: toolRuns,
 		ConcurrentApplies: o.ConcurrentApplies, ApplyTimeout: o.ApplyTimeout,
 		Recorder: mgr.GetEventRecorder("gateway-agent-" + o.HostName),
 	}).SetupWithManager(mgr); err != nil {

@@ -40,7 +40,10 @@ const ReproveInterval = 5 * time.Minute
 
 // InstanceReconciler applies this host's GatewayInstances.
 type InstanceReconciler struct {
-	Client   client.Client
+	Client client.Client
+	// Reader gets the Secrets and ConfigMaps an instance names straight from the API server:
+	// the agent may only get them by name, so it neither lists nor watches nor caches them.
+	Reader   client.Reader
 	Host     string
 	Applier  *apply.Applier
 	Recorder recorder.EventRecorder
@@ -134,6 +137,13 @@ func (r *InstanceReconciler) Reconcile(ctx context.Context, req ctrl.Request) (c
 	}
 	if in.Isolation == "" {
 		in.Isolation = v1.IsolationProduction
+	}
+	if gi.Spec.Material != nil || gi.Spec.UsesMaterial() {
+		m, wait := r.material(ctx, &gi)
+		if wait != nil {
+			return r.waitForMaterial(ctx, &gi, wait)
+		}
+		in.Env, in.Files, in.MaterialDigest = m.Env, m.Files, m.Digest
 	}
 
 	timeout := r.ApplyTimeout

@@ -74,6 +74,10 @@ type Instance struct {
 	Probe Probe
 	// MemoryMax (bytes) and TasksMax cap the gateway's unit; zero means the API's default.
 	MemoryMax, TasksMax int64
+	// Files are written under the profile's home, owned by its user; MaterialDigest is the
+	// digest of them and of Env's secret values (v1.ResolveMaterial), written into the env file.
+	Files          []v1.MaterialFile
+	MaterialDigest string
 }
 
 // Probe is a health probe of a gateway's status endpoint after its proof.
@@ -188,11 +192,14 @@ type run struct {
 	in  Instance
 	p   layout.Profile
 
-	user     *users.User
-	target   Ref
-	want     *rendered
-	before   *rendered // the profile's files before this apply, restored by the undo
-	lastGood *Ref
+	user   *users.User
+	target Ref
+	want   *rendered
+	before *rendered // the profile's files before this apply, restored by the undo
+	// materialBefore is the material record before this apply, restored by the undo; nil
+	// until the write step replaced it.
+	materialBefore *materialRecord
+	lastGood       *Ref
 	// changed is set when this apply changed anything the gateway reads at start (its env file,
 	// units, the launcher, `current`): the running process then predates it and is restarted.
 	changed bool
@@ -320,6 +327,9 @@ func (r *run) write() *Failure {
 		return &Failure{Reason: "WriteFailed", Message: err.Error(), Retry: true}
 	}
 	r.changed = r.changed || changed.env || changed.dropIn
+	if r.materialBefore, err = r.a.writeMaterial(r.p, r.user, r.in.Files); err != nil {
+		return &Failure{Reason: "WriteFailed", Message: err.Error(), Retry: true}
+	}
 	if changed.dropIn {
 		if err := r.a.reload(r.ctx); err != nil {
 			return &Failure{Reason: "ReloadFailed", Message: err.Error(), Retry: true}
@@ -457,7 +467,7 @@ type rendered struct {
 func (a *Applier) settings(p layout.Profile, in Instance) unit.Settings {
 	return unit.Settings{
 		Profile: p, Mode: in.Mode, Exec: in.Exec, Isolation: in.Isolation, Env: in.Env, Egress: in.Egress,
-		Python: a.python(), MemoryMax: in.MemoryMax, TasksMax: in.TasksMax,
+		Python: a.python(), MemoryMax: in.MemoryMax, TasksMax: in.TasksMax, MaterialDigest: in.MaterialDigest,
 	}
 }
 

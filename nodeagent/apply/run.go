@@ -78,7 +78,7 @@ func (e expectation) record(proc *proof.Process, ev evidence) v1.AlignmentProof 
 	return v1.AlignmentProof{
 		StartTime: proc.StartTime, ControlGroup: ev.cgroup, SelfReported: selfReported, SysPath: ev.sysPath,
 		PythonPath: first(unit.EnvPythonPath), RuntimePath: e.ReleaseDir, Exe: proc.Exe, Cwd: proc.Cwd,
-		ReleaseSHA256: first(unit.EnvReleaseSHA), UnitClean: true, SiblingsUnchanged: true, CheckedAt: &now,
+		ReleaseSHA256: first(unit.EnvReleaseSHA), MaterialDigest: first(unit.EnvMaterialDigest), UnitClean: true, SiblingsUnchanged: true, CheckedAt: &now,
 	}
 }
 
@@ -377,6 +377,11 @@ func (r *run) rollback(f *Failure) (*Outcome, error) {
 	if _, err := a.writeRendered(p, restore); err != nil {
 		return fail("rollback failed", err)
 	}
+	if r.materialBefore != nil {
+		if err := a.restoreMaterial(p, r.user, *r.materialBefore); err != nil {
+			return fail("rollback failed", err)
+		}
+	}
 	if err := a.reload(ctx); err != nil {
 		return fail("rollback failed", err)
 	}
@@ -437,8 +442,9 @@ func (a *Applier) isolation(ctx context.Context, p layout.Profile, s unit.Settin
 	return proof, true, "Verified"
 }
 
-// Remove stops and disables a profile's unit and removes its env file, links, drop-in and
-// isolation probe. The home folder is kept unless purge is set. Removing an absent profile
+// Remove stops and disables a profile's unit and removes its env file, links, drop-in,
+// isolation probe and the files it wrote from Secrets and ConfigMaps. The rest of the home
+// folder is kept unless purge is set. Removing an absent profile
 // succeeds.
 func (a *Applier) Remove(ctx context.Context, profile string, purge bool) error {
 	p, err := layout.ForProfile(profile)
@@ -456,7 +462,11 @@ func (a *Applier) Remove(ctx context.Context, profile string, purge bool) error 
 		a.Log.V(1).Info("disable before removal", "profile", p.Name, "result", err.Error())
 	}
 	_ = a.Systemd.ResetFailed(ctx, p.Unit)
-	for _, f := range []string{p.Current, p.Dir + "/last-good", p.Env, path.Join(p.Dir, "proven")} {
+	// Secret files leave the host with the profile, even when its home is kept.
+	if err := a.removeMaterial(p); err != nil {
+		return err
+	}
+	for _, f := range []string{p.Current, p.Dir + "/last-good", p.Env, p.Material, path.Join(p.Dir, "proven")} {
 		if err := os.Remove(a.Host.On(f)); err != nil && !os.IsNotExist(err) {
 			return err
 		}

@@ -62,8 +62,11 @@ type Profile struct {
 	Dir     string // /opt/agent/gateways/<p>
 	Current string // <Dir>/current, the link to this profile's release
 	Env     string // <Dir>/env, the EnvironmentFile
-	Home    string // <Dir>/home, AGENT_HOME
-	Logs    string // <Dir>/logs
+	// Material records the files the agent last wrote into home from Secrets and ConfigMaps,
+	// with their content: root's, 0600, the copy a rollback restores.
+	Material string // <Dir>/material.json
+	Home     string // <Dir>/home, AGENT_HOME
+	Logs     string // <Dir>/logs
 	// StatusSocket is where the gateway serves its status endpoint.
 	StatusSocket string
 	Unit         string // agent-gateway@<p>.service
@@ -85,6 +88,7 @@ func ForProfile(name string) (Profile, error) {
 		Dir:          dir,
 		Current:      path.Join(dir, "current"),
 		Env:          path.Join(dir, "env"),
+		Material:     path.Join(dir, "material.json"),
 		Home:         path.Join(dir, "home"),
 		Logs:         path.Join(dir, "logs"),
 		StatusSocket: path.Join(dir, "home", "run", "status.sock"),

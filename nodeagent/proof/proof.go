@@ -162,7 +162,8 @@ func Alignment(host layout.Host, procRoot string, p *Process, e Expect) error {
 	}
 	for k, v := range e.Env {
 		if got := p.Lookup(k); len(got) != 1 || got[0] != v {
-			return fmt.Errorf("pid %d has %s=%v, want %q: it was started from an older environment file", p.PID, k, got, v)
+			// Values are never named: they may be secrets, and this message goes into status.
+			return fmt.Errorf("pid %d has %d value(s) of %s, not the one of its environment file: it was started from an older environment file", p.PID, len(got), k)
 		}
 	}
 	if e.UID >= 0 && p.UID != e.UID {

@@ -36,6 +36,8 @@ const (
 	EnvPython       = "AGENT_PYTHON"
 	EnvIsolation    = "AGENT_ISOLATION"
 	EnvConfigHash   = "AGENT_CONFIG_HASH"
+	// EnvMaterialDigest is the digest of the Secrets and ConfigMaps the gateway starts with.
+	EnvMaterialDigest = "AGENT_MATERIAL_DIGEST"
 )
 
 // Settings is everything rendered for one instance.
@@ -51,6 +53,10 @@ type Settings struct {
 	// ConfigHash, when set, is written into the env file so that a running process shows which
 	// rendering it was started from.
 	ConfigHash string
+	// MaterialDigest, when set, is written into the env file so that a running process shows
+	// which secret material it was started with. Env then holds secret values: the env file is
+	// root's alone.
+	MaterialDigest string
 	// MemoryMax is the gateway's memory cap in bytes and TasksMax its cap on processes and
 	// threads; zero means the API's default. EnvFile refuses values outside the API's bounds.
 	MemoryMax int64
@@ -233,6 +239,9 @@ func EnvFile(s Settings) (string, error) {
 	put("PYTHONNOUSERSITE", "1")
 	if s.ConfigHash != "" {
 		put(EnvConfigHash, s.ConfigHash)
+	}
+	if s.MaterialDigest != "" {
+		put(EnvMaterialDigest, s.MaterialDigest)
 	}
 	seen := map[string]bool{}
 	for _, e := range s.Env {

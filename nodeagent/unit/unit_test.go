@@ -206,3 +206,20 @@ func TestEnvFileRefusesCapsOutOfBounds(t *testing.T) {
 		})
 	}
 }
+
+// TestEnvFileCarriesTheMaterialDigest: a running process shows the material it started with.
+func TestEnvFileCarriesTheMaterialDigest(t *testing.T) {
+	s := settings(t)
+	env, _ := EnvFile(s)
+	if strings.Contains(env, EnvMaterialDigest) {
+		t.Errorf("a profile without material declares a digest:\n%s", env)
+	}
+	s.MaterialDigest = "sha256:" + strings.Repeat("e", 64)
+	env, err := EnvFile(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(env, EnvMaterialDigest+`="sha256:eeee`) {
+		t.Errorf("no digest:\n%s", env)
+	}
+}

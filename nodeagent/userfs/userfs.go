@@ -7,8 +7,11 @@
 package userfs
 
 import (
+	"bytes"
+	"crypto/rand"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -178,4 +181,138 @@ func checkName(name string) error {
 		return fmt.Errorf("%q is not a plain file name", name)
 	}
 	return nil
+}
+
+// WriteFile puts data at rel (a relative path such as "config/app.yaml") beneath home, the
+// user's folder opened with OpenDir, owned by to with mode. Missing folders on the way are
+// made (0700, the user's); every component is opened with O_NOFOLLOW and must be a folder the
+// user owns. The file is written to a new temporary file in its folder, given its owner and
+// mode before any data, synced and renamed over rel: the user never sees it half written, and
+// whatever the user left at rel (a symlink, a hard link) is replaced, never written through.
+// A file already holding data with owner and mode is left alone; it reports whether it wrote.
+func WriteFile(home *os.File, rel string, data []byte, mode os.FileMode, to Owner) (bool, error) {
+	dir, name, err := walkParent(home, rel, to, true)
+	if err != nil {
+		return false, err
+	}
+	defer dir.Close()
+	if same(dir, name, data, mode, to) {
+		return false, nil
+	}
+	// A name the user cannot guess, so it cannot plant anything there first.
+	tmp := ".agent-write-" + rand.Text()
+	fd, err := unix.Openat(int(dir.Fd()), tmp, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return false, fmt.Errorf("create %s/%s: %w", dir.Name(), tmp, err)
+	}
+	f := os.NewFile(uintptr(fd), filepath.Join(dir.Name(), tmp))
+	werr := errors.Join(unix.Fchown(fd, to.UID, to.GID), unix.Fchmod(fd, uint32(mode.Perm())))
+	if werr == nil {
+		_, werr = f.Write(data)
+	}
+	if werr == nil {
+		werr = f.Sync()
+	}
+	werr = errors.Join(werr, f.Close())
+	if werr == nil {
+		werr = unix.Renameat(int(dir.Fd()), tmp, int(dir.Fd()), name)
+	}
+	if werr != nil {
+		_ = unix.Unlinkat(int(dir.Fd()), tmp, 0)
+		return false, fmt.Errorf("write %s/%s: %w", dir.Name(), name, werr)
+	}
+	return true, unix.Fsync(int(dir.Fd()))
+}
+
+// Remove deletes the file rel beneath home, if there is one, without following a symlink on
+// the way; a folder at rel is left alone.
+func Remove(home *os.File, rel string) error {
+	dir, name, err := walkParent(home, rel, Owner{}, false)
+	if errors.Is(err, unix.ENOENT) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer dir.Close()
+	if err := unix.Unlinkat(int(dir.Fd()), name, 0); err != nil && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("remove %s/%s: %w", dir.Name(), name, err)
+	}
+	return nil
+}
+
+// walkParent opens the folder that holds rel's last component, one O_NOFOLLOW step at a time
+// from home, making missing folders when create is set. A folder on the way must be the user's
+// (when create is set) and a real folder; the name of the last component is returned with it.
+func walkParent(home *os.File, rel string, to Owner, create bool) (*os.File, string, error) {
+	parts := strings.Split(rel, "/")
+	for _, p := range parts {
+		if err := checkName(p); err != nil {
+			return nil, "", fmt.Errorf("path %q: %w", rel, err)
+		}
+	}
+	dir, err := openChildDir(home, ".")
+	if err != nil {
+		return nil, "", err
+	}
+	for _, p := range parts[:len(parts)-1] {
+		if create {
+			err := unix.Mkdirat(int(dir.Fd()), p, 0o700)
+			if err == nil {
+				// Made by root: hand it to the user before anything goes in.
+				sub, err := openChildDir(dir, p)
+				if err != nil {
+					dir.Close()
+					return nil, "", err
+				}
+				err = unix.Fchown(int(sub.Fd()), to.UID, to.GID)
+				sub.Close()
+				if err != nil {
+					dir.Close()
+					return nil, "", fmt.Errorf("chown %s/%s: %w", dir.Name(), p, err)
+				}
+			} else if !errors.Is(err, unix.EEXIST) {
+				dir.Close()
+				return nil, "", fmt.Errorf("mkdir %s/%s: %w", dir.Name(), p, err)
+			}
+		}
+		sub, err := openChildDir(dir, p)
+		dir.Close()
+		if err != nil {
+			return nil, "", err
+		}
+		dir = sub
+		if create {
+			var st unix.Stat_t
+			if err := unix.Fstat(int(dir.Fd()), &st); err != nil {
+				dir.Close()
+				return nil, "", err
+			}
+			if int(st.Uid) != to.UID {
+				dir.Close()
+				return nil, "", fmt.Errorf("%s belongs to uid %d, not the profile's user", dir.Name(), st.Uid)
+			}
+		}
+	}
+	return dir, parts[len(parts)-1], nil
+}
+
+// same reports whether name in dir is a regular file of its own (one link) holding exactly
+// data with owner and mode. It reads no more than len(data)+1 bytes and never blocks on a fifo.
+func same(dir *os.File, name string, data []byte, mode os.FileMode, to Owner) bool {
+	fd, err := unix.Openat(int(dir.Fd()), name, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return false
+	}
+	f := os.NewFile(uintptr(fd), name)
+	defer f.Close()
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFREG || st.Nlink != 1 ||
+		int(st.Uid) != to.UID || int(st.Gid) != to.GID || os.FileMode(st.Mode).Perm() != mode.Perm() ||
+		st.Mode&(unix.S_ISUID|unix.S_ISGID|unix.S_ISVTX) != 0 || st.Size != int64(len(data)) {
+		return false
+	}
+	got := make([]byte, len(data)+1)
+	n, _ := io.ReadFull(f, got)
+	return n == len(data) && bytes.Equal(got[:n], data)
 }

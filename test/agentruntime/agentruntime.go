@@ -207,6 +207,9 @@ type Status struct {
 	UID         int               `json:"uid"`
 	Mode        string            `json:"mode"`
 	Probes      map[string]string `json:"probes"`
+	// Read has the sha256 of each variable ("env:NAME") and home file ("file:path") the
+	// gateway's REPORT_SHA256 names, as the gateway read them.
+	Read map[string]string `json:"read"`
 }
 
 // GetStatus asks a runtime for its status over its unix socket (a path the caller can reach),

@@ -11,7 +11,9 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/client-go/rest"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/config"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
@@ -90,7 +92,9 @@ func TestGoneHost(t *testing.T) {
 // stops it.
 func startManager(cfg *rest.Config) (func() error, error) {
 	ctrl.SetLogger(logr.Discard())
-	mgr, err := ctrl.NewManager(cfg, ctrl.Options{Scheme: cp.Scheme, Metrics: metricsserver.Options{BindAddress: "0"}})
+	mgr, err := ctrl.NewManager(cfg, ctrl.Options{Scheme: cp.Scheme, Metrics: metricsserver.Options{BindAddress: "0"},
+		Cache:      cache.Options{ByObject: controllers.MaterialCache(controllers.DefaultMaterialNamespace)},
+		Controller: config.Controller{SkipNameValidation: ptrTo(true)}})
 	if err != nil {
 		return nil, err
 	}
@@ -102,3 +106,5 @@ func startManager(cfg *rest.Config) (func() error, error) {
 	go func() { done <- mgr.Start(ctx) }()
 	return func() error { cancel(); return <-done }, nil
 }
+
+func ptrTo[T any](v T) *T { return &v }

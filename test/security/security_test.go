@@ -69,6 +69,10 @@ func run(m *testing.M) int {
 }
 
 func setUp(ctx context.Context) error {
+	// The manager's Role for profiles' material lives in its namespace.
+	if err := admin.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "gateway-operator-system"}}); err != nil {
+		return err
+	}
 	for _, file := range []string{"config/rbac/agent_role.yaml", "config/policies/agent_policy.yaml",
 		"config/rbac/role.yaml", "config/rbac/role_binding.yaml", "config/rbac/user_roles.yaml"} {
 		if err := applyFile(ctx, file); err != nil {
@@ -231,6 +235,8 @@ func deleteLater(t *testing.T, obj client.Object) {
 type verdict struct {
 	by   string
 	text []string
+	// policy is the admission policy that must refuse, policyName when empty.
+	policy string
 }
 
 var allowed = verdict{}
@@ -255,9 +261,13 @@ func (v verdict) check(t *testing.T, err error) {
 	if !apierrors.IsForbidden(err) {
 		t.Fatalf("want Forbidden by %s, got %v", v.by, err)
 	}
-	fromPolicy := strings.Contains(err.Error(), "ValidatingAdmissionPolicy '"+policyName+"'")
+	policy := policyName
+	if v.policy != "" {
+		policy = v.policy
+	}
+	fromPolicy := strings.Contains(err.Error(), "ValidatingAdmissionPolicy '"+policy+"'")
 	if v.by == "policy" && !fromPolicy {
-		t.Errorf("refused, but not by %s: %v", policyName, err)
+		t.Errorf("refused, but not by %s: %v", policy, err)
 	}
 	if v.by == "rbac" && fromPolicy {
 		t.Errorf("refused by the policy; want RBAC to refuse first: %v", err)

@@ -6,6 +6,7 @@ POST /toolrun?socket=PATH plays a gateway escalating untrusted code: it sends th
 node agent's tool-run socket (its own, $AGENT_HOME/run/toolrun.sock, unless PATH says otherwise)
 and answers with the agent's reply, or {"connect_error": ...}.
 """
+import hashlib
 import http.server
 import json
 import os
@@ -81,6 +82,24 @@ def toolrun(home, query, body):
         return s.makefile("rb").read()
 
 
+def read_material(home):
+    """sha256 of each variable ("env:NAME") and home file ("file:path") named in
+    REPORT_SHA256, read by the gateway itself: proof it got its material, without the values."""
+    out = {}
+    for item in filter(None, os.environ.get("REPORT_SHA256", "").split(",")):
+        kind, _, name = item.partition(":")
+        try:
+            if kind == "env":
+                data = os.environ[name].encode()
+            else:
+                with open(os.path.join(home, name), "rb") as f:
+                    data = f.read()
+            out[item] = hashlib.sha256(data).hexdigest()
+        except (KeyError, OSError) as e:
+            out[item] = "error: " + type(e).__name__
+    return out
+
+
 def status(home):
     info = release_info()
     return {
@@ -95,6 +114,7 @@ def status(home):
         "cwd": os.getcwd(),
         "uid": os.getuid(),
         "probes": probes(home),
+        "read": read_material(home),
     }
 
 
