@@ -74,6 +74,10 @@ lint-go: $(GOLANGCI_LINT) ## Lint Go code with the pinned golangci-lint and .gol
 build: ## Build the binaries into ./bin.
 	CGO_ENABLED=0 go build -trimpath -o $(LOCALBIN)/ ./cmd/...
 
+.PHONY: plugin
+plugin: ## Build the kubectl plugin into ./bin/kubectl-gateway (put ./bin on PATH: kubectl gateway --help).
+	CGO_ENABLED=0 go build -trimpath -o $(LOCALBIN)/kubectl-gateway ./cmd/kubectl-gateway
+
 ##@ Tests
 
 .PHONY: test-deps
