@@ -31,8 +31,15 @@ func newHistoryCommand(o *options) *cobra.Command {
 			st := gp.Status
 			t := newTable(o.Out, colors(o.Out), 4)
 			t.header("STARTED", "ENDED", "FROM", "TO", "RESULT")
-			for i := len(st.History) - 1; i >= 0; i-- {
-				r := st.History[i]
+			if r := st.Rollout; r != nil {
+				res := phaseCell(r.Phase)
+				if r.Phase != v1.RolloutComplete && r.Phase != v1.RolloutAborted && r.Step != "" {
+					res.text += " (" + r.Step + ")"
+				}
+				t.row(p(o.ago(r.StartTime)), p(""), p(summaryText(r.From)), p(summaryText(r.To)), res)
+			}
+			// The history is newest first, as the table is.
+			for _, r := range st.History {
 				res := c(r.Result, busy)
 				switch r.Result {
 				case string(v1.RolloutComplete):
@@ -45,12 +52,8 @@ func newHistoryCommand(o *options) *cobra.Command {
 			if err := t.flush(); err != nil {
 				return err
 			}
-			if len(st.History) == 0 {
+			if st.Rollout == nil {
 				fmt.Fprintln(o.Out, "(no rollouts recorded)")
-			}
-			if r := st.Rollout; r != nil && r.Phase != v1.RolloutComplete {
-				fmt.Fprintf(o.Out, "\nNow: %s from %s to %s (step %s), %d updated, %d pending, %d failed\n",
-					r.Phase, summaryText(r.From), summaryText(r.To), r.Step, r.UpdatedHosts, r.PendingHosts, r.FailedHosts)
 			}
 			return nil
 		},
