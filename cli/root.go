@@ -69,7 +69,7 @@ patches documented in docs/rollouts.md. The usual kubectl flags (--kubeconfig, -
 		newStatusCommand(o), newProofCommand(o), newHistoryCommand(o), newHostsCommand(o),
 		newCordonCommand(o, true), newCordonCommand(o, false),
 		newReleaseCommand(o),
-		newPauseCommand(o, true), newPauseCommand(o, false), newRollbackCommand(o), newRenderCommand(o),
+		newPauseCommand(o, true), newPauseCommand(o, false), newRollbackCommand(o), newRenderCommand(o), newRestartCommand(o),
 	)
 	for _, r := range requests {
 		root.AddCommand(newRequestCommand(o, r))

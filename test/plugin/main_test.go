@@ -108,8 +108,13 @@ func setUp(dir string) error {
 	if err != nil {
 		return err
 	}
+	policy, err := repo.Path("config/policies/instance_policy.yaml")
+	if err != nil {
+		return err
+	}
 	for _, args := range [][]string{
 		{"apply", "-f", roles},
+		{"apply", "-f", policy},
 		{"create", "clusterrolebinding", "vera-views", "--clusterrole=gateway-operator-viewer", "--user=vera"},
 		{"create", "clusterrolebinding", "otto-operates", "--clusterrole=gateway-operator-operator", "--user=otto"},
 	} {
@@ -185,8 +190,13 @@ func simulatedAgents(ctx context.Context) {
 				_ = c.Patch(ctx, gi, client.MergeFrom(base))
 				continue
 			}
-			if gi.Status.ObservedGeneration == gi.Generation && gi.Status.LastHandledRetry == retry {
+			restart, restartAsked := v1.Requested(gi, v1.AnnotationRestart, gi.Status.LastHandledRestart)
+			if gi.Status.ObservedGeneration == gi.Generation && gi.Status.LastHandledRetry == retry && !restartAsked {
 				continue
+			}
+			if restartAsked {
+				gi.Status.LastHandledRestart = restart
+				gi.Status.MainPID++
 			}
 			report(ctx, gi, retry)
 		}
@@ -195,6 +205,7 @@ func simulatedAgents(ctx context.Context) {
 
 func report(ctx context.Context, gi *v1.GatewayInstance, retry string) {
 	base := gi.DeepCopy()
+	base.Status.LastHandledRestart, base.Status.MainPID = "", 0 // always written
 	gen := gi.Generation
 	st := &gi.Status
 	st.ObservedGeneration, st.ConfigHash, st.LastHandledRetry = gen, gi.Spec.ConfigHash, retry
@@ -208,7 +219,9 @@ func report(ctx context.Context, gi *v1.GatewayInstance, retry string) {
 	} else {
 		r := gi.Spec.Release
 		st.CurrentRelease = &v1.ReleaseSummary{Name: r.Name, Label: r.Label, SHA256: r.SHA256}
-		st.MainPID = 4242
+		if st.MainPID == 0 {
+			st.MainPID = 4242
+		}
 		now := metav1.Now()
 		st.Alignment = &v1.AlignmentProof{ReleaseSHA256: r.SHA256, PythonPath: "/opt/agent/gateways/" + gi.Spec.Profile + "/current",
 			UnitClean: true, SiblingsUnchanged: true, CheckedAt: &now}

@@ -103,7 +103,7 @@ func TestCordon(t *testing.T) {
 
 func TestEveryVerbHasHelpWithAnExample(t *testing.T) {
 	for _, verb := range []string{"status", "proof", "history", "hosts", "cordon", "uncordon", "promote", "resume",
-		"abort", "pause", "unpause", "rollback", "render", "release pack", "release check"} {
+		"abort", "pause", "unpause", "rollback", "render", "restart", "release pack", "release check"} {
 		out := gateway(t, viewer, append(strings.Fields(verb), "--help")...)
 		if !strings.Contains(out, "Examples:") || !strings.Contains(out, "kubectl gateway "+verb) {
 			t.Errorf("kubectl gateway %s --help has no example:\n%s", verb, out)
