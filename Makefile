@@ -90,6 +90,10 @@ DESTDIR ?= /
 install: build ## Install the node agent, its unit and /etc/gateway-operator under DESTDIR (default /; idempotent).
 	hack/install-host.sh --root $(DESTDIR) --bin $(LOCALBIN)
 
+.PHONY: plugin
+plugin: ## Build the kubectl plugin into ./bin/kubectl-gateway (put ./bin on PATH: kubectl gateway --help).
+	CGO_ENABLED=0 go build -trimpath -o $(LOCALBIN)/kubectl-gateway ./cmd/kubectl-gateway
+
 ##@ Tests
 
 .PHONY: test-deps

@@ -10,7 +10,7 @@ chart=charts/gateway-operator
 pairs=()
 for f in config/crd/bases/*.yaml; do pairs+=("$f:$chart/crds/$(basename "$f")"); done
 for f in config/rbac/role.yaml config/rbac/agent_role.yaml config/rbac/user_roles.yaml config/policies/agent_policy.yaml \
-  config/policies/toolrun_policy.yaml config/policies/manager_policy.yaml; do
+  config/policies/toolrun_policy.yaml config/policies/manager_policy.yaml config/policies/instance_policy.yaml; do
   pairs+=("$f:$chart/files/$(basename "$f")")
 done
 status=0

@@ -188,6 +188,12 @@ type IsolationCheck struct {
 // RequestToken gives it, in status.lastHandledRetry.
 const AnnotationRetry = "gateway.agent.dev/retry"
 
+// AnnotationRestart on a GatewayInstance asks its host's agent to restart exactly that
+// profile's unit (a plugin change is picked up only by a restart) and prove it again, siblings
+// untouched; the value is a request token the agent records, as RequestToken gives it, in
+// status.lastHandledRestart. `kubectl gateway restart PROFILE --host HOST` sets it.
+const AnnotationRestart = "gateway.agent.dev/restart"
+
 // GatewayInstanceStatus is written by the instance's host agent only.
 type GatewayInstanceStatus struct {
 	// ObservedGeneration is the generation the agent last applied.
@@ -228,6 +234,12 @@ type GatewayInstanceStatus struct {
 	// +kubebuilder:validation:MaxLength=71
 	// +optional
 	LastHandledRetry string `json:"lastHandledRetry,omitempty"`
+
+	// LastHandledRestart is the gateway.agent.dev/restart token the agent last acted on: it
+	// restarted the unit and tried to prove it, with the outcome in the conditions.
+	// +kubebuilder:validation:MaxLength=71
+	// +optional
+	LastHandledRestart string `json:"lastHandledRestart,omitempty"`
 
 	// Conditions: Ready, Aligned, Isolated, Degraded, and Stalled while the last apply failed
 	// (the host waits for a new spec or a retry).

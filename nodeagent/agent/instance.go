@@ -126,6 +126,8 @@ func (r *InstanceReconciler) Reconcile(ctx context.Context, req ctrl.Request) (c
 		KeepFailed:  gi.Spec.AutoRollback != nil && !*gi.Spec.AutoRollback,
 	}
 	in.MemoryMax, in.TasksMax = limits(gi.Spec.Resources)
+	restartToken, restart := v1.Requested(&gi, v1.AnnotationRestart, gi.Status.LastHandledRestart)
+	in.Restart = restart
 	if hp := gi.Spec.HealthProbe; hp != nil {
 		in.Probe = apply.Probe{Count: int(max(hp.SuccessThreshold, 1)), Period: time.Duration(max(hp.PeriodSeconds, 1)) * time.Second}
 	}
@@ -163,6 +165,10 @@ func (r *InstanceReconciler) Reconcile(ctx context.Context, req ctrl.Request) (c
 	st.ObservedGeneration = gi.Generation
 	// The retry request this apply answers (the annotation as read before applying).
 	st.LastHandledRetry = v1.RequestToken(gi.Annotations[v1.AnnotationRetry])
+	if restart {
+		// Acted on, whatever the outcome: a failed restart is reported in the conditions.
+		st.LastHandledRestart = restartToken
+	}
 	st.Unit = "agent-gateway@" + gi.Spec.Profile + ".service"
 	var failure *apply.Failure
 	switch {

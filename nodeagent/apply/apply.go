@@ -78,6 +78,9 @@ type Instance struct {
 	// digest of them and of Env's secret values (v1.ResolveMaterial), written into the env file.
 	Files          []v1.MaterialFile
 	MaterialDigest string
+	// Restart restarts the unit and proves it again even when nothing changed: an operator's
+	// restart request (a plugin change is picked up only by a restart).
+	Restart bool
 }
 
 // Probe is a health probe of a gateway's status endpoint after its proof.
@@ -349,12 +352,12 @@ func (r *run) flip() *Failure {
 	return nil
 }
 
-// restart restarts the profile's unit, unless nothing it reads at start changed and the process
-// running is the very one proven for exactly this rendering (same PID and kernel start time):
-// a repeated apply must not restart a healthy gateway, and a gateway cannot talk its way out of
-// a restart by looking aligned.
+// restart restarts the profile's unit, unless nothing it reads at start changed, no restart was
+// asked for, and the process running is the very one proven for exactly this rendering (same
+// PID and kernel start time): a repeated apply must not restart a healthy gateway, and a
+// gateway cannot talk its way out of a restart by looking aligned.
 func (r *run) restart() *Failure {
-	if !r.changed {
+	if !r.changed && !r.in.Restart {
 		if proc := r.a.stillProven(r.ctx, r.p, r.want.hash); proc != nil {
 			r.log.V(1).Info("the proven process still runs and nothing changed; not restarting", "mainPID", proc.PID)
 			r.proc = proc

@@ -80,29 +80,15 @@ func Resolve(environ []string, pid int) (*Plan, error) {
 		return nil, fmt.Errorf("AGENT_PYTHON=%q must be an absolute path", python)
 	}
 
-	var argv []string
-	mode, exec := env["AGENT_GATEWAY_MODE"], env["AGENT_PROFILE_EXEC"]
-	switch mode {
-	case "cli":
-		if exec != "" {
-			return nil, fmt.Errorf("AGENT_PROFILE_EXEC=%q is set but AGENT_GATEWAY_MODE is cli", exec)
+	mode := env["AGENT_GATEWAY_MODE"]
+	argv, err := Argv(mode, env["AGENT_PROFILE_EXEC"], python, runtime)
+	if err != nil {
+		return nil, err
+	}
+	if mode == "script" {
+		if st, err := os.Stat(argv[2]); err != nil || !st.Mode().IsRegular() {
+			return nil, fmt.Errorf("AGENT_PROFILE_EXEC=%q: no such script in release %s", env["AGENT_PROFILE_EXEC"], runtime)
 		}
-		argv = []string{python, "-s", "-m", "agent_cli.main", "gateway", "run", "--replace"}
-	case "script":
-		if exec == "" {
-			return nil, fmt.Errorf("AGENT_GATEWAY_MODE is script but AGENT_PROFILE_EXEC is empty")
-		}
-		clean := path.Clean(exec)
-		if path.IsAbs(clean) || clean == ".." || strings.HasPrefix(clean, "../") {
-			return nil, fmt.Errorf("AGENT_PROFILE_EXEC=%q must be a path inside the release", exec)
-		}
-		script := filepath.Join(runtime, filepath.FromSlash(clean))
-		if st, err := os.Stat(script); err != nil || !st.Mode().IsRegular() {
-			return nil, fmt.Errorf("AGENT_PROFILE_EXEC=%q: no such script in release %s", exec, runtime)
-		}
-		argv = []string{python, "-s", script}
-	default:
-		return nil, fmt.Errorf("AGENT_GATEWAY_MODE=%q: want cli or script", mode)
 	}
 
 	banner := fmt.Sprintf("agent-gateway: pid=%d profile=%s mode=%s release=%s sha256=%s cwd=%s pythonpath=%s runtime=%s python=%s",
@@ -127,6 +113,29 @@ func execEnv(environ []string, sha, label string) []string {
 		out = append(out, k+"="+set[k])
 	}
 	return out
+}
+
+// Argv is the command of an entrypoint mode ("cli", or "script" with exec, a path inside the
+// release) for the release folder runtime. It checks everything but the filesystem (Resolve
+// also checks that a script exists), so it also serves an off-host dry run.
+func Argv(mode, exec, python, runtime string) ([]string, error) {
+	switch mode {
+	case "cli":
+		if exec != "" {
+			return nil, fmt.Errorf("AGENT_PROFILE_EXEC=%q is set but AGENT_GATEWAY_MODE is cli", exec)
+		}
+		return []string{python, "-s", "-m", "agent_cli.main", "gateway", "run", "--replace"}, nil
+	case "script":
+		if exec == "" {
+			return nil, fmt.Errorf("AGENT_GATEWAY_MODE is script but AGENT_PROFILE_EXEC is empty")
+		}
+		clean := path.Clean(exec)
+		if path.IsAbs(clean) || clean == ".." || strings.HasPrefix(clean, "../") {
+			return nil, fmt.Errorf("AGENT_PROFILE_EXEC=%q must be a path inside the release", exec)
+		}
+		return []string{python, "-s", filepath.Join(runtime, filepath.FromSlash(clean))}, nil
+	}
+	return nil, fmt.Errorf("AGENT_GATEWAY_MODE=%q: want cli or script", mode)
 }
 
 // releaseOf splits a release folder's name, <sha256>-<label>.
