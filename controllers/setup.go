@@ -39,5 +39,8 @@ func Setup(mgr ctrl.Manager, o Options) error {
 		RuntimeClass: o.ToolRunRuntimeClass, TTL: o.ToolRunTTL}).SetupWithManager(mgr); err != nil {
 		return err
 	}
+	if err := (&CSRApprover{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader()}).SetupWithManager(mgr); err != nil {
+		return err
+	}
 	return (&GatewayProfileReconciler{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorder("gatewayprofile-controller")}).SetupWithManager(mgr)
 }
