@@ -91,7 +91,8 @@ func main() {
 	// A kubeconfig written by `bootstrap` names one file as both client certificate and key:
 	// the agent renews that certificate itself, and client-go reloads the file when it changes.
 	if cfg.CertFile != "" && cfg.CertFile == cfg.KeyFile {
-		go bootstrap.KeepRenewed(ctx, cfg, cfg.CertFile, o.HostName, log.WithName("certificate"))
+		r := &bootstrap.Renewer{Config: cfg, CertFile: cfg.CertFile, Host: o.HostName, Log: log.WithName("certificate")}
+		go r.Run(ctx)
 	}
 	if err := agent.Run(ctx, cfg, o, log.WithValues("host", o.HostName)); err != nil {
 		fmt.Fprintln(os.Stderr, "gateway-nodeagent:", err)

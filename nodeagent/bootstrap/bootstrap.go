@@ -136,37 +136,55 @@ func RenewAt(cert *x509.Certificate) time.Time {
 	return cert.NotBefore.Add(life * 2 / 3)
 }
 
-// KeepRenewed renews the certificate in certFile at RenewAt, again and again, until ctx ends.
-// A failed renewal is retried a minute later.
-func KeepRenewed(ctx context.Context, cfg *rest.Config, certFile, host string, log logr.Logger) {
+// Renewer keeps an agent's client certificate renewed: at RenewAt of the certificate in
+// CertFile it asks for a new one, again and again, until its context ends.
+type Renewer struct {
+	// Config authenticates as the current certificate (it names CertFile).
+	Config *rest.Config
+	// CertFile holds the certificate and its key; Host is the agent's host.
+	CertFile, Host string
+	Log            logr.Logger
+	// At says when a certificate is due; nil means RenewAt.
+	At func(*x509.Certificate) time.Time
+	// Retry is the wait after a failed renewal; zero means a minute.
+	Retry time.Duration
+}
+
+// Run renews until ctx ends.
+func (r *Renewer) Run(ctx context.Context) {
+	at, retry := r.At, r.Retry
+	if at == nil {
+		at = RenewAt
+	}
+	if retry <= 0 {
+		retry = time.Minute
+	}
 	for {
-		wait := time.Minute
-		if cert, err := readCert(certFile); err != nil {
-			log.Error(err, "reading the client certificate")
+		wait := retry
+		if cert, err := readCert(r.CertFile); err != nil {
+			r.Log.Error(err, "reading the client certificate")
 		} else {
-			wait = time.Until(RenewAt(cert))
-			log.Info("client certificate renewal scheduled", "at", RenewAt(cert).UTC(), "expires", cert.NotAfter.UTC())
-		}
-		if wait > 0 {
-			t := time.NewTimer(wait)
-			select {
-			case <-ctx.Done():
-				t.Stop()
-				return
-			case <-t.C:
+			wait = time.Until(at(cert))
+			if wait > 0 {
+				r.Log.Info("client certificate renewal scheduled", "at", at(cert).UTC(), "expires", cert.NotAfter.UTC())
 			}
-			continue // read the certificate again: it may have been replaced meanwhile
 		}
-		if err := Renew(ctx, cfg, certFile, host, DefaultTimeout); err != nil {
-			log.Error(err, "renewing the client certificate; retrying in a minute")
-			select {
-			case <-ctx.Done():
-				return
-			case <-time.After(time.Minute):
+		if wait <= 0 {
+			err := Renew(ctx, r.Config, r.CertFile, r.Host, DefaultTimeout)
+			if err == nil {
+				r.Log.Info("client certificate renewed")
+				continue
 			}
-			continue
+			r.Log.Error(err, "renewing the client certificate", "retryIn", retry)
+			wait = retry
 		}
-		log.Info("client certificate renewed")
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
 	}
 }
 

@@ -287,6 +287,30 @@ func TestJoinAndRenew(t *testing.T) {
 	if who := whoami(t, renewed); who.Username != "system:gateway-agent:host-a" {
 		t.Fatalf("the renewed certificate authenticates as %+v", who)
 	}
+	// The agent's renewer does the same when the certificate is due.
+	third := func() *x509.Certificate {
+		rctx, cancel := context.WithCancel(ctx)
+		done := make(chan struct{})
+		r := &bootstrap.Renewer{Config: renewed, CertFile: certFile, Host: "host-a", Log: logr.Discard(), Retry: time.Second,
+			At: func(c *x509.Certificate) time.Time {
+				if c.SerialNumber.Cmp(second.SerialNumber) == 0 {
+					return time.Time{} // due now
+				}
+				return time.Now().Add(time.Hour)
+			}}
+		go func() { r.Run(rctx); close(done) }()
+		defer func() { cancel(); <-done }()
+		var c *x509.Certificate
+		poll.Until(t, "the renewer replaced the certificate", time.Minute, func() (bool, string) {
+			c = readCert(t, certFile)
+			return c.SerialNumber.Cmp(second.SerialNumber) != 0, c.SerialNumber.String()
+		})
+		return c
+	}()
+	if third.Subject.CommonName != "system:gateway-agent:host-a" {
+		t.Fatalf("the renewer got a certificate for %q", third.Subject.CommonName)
+	}
+
 	var csrs certificatesv1.CertificateSigningRequestList
 	if err := admin.List(ctx, &csrs); err != nil {
 		t.Fatal(err)
