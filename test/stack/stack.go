@@ -237,8 +237,8 @@ func (s *Stack) join(host string) (string, error) {
 	}
 	kc := filepath.Join(dir, "kubeconfig")
 	cmd := exec.Command(filepath.Join(s.opts.BinDir, "gateway-nodeagent"), "bootstrap",
-		"--token="+id+"."+secret, "--server="+s.CP.Config.Host, "--ca-file="+caFile,
-		"--host="+host, "--kubeconfig="+kc, "--timeout=1m")
+		"--server="+s.CP.Config.Host, "--ca-file="+caFile, "--host="+host, "--kubeconfig="+kc, "--timeout=1m")
+	cmd.Env = append(os.Environ(), "GATEWAY_BOOTSTRAP_TOKEN="+id+"."+secret)
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("gateway-nodeagent bootstrap for %s: %v\n%s", host, err, out)
 	}
