@@ -394,3 +394,27 @@ func TestTokenNotForAgents(t *testing.T) {
 		t.Fatalf("a token for something else: %v", err)
 	}
 }
+
+// TestOthersRequestsLeftAlone: an administrator's request, even for an agent identity, is not
+// the approver's to decide (docs/install.md's manual path stays open to administrators).
+func TestOthersRequestsLeftAlone(t *testing.T) {
+	ctx := context.Background()
+	cs := kubernetes.NewForConfigOrDie(cp.Config).CertificatesV1().CertificateSigningRequests()
+	mine, err := cs.Create(ctx, csrFor(t, "system:gateway-agent:host-b", certificatesv1.KubeAPIServerClientSignerName), metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cs.Delete(context.Background(), mine.Name, metav1.DeleteOptions{}) })
+	// A join decided after the administrator's request was created.
+	token := issueToken(t, "gggggg", "host-b", time.Now().Add(time.Hour), v1.AgentBootstrapGroup)
+	if err := bootstrap.Bootstrap(ctx, options(t, token, "host-b")); err != nil {
+		t.Fatal(err)
+	}
+	got, err := cs.Get(ctx, mine.Name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got.Status.Conditions) != 0 {
+		t.Fatalf("the approver decided an administrator's request: %+v", got.Status.Conditions)
+	}
+}
