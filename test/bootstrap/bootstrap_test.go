@@ -33,6 +33,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/client-go/transport"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
@@ -56,6 +57,8 @@ var (
 func TestMain(m *testing.M) { os.Exit(run(m)) }
 
 func run(m *testing.M) int {
+	// client-go rereads a client certificate file every five minutes; a test cannot wait that long.
+	transport.CertCallbackRefreshDuration = time.Second
 	var err error
 	if cp, err = controlplane.StartWith(controlplane.Options{Bootstrap: true}); err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -417,4 +420,47 @@ func TestOthersRequestsLeftAlone(t *testing.T) {
 	if len(got.Status.Conditions) != 0 {
 		t.Fatalf("the approver decided an administrator's request: %+v", got.Status.Conditions)
 	}
+}
+
+// TestClientRereadsItsCertificateFile: a client made from the kubeconfig bootstrap writes picks
+// up a new certificate in the file without being made again, which is how the running agent
+// moves to a renewed certificate. To tell the two apart, the new one names another host.
+func TestClientRereadsItsCertificateFile(t *testing.T) {
+	ctx := context.Background()
+	token := issueToken(t, "hhhhhh", "host-c", time.Now().Add(time.Hour), v1.AgentBootstrapGroup)
+	o := options(t, token, "host-c")
+	if err := bootstrap.Bootstrap(ctx, o); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := clientcmd.BuildConfigFromFlags("", o.Kubeconfig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// One client for the whole test, as the agent has.
+	cs := kubernetes.NewForConfigOrDie(cfg)
+	who := func() string {
+		r, err := cs.AuthenticationV1().SelfSubjectReviews().Create(ctx, &authenticationv1.SelfSubjectReview{}, metav1.CreateOptions{})
+		if err != nil {
+			return err.Error()
+		}
+		return r.Status.UserInfo.Username
+	}
+	if u := who(); u != "system:gateway-agent:host-c" {
+		t.Fatalf("the certificate authenticates as %s", u)
+	}
+	other, err := cp.AddUser(envtest.User{Name: "system:gateway-agent:host-z", Groups: []string{v1.AgentGroup}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	next := filepath.Join(filepath.Dir(cfg.CertFile), "next.pem")
+	if err := os.WriteFile(next, append(append([]byte{}, other.Config().CertData...), other.Config().KeyData...), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(next, cfg.CertFile); err != nil {
+		t.Fatal(err)
+	}
+	poll.Until(t, "the client presents the certificate now in the file", time.Minute, func() (bool, string) {
+		u := who()
+		return u == "system:gateway-agent:host-z", u
+	})
 }
