@@ -21,6 +21,7 @@ GO_TEST_FLAGS ?=
 # What every test and benchmark run gets: the real dependencies, and GATEWAY_TEST_REQUIRE_ALL,
 # which turns a missing dependency into a failure instead of a skip.
 TEST_ENV = KUBEBUILDER_ASSETS="$$(hack/control-plane.sh)" \
+	GATEWAY_CONTROLLER_MANAGER="$$(hack/controller-manager.sh)" \
 	HELM=$(HELM) \
 	GATEWAY_SYSTEMD_ROOTFS="$$(hack/systemd-rootfs.sh)" \
 	GATEWAY_MICROVM_GUEST="$$(hack/microvm-guest.sh)" \
@@ -100,6 +101,7 @@ plugin: ## Build the kubectl plugin into ./bin/kubectl-gateway (put ./bin on PAT
 test-deps: ## Install and build what the tests need (idempotent; cached outside the repo).
 	@hack/timed.sh "Debian packages" hack/host-deps.sh
 	@hack/timed.sh "kube-apiserver, etcd, kubectl" hack/control-plane.sh >/dev/null
+	@hack/timed.sh "kube-controller-manager" hack/controller-manager.sh >/dev/null
 	@hack/timed.sh "systemd host template" hack/systemd-rootfs.sh >/dev/null
 	@hack/timed.sh "microVM guest" hack/microvm-guest.sh >/dev/null
 

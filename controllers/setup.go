@@ -59,6 +59,9 @@ func Setup(mgr ctrl.Manager, o Options) error {
 		RuntimeClass: o.ToolRunRuntimeClass, TTL: o.ToolRunTTL}).SetupWithManager(mgr); err != nil {
 		return err
 	}
+	if err := (&CSRApprover{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader()}).SetupWithManager(mgr); err != nil {
+		return err
+	}
 	if o.MaterialNamespace == "" {
 		o.MaterialNamespace = DefaultMaterialNamespace
 	}

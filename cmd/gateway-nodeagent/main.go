@@ -1,8 +1,10 @@
 // Command gateway-nodeagent runs on every gateway host: it registers the host, watches the host's
-// GatewayInstances and applies them to systemd.
+// GatewayInstances and applies them to systemd. `gateway-nodeagent bootstrap` gives a bare-metal
+// host its identity with a bootstrap token.
 package main
 
 import (
+	"context"
 	"flag"
 	"fmt"
 	"os"
@@ -18,6 +20,7 @@ import (
 	_ "golang.org/x/crypto/x509roots/fallback"
 
 	"github.com/agent-gateway/gateway-operator/nodeagent/agent"
+	"github.com/agent-gateway/gateway-operator/nodeagent/bootstrap"
 	"github.com/agent-gateway/gateway-operator/nodeagent/microvm"
 	"github.com/agent-gateway/gateway-operator/nodeagent/unit"
 )
@@ -25,6 +28,9 @@ import (
 var version = "dev"
 
 func main() {
+	if len(os.Args) > 1 && os.Args[1] == "bootstrap" {
+		os.Exit(runBootstrap(os.Args[2:]))
+	}
 	hostname, _ := os.Hostname()
 	self, _ := os.Executable()
 	var o agent.Options
@@ -81,8 +87,54 @@ func main() {
 		fmt.Fprintln(os.Stderr, "gateway-nodeagent:", err)
 		os.Exit(1)
 	}
-	if err := agent.Run(ctrl.SetupSignalHandler(), cfg, o, log.WithValues("host", o.HostName)); err != nil {
+	ctx := ctrl.SetupSignalHandler()
+	// A kubeconfig written by `bootstrap` names one file as both client certificate and key:
+	// the agent renews that certificate itself, and client-go reloads the file when it changes.
+	if cfg.CertFile != "" && cfg.CertFile == cfg.KeyFile {
+		r := &bootstrap.Renewer{Config: cfg, CertFile: cfg.CertFile, Host: o.HostName, Log: log.WithName("certificate")}
+		go r.Run(ctx)
+	}
+	if err := agent.Run(ctx, cfg, o, log.WithValues("host", o.HostName)); err != nil {
 		fmt.Fprintln(os.Stderr, "gateway-nodeagent:", err)
 		os.Exit(1)
 	}
+}
+
+// runBootstrap is `gateway-nodeagent bootstrap`: it gets the host's client certificate with a
+// bootstrap token and writes the agent's kubeconfig.
+func runBootstrap(args []string) int {
+	hostname, _ := os.Hostname()
+	fs := flag.NewFlagSet("gateway-nodeagent bootstrap", flag.ContinueOnError)
+	var o bootstrap.Options
+	var caFile string
+	fs.StringVar(&o.Token, "token", "", "bootstrap token ID.SECRET issued for this host (required; or GATEWAY_BOOTSTRAP_TOKEN)")
+	fs.StringVar(&o.Server, "server", "", "the API server's https:// URL (required)")
+	fs.StringVar(&caFile, "ca-file", "", "PEM CA bundle the API server's certificate is checked against (required)")
+	fs.StringVar(&o.Host, "host", hostname, "this host's GatewayHost name (the host the token was issued for)")
+	fs.StringVar(&o.Kubeconfig, "kubeconfig", "/etc/gateway-operator/kubeconfig", "the kubeconfig to write (0600)")
+	fs.StringVar(&o.CertFile, "cert-file", "", "the client certificate and key file to write (0600; default: client.pem beside --kubeconfig)")
+	fs.DurationVar(&o.Timeout, "timeout", bootstrap.DefaultTimeout, "how long to wait for the request to be approved and signed")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if o.Token == "" {
+		// The environment keeps the token out of the process list.
+		o.Token = os.Getenv("GATEWAY_BOOTSTRAP_TOKEN")
+	}
+	if o.Token == "" || o.Server == "" || caFile == "" {
+		fmt.Fprintln(os.Stderr, "gateway-nodeagent bootstrap: --token, --server and --ca-file are required")
+		return 2
+	}
+	ca, err := os.ReadFile(caFile) //nolint:gosec // the administrator names the CA file on the command line
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "gateway-nodeagent bootstrap:", err)
+		return 1
+	}
+	o.CAData = ca
+	if err := bootstrap.Bootstrap(context.Background(), o); err != nil {
+		fmt.Fprintln(os.Stderr, "gateway-nodeagent bootstrap:", err)
+		return 1
+	}
+	fmt.Printf("wrote %s for system:gateway-agent:%s\n", o.Kubeconfig, o.Host)
+	return 0
 }

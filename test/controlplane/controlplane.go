@@ -44,10 +44,33 @@ type Env struct {
 	apiserver *exec.Cmd
 	// apiserverArgs is the command line of the stopped kube-apiserver.
 	apiserverArgs []string
+	// ca issues users' client certificates and, with Options.Bootstrap, signs CSRs.
+	ca *clusterCA
+	// kcm is kube-controller-manager (Options.Bootstrap), kcmDone closed when it exits, and
+	// kcmDir its files.
+	kcm     *exec.Cmd
+	kcmDone chan struct{}
+	kcmDir  string
 }
 
+// Options changes what Start starts.
+type Options struct {
+	// Bootstrap turns on bootstrap-token authentication in kube-apiserver and runs a real
+	// kube-controller-manager (hack/controller-manager.sh) with only its CSR signer and bootstrap
+	// token cleaner. It signs kubernetes.io/kube-apiserver-client certificates with the CA the
+	// API server trusts for client certificates (ClusterCA).
+	Bootstrap bool
+}
+
+// ClusterCA returns the PEM certificate of the CA the API server trusts for client
+// certificates.
+func (e *Env) ClusterCA() []byte { return e.ca.certPEM }
+
 // Start starts kube-apiserver and etcd and installs the CRDs from config/crd/bases.
-func Start() (*Env, error) {
+func Start() (*Env, error) { return StartWith(Options{}) }
+
+// StartWith is Start with options.
+func StartWith(o Options) (*Env, error) {
 	bin, err := binaries()
 	if err != nil {
 		return nil, err
@@ -63,11 +86,20 @@ func Start() (*Env, error) {
 	if err := gatewayv1alpha1.AddToScheme(scheme); err != nil {
 		return nil, err
 	}
+	ca, err := newClusterCA()
+	if err != nil {
+		return nil, err
+	}
 	env := &envtest.Environment{
 		CRDDirectoryPaths:     []string{crds},
 		ErrorIfCRDPathMissing: true,
 		BinaryAssetsDirectory: bin,
 		Scheme:                scheme,
+	}
+	apiserver := env.ControlPlane.GetAPIServer()
+	apiserver.Authn = ca
+	if o.Bootstrap {
+		apiserver.Configure().Set("enable-bootstrap-token-auth", "true")
 	}
 	cfg, err := env.Start()
 	if err != nil {
@@ -78,7 +110,14 @@ func Start() (*Env, error) {
 		_ = env.Stop()
 		return nil, err
 	}
-	return &Env{Environment: env, Config: cfg, Client: c, Scheme: scheme, BinDir: bin}, nil
+	e := &Env{Environment: env, Config: cfg, Client: c, Scheme: scheme, BinDir: bin, ca: ca}
+	if o.Bootstrap {
+		if err := e.startControllerManager(); err != nil {
+			_ = e.Stop()
+			return nil, err
+		}
+	}
+	return e, nil
 }
 
 // Kubectl returns the path of the kubectl built beside the control plane.
@@ -190,8 +229,10 @@ func (e *Env) StartAPIServer() error {
 	}
 }
 
-// Stop stops the control plane, including a kube-apiserver started again by StartAPIServer.
+// Stop stops the control plane, including a kube-apiserver started again by StartAPIServer
+// and kube-controller-manager.
 func (e *Env) Stop() error {
+	e.stopControllerManager()
 	if e.apiserver != nil {
 		_ = e.apiserver.Process.Signal(syscall.SIGTERM)
 		done := make(chan struct{})

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	certificatesv1 "k8s.io/api/certificates/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
@@ -37,6 +38,13 @@ func dropDir(t *testing.T) string {
 
 func up(t *testing.T, hosts ...string) *stack.Stack {
 	t.Helper()
+	return upWith(t, stack.Options{Hosts: hosts})
+}
+
+// upWith starts a stack with o; Dir, BinDir and Progress are filled in.
+func upWith(t *testing.T, o stack.Options) *stack.Stack {
+	t.Helper()
+	hosts := o.Hosts
 	if os.Geteuid() != 0 {
 		t.Fatal("the end-to-end tests boot systemd hosts and need root")
 	}
@@ -44,7 +52,8 @@ func up(t *testing.T, hosts ...string) *stack.Stack {
 	if err := stack.Build(bin); err != nil {
 		t.Fatal(err)
 	}
-	s, err := stack.Up(stack.Options{Hosts: hosts, Dir: t.TempDir(), BinDir: bin, Progress: func(m string) { t.Log(m) }})
+	o.Dir, o.BinDir, o.Progress = t.TempDir(), bin, func(m string) { t.Log(m) }
+	s, err := stack.Up(o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -387,4 +396,37 @@ func TestRollbackAfterAFailedRelease(t *testing.T) {
 		t.Errorf("core was restarted: %d -> %d", core["demo"], now["demo"])
 	}
 	t.Logf("kubectl get gwp,gwi:\n%s", kubectl(t, s, "get", "gwp,gwi"))
+}
+
+// TestBareMetalHostJoins: a host that joins as docs/install.md says (a bootstrap token issued for
+// it, `gateway-nodeagent bootstrap`, a real signer, the manager's approver) runs under its own
+// agent identity and applies the samples.
+func TestBareMetalHostJoins(t *testing.T) {
+	s := upWith(t, stack.Options{Hosts: []string{"metal-1"}, Bootstrap: true})
+	ctx := context.Background()
+	var csrs certificatesv1.CertificateSigningRequestList
+	if err := s.CP.Client.List(ctx, &csrs); err != nil {
+		t.Fatal(err)
+	}
+	joined := false
+	for _, c := range csrs.Items {
+		if strings.HasPrefix(c.Spec.Username, "system:bootstrap:") && strings.HasPrefix(c.Name, "gateway-agent-metal-1-") &&
+			len(c.Status.Conditions) > 0 && c.Status.Conditions[0].Type == certificatesv1.CertificateApproved && len(c.Status.Certificate) > 0 {
+			joined = true
+		}
+	}
+	if !joined {
+		t.Fatalf("no approved and signed request from a bootstrap token for metal-1: %+v", csrs.Items)
+	}
+	kubectl(t, s, "apply", "-f", "config/samples/")
+	for _, p := range []string{"core", "api"} {
+		eventually(t, p+" aligned on metal-1", 3*time.Minute, profileAligned(s, p, "1.0.0", 1))
+	}
+	var h v1.GatewayHost
+	if err := s.CP.Client.Get(ctx, client.ObjectKey{Name: "metal-1"}, &h); err != nil {
+		t.Fatal(err)
+	}
+	if h.Status.LastHeartbeatTime == nil || !meta.IsStatusConditionTrue(h.Status.Conditions, v1.ConditionReachable) {
+		t.Fatalf("metal-1 status: %+v", h.Status)
+	}
 }

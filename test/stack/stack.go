@@ -6,6 +6,7 @@ package stack
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"os"
@@ -51,6 +52,11 @@ type Options struct {
 	AgentArgs []string
 	// ManagerReplicas is how many manager processes run (default 1); they elect a leader.
 	ManagerReplicas int
+	// Bootstrap joins every host as docs/install.md says for a bare-metal host: the control
+	// plane gets bootstrap-token authentication and a real kube-controller-manager signer, and
+	// each agent's kubeconfig comes from `gateway-nodeagent bootstrap` with a token issued for its
+	// host (instead of a certificate the test harness makes).
+	Bootstrap bool
 }
 
 // Stack is a running system.
@@ -101,7 +107,7 @@ func Up(o Options) (s *Stack, err error) {
 		}
 	}()
 	say("starting kube-apiserver and etcd")
-	if s.CP, err = controlplane.Start(); err != nil {
+	if s.CP, err = controlplane.StartWith(controlplane.Options{Bootstrap: o.Bootstrap}); err != nil {
 		return s, err
 	}
 	if s.AdminKubeconfig, err = s.kubeconfig("gateway-admin", "system:masters"); err != nil {
@@ -154,7 +160,13 @@ func Up(o Options) (s *Stack, err error) {
 		if err != nil {
 			return s, err
 		}
-		akc, err := s.kubeconfig(AgentPrefix+name, AgentGroup)
+		var akc string
+		if o.Bootstrap {
+			say("joining " + name + " with a bootstrap token")
+			akc, err = s.join(name)
+		} else {
+			akc, err = s.kubeconfig(AgentPrefix+name, AgentGroup)
+		}
 		if err != nil {
 			return s, err
 		}
@@ -185,6 +197,63 @@ func Up(o Options) (s *Stack, err error) {
 		}
 	}
 	return s, nil
+}
+
+// tokenSecretYAML is the bootstrap token Secret of docs/install.md: ID, secret, host, expiry.
+const tokenSecretYAML = `apiVersion: v1
+kind: Secret
+metadata:
+  name: bootstrap-token-%[1]s
+  namespace: kube-system
+  annotations:
+    gateway.agent.dev/host: %[3]s
+type: bootstrap.kubernetes.io/token
+stringData:
+  token-id: %[1]s
+  token-secret: %[2]s
+  usage-bootstrap-authentication: "true"
+  auth-extra-groups: system:bootstrappers:gateway-agent
+  expiration: %[4]s
+`
+
+// join issues a bootstrap token for host and runs `gateway-nodeagent bootstrap` with it, as
+// docs/install.md says; it returns the kubeconfig written.
+func (s *Stack) join(host string) (string, error) {
+	id, secret := randomToken(6), randomToken(16)
+	dir := filepath.Join(s.opts.Dir, "join-"+host)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", err
+	}
+	secretFile, caFile := filepath.Join(dir, "token.yaml"), filepath.Join(dir, "ca.crt")
+	exp := time.Now().Add(time.Hour).UTC().Format(time.RFC3339)
+	if err := os.WriteFile(secretFile, fmt.Appendf(nil, tokenSecretYAML, id, secret, host, exp), 0o600); err != nil {
+		return "", err
+	}
+	if err := os.WriteFile(caFile, s.CP.Config.CAData, 0o600); err != nil {
+		return "", err
+	}
+	if out, err := s.Kubectl("apply", "-f", secretFile); err != nil {
+		return "", fmt.Errorf("kubectl apply the bootstrap token: %v\n%s", err, out)
+	}
+	kc := filepath.Join(dir, "kubeconfig")
+	cmd := exec.Command(filepath.Join(s.opts.BinDir, "gateway-nodeagent"), "bootstrap",
+		"--server="+s.CP.Config.Host, "--ca-file="+caFile, "--host="+host, "--kubeconfig="+kc, "--timeout=1m")
+	cmd.Env = append(os.Environ(), "GATEWAY_BOOTSTRAP_TOKEN="+id+"."+secret)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("gateway-nodeagent bootstrap for %s: %v\n%s", host, err, out)
+	}
+	return kc, nil
+}
+
+// randomToken returns n random lowercase letters and digits, as a bootstrap token's parts are.
+func randomToken(n int) string {
+	const alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	for i := range b {
+		b[i] = alphabet[int(b[i])%len(alphabet)]
+	}
+	return string(b)
 }
 
 // kubeconfig writes a kubeconfig for a new identity and returns its path.
