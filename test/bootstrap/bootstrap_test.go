@@ -35,6 +35,7 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/client-go/transport"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
@@ -71,6 +72,11 @@ func run(m *testing.M) int {
 	}()
 	admin = cp.Client
 	ctx := context.Background()
+	// The manager's namespace: its Role there (config/rbac/role.yaml) covers profile material.
+	if err := admin.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: controllers.DefaultMaterialNamespace}}); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
 	for _, file := range []string{"config/rbac/agent_role.yaml", "config/policies/agent_policy.yaml",
 		"config/rbac/role.yaml", "config/rbac/role_binding.yaml"} {
 		if err := applyFile(ctx, file); err != nil {
@@ -91,7 +97,8 @@ func run(m *testing.M) int {
 		return 1
 	}
 	ctrl.SetLogger(logr.Discard())
-	mgr, err := ctrl.NewManager(u.Config(), ctrl.Options{Scheme: cp.Scheme, Metrics: metricsserver.Options{BindAddress: "0"}})
+	mgr, err := ctrl.NewManager(u.Config(), ctrl.Options{Scheme: cp.Scheme, Metrics: metricsserver.Options{BindAddress: "0"},
+		Cache: cache.Options{ByObject: controllers.MaterialCache(controllers.DefaultMaterialNamespace)}})
 	if err == nil {
 		err = controllers.Setup(mgr, controllers.Options{HostGracePeriod: time.Minute})
 	}

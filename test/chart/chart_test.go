@@ -208,6 +208,17 @@ func find(objs []object, kind, name string) object {
 	return nil
 }
 
+// findIn is find for namespaced objects: the chart installs Roles of one name into two namespaces
+// (the release's and kube-system).
+func findIn(objs []object, kind, namespace, name string) object {
+	for _, o := range objs {
+		if str(o, "kind") == kind && str(o, "metadata", "namespace") == namespace && str(o, "metadata", "name") == name {
+			return o
+		}
+	}
+	return nil
+}
+
 func ofKind(objs []object, kind string) []object {
 	var out []object
 	for _, o := range objs {
@@ -387,7 +398,7 @@ func TestRendersWhatConfigInstalls(t *testing.T) {
 			if kind == "Namespace" {
 				continue // the release namespace, made by helm --create-namespace
 			}
-			got := find(objs, kind, name)
+			got := findIn(objs, kind, str(want, "metadata", "namespace"), name)
 			if got == nil {
 				t.Errorf("%s %s of %s is not in the chart", kind, name, f)
 				continue
@@ -401,7 +412,7 @@ func TestRendersWhatConfigInstalls(t *testing.T) {
 		}
 	}
 	for _, o := range objs {
-		if find(config, str(o, "kind"), str(o, "metadata", "name")) == nil {
+		if findIn(config, str(o, "kind"), str(o, "metadata", "namespace"), str(o, "metadata", "name")) == nil {
 			t.Errorf("the chart renders %s %s, which config/ does not install", str(o, "kind"), str(o, "metadata", "name"))
 		}
 	}
