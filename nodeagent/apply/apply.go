@@ -74,6 +74,10 @@ type Instance struct {
 	Probe Probe
 	// MemoryMax (bytes) and TasksMax cap the gateway's unit; zero means the API's default.
 	MemoryMax, TasksMax int64
+	// Heal puts back what was rendered after a change on the host, restarting the gateway only
+	// when the proven process is gone or `current` moved under it (a running gateway imports
+	// through `current`; what it read at start it has read already).
+	Heal bool
 }
 
 // Probe is a health probe of a gateway's status endpoint after its proof.
@@ -108,6 +112,9 @@ type Outcome struct {
 	ConfigHash string
 	// User is the user the gateway runs as.
 	User *users.User
+	// Inputs are the files rendered for the instance, as drift compares them: host path ->
+	// drift.Digest of the text or drift.Link of the target.
+	Inputs map[string]string
 }
 
 // Failure is an apply that did not reach its goal. The host was left on a known release:
@@ -194,6 +201,8 @@ type run struct {
 	// changed is set when this apply changed anything the gateway reads at start (its env file,
 	// units, the launcher, `current`): the running process then predates it and is restarted.
 	changed bool
+	// live is set when `current` moved: a running gateway sees that at once.
+	live bool
 	// undo, once set, returns the profile to its last good release after a failure.
 	undo     func(*Failure) (*Outcome, error)
 	busy     int // times this run marked its unit busy
@@ -334,6 +343,7 @@ func (r *run) flip() *Failure {
 		return &Failure{Reason: "FlipFailed", Message: err.Error()}
 	}
 	r.changed = r.changed || flipped
+	r.live = flipped
 	return nil
 }
 
@@ -342,7 +352,7 @@ func (r *run) flip() *Failure {
 // a repeated apply must not restart a healthy gateway, and a gateway cannot talk its way out of
 // a restart by looking aligned.
 func (r *run) restart() *Failure {
-	if !r.changed {
+	if !r.changed || (r.in.Heal && !r.live) {
 		if proc := r.a.stillProven(r.ctx, r.p, r.want.hash); proc != nil {
 			r.log.V(1).Info("the proven process still runs and nothing changed; not restarting", "mainPID", proc.PID)
 			r.proc = proc
@@ -397,6 +407,7 @@ func (r *run) record() *Failure {
 		return &Failure{Reason: "WriteFailed", Message: err.Error(), Retry: true}
 	}
 	r.out.LastGood = &r.target
+	r.out.Inputs = r.a.inputs(r.p, r.want, r.target)
 	r.out.Isolation, r.out.Isolated, r.out.IsolationReason = r.a.isolation(r.ctx, r.p, r.want.settings, r.user)
 	return nil
 }
