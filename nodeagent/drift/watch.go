@@ -100,7 +100,7 @@ func (w *Watcher) Run(ctx context.Context) error {
 		n, err := w.inotify.Read(buf)
 		if err != nil {
 			if ctx.Err() != nil || errors.Is(err, os.ErrClosed) {
-				return nil
+				return nil //nolint:nilerr // closed on purpose when ctx ended
 			}
 			return err
 		}
