@@ -104,9 +104,15 @@ func (r *InstanceReconciler) checkDrift(ctx context.Context, gi *v1.GatewayInsta
 	if !known || retry || gi.Status.ObservedGeneration != gi.Generation {
 		return ctrl.Result{}, false, nil // a new spec or a first look: the full apply
 	}
-	findings, at, err := r.findings(ctx, exp, hints)
+	findings, at, unit, err := r.findings(ctx, exp, hints)
 	if err != nil {
+		r.Drift.Keep(profile, hints)
 		return ctrl.Result{}, true, err
+	}
+	if unit.Transitional() && (len(findings) == 0 || drift.OnlyProcess(findings)) {
+		// Starting, stopping or about to be restarted by systemd: look again when it is done.
+		r.Drift.Keep(profile, hints)
+		return ctrl.Result{RequeueAfter: r.reproveInterval()}, true, nil
 	}
 	policy := gi.Spec.Drift
 	if policy == "" {
@@ -117,11 +123,13 @@ func (r *InstanceReconciler) checkDrift(ctx context.Context, gi *v1.GatewayInsta
 		return res, true, err
 	}
 	if c := meta.FindStatusCondition(gi.Status.Conditions, v1.ConditionDrifted); c != nil && c.Status == metav1.ConditionTrue {
-		// Put back by hand (or by a person's own apply): say so.
+		// Put back by hand (or by another profile's heal of a shared file): say so, and prove
+		// the gateway again, which also gathers the isolation evidence anew.
 		base := gi.DeepCopy()
 		v1.SetCondition(gi, v1.ConditionDrifted, metav1.ConditionFalse, "NoDrift", "the host is as rendered again at "+now())
 		r.Drift.Fresh(profile, nil)
-		return ctrl.Result{RequeueAfter: r.reproveInterval()}, true, r.patchStatus(ctx, gi, base)
+		out, err := r.Applier.Reprove(ctx, *in)
+		return r.finishDrift(ctx, gi, base, out, err, nil, time.Time{})
 	}
 	if len(hints) > 0 {
 		// Something moved, but only to where it should be (often the agent's own apply).
@@ -138,10 +146,10 @@ func (r *InstanceReconciler) checkDrift(ctx context.Context, gi *v1.GatewayInsta
 
 // findings reads the host and systemd and compares them with exp; at is when the first sign of
 // a change was seen (now for the backstop).
-func (r *InstanceReconciler) findings(ctx context.Context, exp drift.Expected, hints []drift.Hint) ([]drift.Finding, time.Time, error) {
+func (r *InstanceReconciler) findings(ctx context.Context, exp drift.Expected, hints []drift.Hint) ([]drift.Finding, time.Time, drift.UnitFacts, error) {
 	us, err := r.Applier.Systemd.UnitState(ctx, exp.Profile.Unit)
 	if err != nil {
-		return nil, time.Time{}, err
+		return nil, time.Time{}, drift.UnitFacts{}, err
 	}
 	found := drift.Read(r.Applier.Host, exp)
 	found.Unit = drift.UnitFacts{ActiveState: us.ActiveState, SubState: us.SubState, MainPID: us.MainPID,
@@ -159,7 +167,7 @@ func (r *InstanceReconciler) findings(ctx context.Context, exp drift.Expected, h
 			fs = append(fs, drift.Finding{Kind: drift.KindRelease, What: h.What, Expected: "unchanged", Found: "changed"})
 		}
 	}
-	return fs, at, nil
+	return fs, at, found.Unit, nil
 }
 
 // handleDrift reports findings at once, then heals or reproves by policy.

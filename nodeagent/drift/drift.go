@@ -117,6 +117,16 @@ type UnitFacts struct {
 	NeedDaemonReload      bool
 }
 
+// Transitional tells whether the unit is on its way between states (starting, stopping, waiting
+// to be restarted): systemd announces where it ends up.
+func (u UnitFacts) Transitional() bool {
+	switch u.ActiveState {
+	case "activating", "deactivating", "reloading":
+		return true
+	}
+	return u.SubState == "auto-restart"
+}
+
 // Compare lists every difference between exp and found, in a stable order.
 func Compare(exp Expected, found Found) []Finding {
 	var out []Finding

@@ -48,6 +48,17 @@ func (t *Tracker) Take(profile string) []Hint {
 	return h
 }
 
+// Keep puts hints back without notifying: the look they caused was put off until the next
+// hint (a unit in transition announces its end).
+func (t *Tracker) Keep(profile string, hints []Hint) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.hints == nil {
+		t.hints = map[string][]Hint{}
+	}
+	t.hints[profile] = append(hints, t.hints[profile]...)
+}
+
 // Expect records what was just proven for a profile; what was reported before is forgotten.
 func (t *Tracker) Expect(profile string, e Expected) {
 	t.mu.Lock()

@@ -117,7 +117,7 @@ func (w *Watcher) Watch(profile string, releases []string) {
 		return
 	}
 	w.profiles[profile] = releases
-	w.sync()
+	w.resync()
 }
 
 // Forget stops watching a profile.
@@ -128,7 +128,7 @@ func (w *Watcher) Forget(profile string) {
 		return
 	}
 	delete(w.profiles, profile)
-	w.sync()
+	w.resync()
 }
 
 // Watched reports how many folders are watched (for tests and the benchmark).
@@ -213,9 +213,24 @@ func (w *Watcher) desired() map[string]*watch {
 	return want
 }
 
+// resync syncs until no watch is added: a folder created between sync's look and its new watch
+// on the parent would otherwise go unseen.
+func (w *Watcher) resync() []*watch {
+	var added []*watch
+	for range 8 {
+		a := w.sync()
+		if len(a) == 0 {
+			break
+		}
+		added = append(added, a...)
+	}
+	return added
+}
+
 // sync adds and removes watches to match desired. A folder that does not exist is replaced by
-// a watch on its nearest existing ancestor for the missing name, so its creation is seen.
-func (w *Watcher) sync() {
+// a watch on its nearest existing ancestor for the missing name, so its creation is seen. It
+// returns the watches it added: what they hold may have changed before they were added.
+func (w *Watcher) sync() []*watch {
 	final := map[string]*watch{}
 	merge := func(wt *watch) {
 		have := final[wt.dir]
@@ -259,6 +274,7 @@ func (w *Watcher) sync() {
 			delete(w.watches, wd)
 		}
 	}
+	var added []*watch
 	for dir, wt := range final {
 		if wd, ok := w.byDir[dir]; ok {
 			w.watches[wd] = wt
@@ -271,7 +287,9 @@ func (w *Watcher) sync() {
 		}
 		w.byDir[dir] = wd
 		w.watches[wd] = wt
+		added = append(added, wt)
 	}
+	return added
 }
 
 // openDir opens a folder inside the host beneath the root, following no symlink, and checks
@@ -372,7 +390,11 @@ func (w *Watcher) events(buf []byte) {
 		}
 	}
 	if resync {
-		w.sync()
+		for _, wt := range w.resync() {
+			if wt.all != nil {
+				hints = append(hints, w.expand(*wt.all, wt.dir, now)...)
+			}
+		}
 	}
 	w.mu.Unlock()
 	for _, h := range hints {
