@@ -251,7 +251,7 @@ func (r *InstanceReconciler) finishDrift(ctx context.Context, gi, base *v1.Gatew
 		}
 		if len(fs) > 0 {
 			reason, what := "Healed", "put back what was rendered"
-			if drift.OnlyProcess(fs) {
+			if drift.OnlyProcess(fs) && !out.Restarted {
 				reason, what = "Reproven", fmt.Sprintf("proved the new main process %d", out.MainPID)
 			}
 			v1.SetCondition(gi, v1.ConditionDrifted, metav1.ConditionFalse, reason,

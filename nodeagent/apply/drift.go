@@ -7,6 +7,7 @@ import (
 	"os"
 	"path"
 	"strings"
+	"time"
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
 	"github.com/agent-gateway/gateway-operator/nodeagent/drift"
@@ -59,20 +60,12 @@ func (a *Applier) Reprove(ctx context.Context, in Instance) (*Outcome, error) {
 	if err != nil {
 		return fail("InvalidSpec", err)
 	}
-	pid, err := a.Systemd.MainPID(ctx, p.Unit)
-	if err != nil {
-		return fail("ProofFailed", err)
-	}
-	if pid == 0 {
-		state, _ := a.Systemd.ActiveState(ctx, p.Unit)
-		return fail("NotRunning", fmt.Errorf("%s does not run (unit %s)", p.Unit, state))
-	}
-	proc, err := proof.ReadProcess(a.ProcRoot, pid)
+	proc, st, err := a.answered(ctx, p)
 	if err != nil {
 		return fail("ProofFailed", err)
 	}
 	e := a.expect(p, target, want, u)
-	ev, err := a.check(ctx, p, e, in.DeniedTools, proc, nil, nil)
+	ev, err := a.check(ctx, p, e, in.DeniedTools, proc, nil, st)
 	if err != nil {
 		return fail("ProofFailed", err)
 	}
@@ -83,6 +76,41 @@ func (a *Applier) Reprove(ctx context.Context, in Instance) (*Outcome, error) {
 		Alignment: e.record(proc, ev), ConfigHash: want.hash, User: u, Inputs: a.inputs(p, want, target)}
 	out.Isolation, out.Isolated, out.IsolationReason = a.isolation(ctx, p, want.settings, u)
 	return out, nil
+}
+
+// answered waits, up to ProofTimeout, until the unit's main process answers on its status
+// endpoint (a gateway systemd just started may not listen yet), and returns both.
+func (a *Applier) answered(ctx context.Context, p layout.Profile) (*proof.Process, *proof.StatusReply, error) {
+	timeout := a.ProofTimeout
+	if timeout == 0 {
+		timeout = 30 * time.Second
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	var last error
+	for delay := 5 * time.Millisecond; ; delay = min(2*delay, 500*time.Millisecond) {
+		pid, err := a.Systemd.MainPID(ctx, p.Unit)
+		if err == nil && pid == 0 {
+			state, _ := a.Systemd.ActiveState(ctx, p.Unit)
+			return nil, nil, fmt.Errorf("%s does not run (unit %s)", p.Unit, state)
+		}
+		if err == nil {
+			// The process is read before it is asked: its start time pins down who must answer.
+			var proc *proof.Process
+			if proc, err = proof.ReadProcess(a.ProcRoot, pid); err == nil {
+				var st *proof.StatusReply
+				if st, err = proof.ReadStatus(ctx, a.Host, p); err == nil {
+					return proc, st, nil
+				}
+			}
+		}
+		last = err
+		select {
+		case <-ctx.Done():
+			return nil, nil, fmt.Errorf("the gateway did not answer on %s within %s: %v", p.StatusSocket, timeout, last)
+		case <-time.After(delay):
+		}
+	}
 }
 
 func (a *Applier) userName(p layout.Profile, in Instance) string {

@@ -52,9 +52,8 @@ func (c *Conn) WatchUnits(ctx context.Context, prefix string, out chan<- UnitSig
 
 // watchOnce runs one signal connection until it is lost or ctx ends.
 func (c *Conn) watchOnce(ctx context.Context, prefix string, out chan<- UnitSignal, resync bool) error {
-	dialCtx, cancel := context.WithTimeout(ctx, redialTimeout)
-	bus, err := dialBus(dialCtx, c.address)
-	cancel()
+	// The connection lives as long as ctx: godbus closes it when its context ends.
+	bus, err := dialBus(ctx, c.address)
 	if err != nil {
 		return err
 	}
