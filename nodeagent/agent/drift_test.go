@@ -12,6 +12,7 @@ import (
 	eventsv1 "k8s.io/api/events/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/metrics"
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
 	"github.com/agent-gateway/gateway-operator/nodeagent/agent"
@@ -83,8 +84,8 @@ func (d *driftHost) drifted(profile string, status metav1.ConditionStatus, reaso
 	})
 }
 
-// warned waits for a Warning Drifted event on profile's instance, after since, naming every
-// one of whats.
+// warned waits for a Warning Drifted event on profile's instance (any instance of the host when
+// profile is empty), after since, naming every one of whats.
 func (d *driftHost) warned(profile string, since time.Time, whats ...string) {
 	d.t.Helper()
 	name := v1.InstanceName(profile, d.name)
@@ -95,7 +96,7 @@ func (d *driftHost) warned(profile string, since time.Time, whats ...string) {
 		}
 		var notes []string
 		for _, e := range evs.Items {
-			if e.Regarding.Name != name || e.Reason != "Drifted" || e.Type != "Warning" || e.EventTime.Time.Before(since.Truncate(time.Second)) {
+			if (profile != "" && e.Regarding.Name != name) || (profile == "" && !strings.HasSuffix(e.Regarding.Name, "."+d.name)) || e.Reason != "Drifted" || e.Type != "Warning" || e.EventTime.Time.Before(since.Truncate(time.Second)) {
 				continue
 			}
 			notes = append(notes, e.Note)
@@ -265,8 +266,18 @@ func TestDriftIsHealed(t *testing.T) {
 		d.t = t
 		before, since, want := d.pids(), time.Now(), d.read(template)
 		d.write(template, want+"\n[Service]\nProtectSystem=no\n")
-		d.warned("core", since, "unit /etc/systemd/system/agent-gateway@.service: expected sha256:")
-		d.drifted("core", metav1.ConditionFalse, "Healed", "/etc/systemd/system/agent-gateway@.service")
+		// The template is every profile's: whichever Heal profile looks first puts it back, and
+		// the others then find nothing to report.
+		d.warned("", since, "unit /etc/systemd/system/agent-gateway@.service: expected sha256:")
+		eventually(t, "a Heal profile to report the template healed", func() (bool, string) {
+			for _, p := range []string{"core", "api"} {
+				c := condition(d.get(p), v1.ConditionDrifted)
+				if c != nil && c.Reason == "Healed" && strings.Contains(c.Message, "/etc/systemd/system/agent-gateway@.service") {
+					return true, ""
+				}
+			}
+			return false, ""
+		})
 		eventually(t, "the template put back", func() (bool, string) { return d.read(template) == want, "" })
 		d.unchanged(before, "core", "api", "rep")
 	})
@@ -306,6 +317,41 @@ func TestDriftIsHealed(t *testing.T) {
 		}
 		d.unchanged(before, "api", "rep")
 	})
+
+	t.Run("every kind counted", func(t *testing.T) {
+		for _, kind := range []string{"env", "link", "dropin", "process", "state"} {
+			if n := driftCount(t, "core", kind); n < 1 {
+				t.Errorf("gateway_agent_drift_total{profile=core,kind=%s} is %v", kind, n)
+			}
+		}
+		if n := driftCount(t, "core", "unit") + driftCount(t, "api", "unit"); n < 1 {
+			t.Errorf("gateway_agent_drift_total{kind=unit} is %v for the Heal profiles", n)
+		}
+	})
+}
+
+// driftCount reads gateway_agent_drift_total for a profile and kind from the agent's registry.
+func driftCount(t *testing.T, profile, kind string) float64 {
+	t.Helper()
+	families, err := metrics.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range families {
+		if f.GetName() != "gateway_agent_drift_total" {
+			continue
+		}
+		for _, m := range f.GetMetric() {
+			labels := map[string]string{}
+			for _, l := range m.GetLabel() {
+				labels[l.GetName()] = l.GetValue()
+			}
+			if labels["profile"] == profile && labels["kind"] == kind {
+				return m.GetCounter().GetValue()
+			}
+		}
+	}
+	return 0
 }
 
 // TestDriftIsReported checks that a Report profile's host is left as found and that what changed
@@ -352,12 +398,11 @@ func TestDriftIsReported(t *testing.T) {
 		if err := os.Remove(d.on(weak)); err != nil {
 			t.Fatal(err)
 		}
-		gi = d.drifted("rep", metav1.ConditionFalse, "NoDrift", "as rendered again")
+		d.drifted("rep", metav1.ConditionFalse, "NoDrift", "as rendered again")
 		d.waitCondition("rep", "Isolated again", func(gi *v1.GatewayInstance) bool {
 			c := condition(gi, v1.ConditionIsolated)
 			return c != nil && c.Status == metav1.ConditionTrue
 		})
-		_ = gi
 	})
 
 	t.Run("gateway killed: the new process is proven", func(t *testing.T) {
