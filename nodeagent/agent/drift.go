@@ -110,8 +110,15 @@ func (r *InstanceReconciler) checkDrift(ctx context.Context, gi *v1.GatewayInsta
 		return ctrl.Result{}, true, err
 	}
 	if unit.Transitional() && (len(findings) == 0 || drift.OnlyProcess(findings)) {
-		// Starting, stopping or about to be restarted by systemd: look again when it is done.
+		// Starting, stopping or about to be restarted by systemd: say so now, and look again
+		// when it is done (systemd announces it).
 		r.Drift.Keep(profile, hints)
+		if len(findings) > 0 {
+			policy := gi.Spec.Drift
+			if err := r.reportDrift(ctx, gi, *in, policy, findings, at, true); err != nil {
+				return ctrl.Result{}, true, err
+			}
+		}
 		return ctrl.Result{RequeueAfter: r.reproveInterval()}, true, nil
 	}
 	policy := gi.Spec.Drift
@@ -170,17 +177,22 @@ func (r *InstanceReconciler) findings(ctx context.Context, exp drift.Expected, h
 	return fs, at, found.Unit, nil
 }
 
-// handleDrift reports findings at once, then heals or reproves by policy.
-func (r *InstanceReconciler) handleDrift(ctx context.Context, gi *v1.GatewayInstance, in apply.Instance, policy v1.DriftPolicy, fs []drift.Finding, at time.Time) (ctrl.Result, error) {
-	log := ctrl.LoggerFrom(ctx)
+// reportDrift says at once what changed: the Drifted condition (Isolated False for a unit file
+// or drop-in, the main PID as systemd has it now) and, unless these findings were reported
+// already, a Warning event and the counter. With onlyFresh, findings reported already are
+// not written again.
+func (r *InstanceReconciler) reportDrift(ctx context.Context, gi *v1.GatewayInstance, in apply.Instance, policy v1.DriftPolicy, fs []drift.Finding, at time.Time, onlyFresh bool) error {
 	profile := gi.Spec.Profile
 	summary := drift.Summary(at, fs)
-	if r.Drift.Fresh(profile, fs) {
+	fresh := r.Drift.Fresh(profile, fs)
+	if fresh {
 		for _, f := range fs {
 			driftTotal.WithLabelValues(profile, string(f.Kind)).Inc()
 		}
 		r.Recorder.Eventf(gi, nil, corev1.EventTypeWarning, "Drifted", "Detect", "%s", truncate(summary))
-		log.Info("drift", "profile", profile, "findings", summary, "policy", policy)
+		ctrl.LoggerFrom(ctx).Info("drift", "profile", profile, "findings", summary, "policy", policy)
+	} else if onlyFresh {
+		return nil
 	}
 	base := gi.DeepCopy()
 	st := &gi.Status
@@ -203,12 +215,20 @@ func (r *InstanceReconciler) handleDrift(ctx context.Context, gi *v1.GatewayInst
 			v1.SetCondition(gi, v1.ConditionReady, metav1.ConditionFalse, "NotRunning", f.String())
 		}
 	}
+	return r.patchStatus(ctx, gi, base)
+}
+
+// handleDrift reports findings at once, then heals or reproves by policy.
+func (r *InstanceReconciler) handleDrift(ctx context.Context, gi *v1.GatewayInstance, in apply.Instance, policy v1.DriftPolicy, fs []drift.Finding, at time.Time) (ctrl.Result, error) {
+	log := ctrl.LoggerFrom(ctx)
+	profile := gi.Spec.Profile
+	summary := drift.Summary(at, fs)
 	// The condition is written before anything is healed: the change is visible at once.
-	if err := r.patchStatus(ctx, gi, base); err != nil {
+	if err := r.reportDrift(ctx, gi, in, policy, fs, at, false); err != nil {
 		return ctrl.Result{}, err
 	}
-	base = gi.DeepCopy()
-	running := st.MainPID != 0
+	base := gi.DeepCopy()
+	running := gi.Status.MainPID != 0
 	switch {
 	case drift.OnlyProcess(fs) && running:
 		// systemd started the gateway again from the files as rendered: prove the new process.
