@@ -35,6 +35,17 @@ const (
 	HomePurge HomeRetention = "Purge"
 )
 
+// DriftPolicy says what a node agent does about a change on its host to what it rendered.
+// +kubebuilder:validation:Enum=Heal;Report
+type DriftPolicy string
+
+const (
+	// DriftHeal puts back what was rendered and proves the gateway again (the default).
+	DriftHeal DriftPolicy = "Heal"
+	// DriftReport leaves the host as found and reports what changed.
+	DriftReport DriftPolicy = "Report"
+)
+
 // EnvVar is one variable added to a profile's environment file.
 // +kubebuilder:validation:XValidation:rule="!self.name.startsWith('AGENT_') && !self.name.startsWith('PYTHON') && !self.name.startsWith('LD_')",message="env names starting with AGENT_, PYTHON or LD_ are reserved: the agent sets the runtime path and identity itself"
 // +kubebuilder:validation:XValidation:rule="!(has(self.value) && size(self.value) > 0 && has(self.valueFrom))",message="set at most one of value and valueFrom"

@@ -36,6 +36,11 @@ const (
 	// ConditionIsolated is True when a GatewayInstance runs under Production isolation and the
 	// hardening was verified on the host. Convenience mode always reports False.
 	ConditionIsolated = "Isolated"
+	// ConditionDrifted is True when a GatewayInstance's host differs from what its agent
+	// rendered and proved (a file, a link, the unit's state or main process); its message names
+	// what changed, what was expected and what was found, and when. After a heal it is False
+	// with reason Healed.
+	ConditionDrifted = "Drifted"
 	// ConditionPaused is True when a rollout is paused by a person or by a canary step.
 	ConditionPaused = "Paused"
 	// ConditionReachable is False when a GatewayHost's heartbeat is older than the grace period.

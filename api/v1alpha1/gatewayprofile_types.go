@@ -76,6 +76,14 @@ type GatewaySettings struct {
 	// +optional
 	HomeRetention HomeRetention `json:"homeRetention,omitempty"`
 
+	// Drift says what the agent does when something it rendered on a host changes behind its
+	// back (an env file, a drop-in, `current`, the unit's state): `Heal` (the default) puts back
+	// what was rendered, restarting the gateway only if the running process could see the
+	// change, then proves it again; `Report` leaves the host as found and reports it.
+	// +kubebuilder:default=Heal
+	// +optional
+	Drift DriftPolicy `json:"drift,omitempty"`
+
 	// Resources caps the memory and tasks of the gateway on each host, in both isolation modes,
 	// so that one gateway cannot starve its siblings or the node agent. Default: memoryMax 1Gi,
 	// tasksMax 512.

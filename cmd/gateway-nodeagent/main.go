@@ -49,6 +49,7 @@ func main() {
 	flag.DurationVar(&o.ProofTimeout, "proof-timeout", 30*time.Second, "how long a restarted gateway has to answer on its status endpoint")
 	flag.IntVar(&o.ConcurrentApplies, "concurrent-applies", agent.DefaultConcurrentApplies, "profiles applied at once; a hung profile holds only one of these")
 	flag.DurationVar(&o.ApplyTimeout, "apply-timeout", agent.DefaultApplyTimeout, "bound on one apply of one profile, download included")
+	flag.DurationVar(&o.ReproveInterval, "reprove-interval", agent.DefaultReproveInterval, "backstop: how often each instance is proven again in full although no change on the host was seen")
 	flag.StringVar(&o.MetricsAddr, "metrics-bind-address", ":8090", "metrics listen address; 0 turns metrics off")
 	flag.StringVar(&o.ProbeAddr, "health-probe-bind-address", ":8091", "health probe listen address; 0 turns probes off")
 	zopts := zap.Options{}

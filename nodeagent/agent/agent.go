@@ -21,10 +21,12 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/config"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
+	"sigs.k8s.io/controller-runtime/pkg/manager"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
 	"github.com/agent-gateway/gateway-operator/nodeagent/apply"
+	"github.com/agent-gateway/gateway-operator/nodeagent/drift"
 	"github.com/agent-gateway/gateway-operator/nodeagent/layout"
 	"github.com/agent-gateway/gateway-operator/nodeagent/microvm"
 	"github.com/agent-gateway/gateway-operator/nodeagent/release"
@@ -77,6 +79,9 @@ type Options struct {
 	ConcurrentApplies int
 	// ApplyTimeout bounds one apply of one profile (DefaultApplyTimeout).
 	ApplyTimeout time.Duration
+	// ReproveInterval is the backstop behind the drift watches: how often each instance is
+	// proven again in full although nothing was seen to change (DefaultReproveInterval).
+	ReproveInterval time.Duration
 }
 
 // MicroVMOptions configure the host-local microVM path: a socket per profile at
@@ -177,7 +182,17 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 	if err := mgr.Add(beat); err != nil {
 		return err
 	}
+	// Drift: hints from inotify and systemd's signals queue the profile they concern.
+	tracker := &drift.Tracker{}
+	watcher := &drift.Watcher{Host: host, Systemd: sd, Hint: tracker.Add, Log: log.WithName("drift")}
+	if err := watcher.Start(); err != nil {
+		return err
+	}
+	if err := mgr.Add(manager.RunnableFunc(watcher.Run)); err != nil {
+		return err
+	}
 	if err := (&InstanceReconciler{
+		Drift: tracker, Watcher: watcher, ReproveInterval: o.ReproveInterval,
 		Hold:   beat.Duplicate,
 		Client: mgr.GetClient(), Reader: mgr.GetAPIReader(), Host: o.HostName, Applier: applier, ToolRuns: toolRuns,
 		ConcurrentApplies: o.ConcurrentApplies, ApplyTimeout: o.ApplyTimeout,

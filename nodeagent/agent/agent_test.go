@@ -39,6 +39,9 @@ func TestMain(m *testing.M) {
 }
 
 func run(m *testing.M) int {
+	if spec := os.Getenv(benchAgentEnv); spec != "" {
+		return runBenchAgent(spec)
+	}
 	bins, cleanup, err := repo.BuildTemp("gateway-launch")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)

@@ -30,13 +30,11 @@ import (
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
 	"github.com/agent-gateway/gateway-operator/nodeagent/apply"
+	"github.com/agent-gateway/gateway-operator/nodeagent/drift"
 	"github.com/agent-gateway/gateway-operator/nodeagent/layout"
 	"github.com/agent-gateway/gateway-operator/nodeagent/microvm"
 	"github.com/agent-gateway/gateway-operator/nodeagent/release"
 )
-
-// ReproveInterval is how often an applied instance is proven again while nothing changes.
-const ReproveInterval = 5 * time.Minute
 
 // InstanceReconciler applies this host's GatewayInstances.
 type InstanceReconciler struct {
@@ -56,6 +54,13 @@ type InstanceReconciler struct {
 	// Hold, when it returns true, stops every apply and removal for now: another agent
 	// heart-beats under this host's identity, and the two must not fight over its instances.
 	Hold func() bool
+	// Drift, when set, holds what was proven per profile and the hints of change the Watcher
+	// sends; see drift.go.
+	Drift   *drift.Tracker
+	Watcher *drift.Watcher
+	// ReproveInterval is the backstop: how often an instance is proven again in full although
+	// nothing was seen to change (DefaultReproveInterval).
+	ReproveInterval time.Duration
 }
 
 // holdRetry is how soon a held instance is looked at again.
@@ -80,7 +85,11 @@ func (r *InstanceReconciler) SetupWithManager(mgr ctrl.Manager) error {
 	if err := mgr.Add(manager.RunnableFunc(r.profilesOnHost(found))); err != nil {
 		return err
 	}
-	return ctrl.NewControllerManagedBy(mgr).
+	b := ctrl.NewControllerManagedBy(mgr)
+	if r.Drift != nil {
+		b = b.WatchesRawSource(source.Channel(r.driftEvents(), &handler.TypedEnqueueRequestForObject[*v1.GatewayInstance]{}))
+	}
+	return b.
 		Named("gatewayinstance-"+r.Host).
 		// Spec and annotation changes (a retry) and deletion only: the agent's own status writes
 		// must not wake it.
@@ -148,11 +157,11 @@ func (r *InstanceReconciler) Reconcile(ctx context.Context, req ctrl.Request) (c
 		in.Env, in.Files, in.MaterialDigest = m.Env, m.Files, m.Digest
 	}
 
-	timeout := r.ApplyTimeout
-	if timeout <= 0 {
-		timeout = DefaultApplyTimeout
+	if res, done, err := r.checkDrift(ctx, &gi, &in); done {
+		return res, err
 	}
-	applyCtx, cancel := context.WithTimeout(ctx, timeout)
+
+	applyCtx, cancel := context.WithTimeout(ctx, r.applyTimeout())
 	out, err := r.Applier.Apply(applyCtx, in)
 	cancel()
 	base := gi.DeepCopy()
@@ -174,6 +183,7 @@ func (r *InstanceReconciler) Reconcile(ctx context.Context, req ctrl.Request) (c
 	switch {
 	case err == nil:
 		r.reportSuccess(&gi, out)
+		r.expectDrift(ctx, gi.Spec.Profile, out)
 		if out.Restarted {
 			r.Recorder.Eventf(&gi, nil, corev1.EventTypeNormal, "Restarted", "Apply",
 				"restarted %s on release %s and proved it aligned (main PID %d)", st.Unit, gi.Spec.Release.Label, out.MainPID)
@@ -197,9 +207,9 @@ func (r *InstanceReconciler) Reconcile(ctx context.Context, req ctrl.Request) (c
 		}
 		// The spec itself is bad or the release failed its proof: try again only when the spec
 		// changes, or after a long while.
-		return ctrl.Result{RequeueAfter: ReproveInterval}, nil
+		return ctrl.Result{RequeueAfter: r.reproveInterval()}, nil
 	}
-	return ctrl.Result{RequeueAfter: ReproveInterval}, nil
+	return ctrl.Result{RequeueAfter: r.reproveInterval()}, nil
 }
 
 // limits converts an instance's resource caps to bytes and a count; unset stays zero, the
@@ -324,6 +334,7 @@ func (r *InstanceReconciler) reconcileDelete(ctx context.Context, gi *v1.Gateway
 	if r.ToolRuns != nil {
 		r.ToolRuns.Remove(gi.Spec.Profile)
 	}
+	r.forgetDrift(gi.Spec.Profile)
 	if err := r.Applier.Remove(ctx, gi.Spec.Profile, gi.Spec.HomeRetention == v1.HomePurge); err != nil {
 		r.Recorder.Eventf(gi, nil, corev1.EventTypeWarning, "RemoveFailed", "Remove", "removing %s: %v", gi.Spec.Profile, err)
 		return ctrl.Result{}, err

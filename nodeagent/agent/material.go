@@ -106,7 +106,7 @@ func (r *InstanceReconciler) waitForMaterial(ctx context.Context, gi *v1.Gateway
 				return ctrl.Result{}, fmt.Errorf("write status: %w", err)
 			}
 		}
-		return ctrl.Result{RequeueAfter: ReproveInterval}, nil
+		return ctrl.Result{RequeueAfter: r.reproveInterval()}, nil
 	}
 	base := gi.DeepCopy()
 	msg := w.msg + "; the gateway keeps the material it runs"

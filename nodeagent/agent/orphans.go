@@ -35,6 +35,7 @@ func (r *InstanceReconciler) removeOrphan(ctx context.Context, name string) (ctr
 	if r.ToolRuns != nil {
 		r.ToolRuns.Remove(profile)
 	}
+	r.forgetDrift(profile)
 	// The home stays: whether the profile asked to purge it went with the instance.
 	if err := r.Applier.Remove(ctx, profile, false); err != nil {
 		return ctrl.Result{}, err

@@ -81,6 +81,10 @@ type Instance struct {
 	// Restart restarts the unit and proves it again even when nothing changed: an operator's
 	// restart request (a plugin change is picked up only by a restart).
 	Restart bool
+	// Heal puts back what was rendered after a change on the host, restarting the gateway only
+	// when the proven process is gone or `current` moved under it (a running gateway imports
+	// through `current`; what it read at start it has read already).
+	Heal bool
 }
 
 // Probe is a health probe of a gateway's status endpoint after its proof.
@@ -115,6 +119,9 @@ type Outcome struct {
 	ConfigHash string
 	// User is the user the gateway runs as.
 	User *users.User
+	// Inputs are the files rendered for the instance, as drift compares them: host path ->
+	// drift.Digest of the text or drift.Link of the target.
+	Inputs map[string]string
 }
 
 // Failure is an apply that did not reach its goal. The host was left on a known release:
@@ -206,6 +213,8 @@ type run struct {
 	// changed is set when this apply changed anything the gateway reads at start (its env file,
 	// units, the launcher, `current`): the running process then predates it and is restarted.
 	changed bool
+	// live is set when `current` moved: a running gateway sees that at once.
+	live bool
 	// undo, once set, returns the profile to its last good release after a failure.
 	undo     func(*Failure) (*Outcome, error)
 	busy     int // times this run marked its unit busy
@@ -349,6 +358,7 @@ func (r *run) flip() *Failure {
 		return &Failure{Reason: "FlipFailed", Message: err.Error()}
 	}
 	r.changed = r.changed || flipped
+	r.live = flipped
 	return nil
 }
 
@@ -357,7 +367,7 @@ func (r *run) flip() *Failure {
 // PID and kernel start time): a repeated apply must not restart a healthy gateway, and a
 // gateway cannot talk its way out of a restart by looking aligned.
 func (r *run) restart() *Failure {
-	if !r.changed && !r.in.Restart {
+	if (!r.changed || (r.in.Heal && !r.live)) && !r.in.Restart {
 		if proc := r.a.stillProven(r.ctx, r.p, r.want.hash); proc != nil {
 			r.log.V(1).Info("the proven process still runs and nothing changed; not restarting", "mainPID", proc.PID)
 			r.proc = proc
@@ -412,6 +422,7 @@ func (r *run) record() *Failure {
 		return &Failure{Reason: "WriteFailed", Message: err.Error(), Retry: true}
 	}
 	r.out.LastGood = &r.target
+	r.out.Inputs = r.a.inputs(r.p, r.want, r.target)
 	r.out.Isolation, r.out.Isolated, r.out.IsolationReason = r.a.isolation(r.ctx, r.p, r.want.settings, r.user)
 	return nil
 }

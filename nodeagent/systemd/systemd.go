@@ -87,24 +87,26 @@ func (c *Conn) Ping(ctx context.Context) error {
 	return err
 }
 
-func connect(ctx context.Context, address string) (*sdbus.Conn, error) {
-	dial := func() (*dbus.Conn, error) {
-		c, err := dbus.Dial(address, dbus.WithContext(ctx))
-		if err != nil {
-			return nil, err
-		}
-		// EXTERNAL authentication by numeric uid: no user-name lookup is needed.
-		if err := c.Auth([]dbus.Auth{dbus.AuthExternal(strconv.Itoa(os.Getuid()))}); err != nil {
-			c.Close()
-			return nil, err
-		}
-		if err := c.Hello(); err != nil {
-			c.Close()
-			return nil, err
-		}
-		return c, nil
+// dialBus opens one authenticated connection to the bus at address.
+func dialBus(ctx context.Context, address string) (*dbus.Conn, error) {
+	c, err := dbus.Dial(address, dbus.WithContext(ctx))
+	if err != nil {
+		return nil, err
 	}
-	c, err := sdbus.NewConnection(dial)
+	// EXTERNAL authentication by numeric uid: no user-name lookup is needed.
+	if err := c.Auth([]dbus.Auth{dbus.AuthExternal(strconv.Itoa(os.Getuid()))}); err != nil {
+		c.Close()
+		return nil, err
+	}
+	if err := c.Hello(); err != nil {
+		c.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+func connect(ctx context.Context, address string) (*sdbus.Conn, error) {
+	c, err := sdbus.NewConnection(func() (*dbus.Conn, error) { return dialBus(ctx, address) })
 	if err != nil {
 		return nil, fmt.Errorf("systemd: connect to %s: %w", address, err)
 	}
