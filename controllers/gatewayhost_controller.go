@@ -7,26 +7,39 @@ import (
 	"sync"
 	"time"
 
+	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/util/workqueue"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/builder"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
+	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 	"sigs.k8s.io/controller-runtime/pkg/recorder"
+	"sigs.k8s.io/controller-runtime/pkg/source"
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
 )
 
 // GatewayHostReconciler marks a host Unreachable when its agent stops heart-beating, and
-// releases the instances of a host whose GatewayHost was deleted.
+// releases the instances of a host whose GatewayHost was deleted. An agent heart-beats by
+// renewing its host's Lease (coordination.k8s.io/v1, named after the host, in LeaseNamespace),
+// as a kubelet renews its node's Lease; an agent that predates Leases beats in the
+// GatewayHost's status.lastHeartbeatTime, and the later of the two counts.
 type GatewayHostReconciler struct {
 	Client client.Client
+	// Leases reads the hosts' Leases, from a cache of LeaseNamespace only. Without it, only
+	// status.lastHeartbeatTime counts.
+	Leases client.Reader
+	// LeaseNamespace holds the hosts' Leases.
+	LeaseNamespace string
 	// APIReader reads past the cache: instances are released only once the API server itself
 	// says their host is gone. The cached client is used when nil.
 	APIReader client.Reader
@@ -48,11 +61,83 @@ const indexInstanceHost = "spec.host"
 // an instance whose host is already gone (deleted while the manager was down) is released too.
 // A heartbeat of a reachable host wakes nothing: the check queued for when it would go stale
 // reads it. Setup registers the cache indexes it reads by.
+//
+// With a LeaseNamespace it also watches the hosts' Leases, in a cache of that namespace only
+// that keeps of each Lease just its name and renewTime (a renewal is received in protobuf,
+// not JSON). A renewal wakes the host only when the host is not already Reachable.
 func (r *GatewayHostReconciler) SetupWithManager(mgr ctrl.Manager) error {
-	return ctrl.NewControllerManagedBy(mgr).
+	b := ctrl.NewControllerManagedBy(mgr).
 		For(&v1.GatewayHost{}, builder.WithPredicates(hostMattersToItsController)).
-		Watches(&v1.GatewayInstance{}, handler.EnqueueRequestsFromMapFunc(r.goneHostOf)).
-		Complete(r)
+		Watches(&v1.GatewayInstance{}, handler.EnqueueRequestsFromMapFunc(r.goneHostOf))
+	if r.LeaseNamespace != "" {
+		leases, err := cache.New(mgr.GetConfig(), cache.Options{
+			HTTPClient: mgr.GetHTTPClient(), Scheme: mgr.GetScheme(), Mapper: mgr.GetRESTMapper(),
+			DefaultNamespaces: map[string]cache.Config{r.LeaseNamespace: {}},
+			DefaultTransform:  slimLease,
+		})
+		if err != nil {
+			return err
+		}
+		if err := mgr.Add(cacheRunnable{leases}); err != nil {
+			return err
+		}
+		r.Leases = leases
+		b = b.WatchesRawSource(source.Kind(leases, &coordinationv1.Lease{}, r.hostOfLease()))
+	}
+	return b.Complete(r)
+}
+
+// readOnly reads the cache without copying: for reads that change nothing they read.
+var readOnly = &client.GetOptions{UnsafeDisableDeepCopy: func() *bool { t := true; return &t }()}
+
+// cacheRunnable makes the manager start a cache with its own and wait for it to sync.
+type cacheRunnable struct{ cache.Cache }
+
+// GetCache returns the cache.
+func (c cacheRunnable) GetCache() cache.Cache { return c.Cache }
+
+// slimLease keeps of a Lease only what the host controller reads: a fleet's Leases then take
+// a few hundred bytes each in the cache.
+func slimLease(o any) (any, error) {
+	l, ok := o.(*coordinationv1.Lease)
+	if !ok {
+		return o, nil
+	}
+	return &coordinationv1.Lease{
+		ObjectMeta: metav1.ObjectMeta{Name: l.Name, Namespace: l.Namespace, UID: l.UID, ResourceVersion: l.ResourceVersion},
+		Spec:       coordinationv1.LeaseSpec{RenewTime: l.Spec.RenewTime},
+	}, nil
+}
+
+// hostOfLease wakes a Lease's host when the Lease appears or goes, when its renewTime moves
+// backwards (a clock set back: the queued check would come too late), or when the host is not
+// Reachable now. A renewal of a reachable host wakes nothing: the check queued for when the
+// renewal it saw would go stale reads the newer one then.
+func (r *GatewayHostReconciler) hostOfLease() handler.TypedEventHandler[*coordinationv1.Lease, reconcile.Request] {
+	type queue = workqueue.TypedRateLimitingInterface[reconcile.Request]
+	add := func(q queue, l *coordinationv1.Lease) {
+		q.Add(reconcile.Request{NamespacedName: client.ObjectKey{Name: l.Name}})
+	}
+	return handler.TypedFuncs[*coordinationv1.Lease, reconcile.Request]{
+		CreateFunc: func(_ context.Context, e event.TypedCreateEvent[*coordinationv1.Lease], q queue) { add(q, e.Object) },
+		DeleteFunc: func(_ context.Context, e event.TypedDeleteEvent[*coordinationv1.Lease], q queue) { add(q, e.Object) },
+		UpdateFunc: func(ctx context.Context, e event.TypedUpdateEvent[*coordinationv1.Lease], q queue) {
+			was, now := e.ObjectOld.Spec.RenewTime, e.ObjectNew.Spec.RenewTime
+			if was == nil || now == nil || now.Before(was) {
+				add(q, e.ObjectNew)
+				return
+			}
+			var h v1.GatewayHost
+			// A read-only view of the cache: only the Reachable condition is read.
+			err := r.Client.Get(ctx, client.ObjectKey{Name: e.ObjectNew.Name}, &h, readOnly)
+			switch {
+			case apierrors.IsNotFound(err):
+				// No host (yet): its creation wakes its controller, which reads this Lease then.
+			case err != nil || !meta.IsStatusConditionTrue(h.Status.Conditions, v1.ConditionReachable):
+				add(q, e.ObjectNew)
+			}
+		},
+	}
 }
 
 // goneHostOf wakes an instance's host only when the cache no longer holds it (or it is being
@@ -92,7 +177,11 @@ func (r *GatewayHostReconciler) Reconcile(ctx context.Context, req ctrl.Request)
 	r.startOnce.Do(func() { r.started = now })
 	was := meta.FindStatusCondition(h.Status.Conditions, v1.ConditionReachable)
 	wasReachable, wasUnreachable := was != nil && was.Status == metav1.ConditionTrue, was != nil && was.Status == metav1.ConditionFalse
-	reachable, msg, next := ReachabilitySince(h.Status.LastHeartbeatTime, wasReachable, r.GracePeriod, r.started, now)
+	last, err := r.lastHeartbeat(ctx, &h)
+	if err != nil {
+		return ctrl.Result{}, err
+	}
+	reachable, msg, next := ReachabilitySince(last, wasReachable, r.GracePeriod, r.started, now)
 	base := h.DeepCopy()
 	status, reason := metav1.ConditionTrue, "HeartbeatFresh"
 	if !reachable {
@@ -112,6 +201,22 @@ func (r *GatewayHostReconciler) Reconcile(ctx context.Context, req ctrl.Request)
 		return ctrl.Result{RequeueAfter: next}, nil
 	}
 	return ctrl.Result{}, nil
+}
+
+// lastHeartbeat is the later of the host Lease's renewTime and the status's lastHeartbeatTime.
+func (r *GatewayHostReconciler) lastHeartbeat(ctx context.Context, h *v1.GatewayHost) (*metav1.Time, error) {
+	last := h.Status.LastHeartbeatTime
+	if r.Leases == nil {
+		return last, nil
+	}
+	var l coordinationv1.Lease
+	if err := r.Leases.Get(ctx, client.ObjectKey{Namespace: r.LeaseNamespace, Name: h.Name}, &l); err != nil {
+		return last, client.IgnoreNotFound(err)
+	}
+	if rt := l.Spec.RenewTime; rt != nil && (last == nil || rt.After(last.Time)) {
+		last = &metav1.Time{Time: rt.Time}
+	}
+	return last, nil
 }
 
 // releaseInstances lets go of every instance of a host whose GatewayHost is gone, as

@@ -1,10 +1,19 @@
 package controllers
 
 import (
+	"context"
+	"fmt"
 	"testing"
 	"time"
 
+	coordinationv1 "k8s.io/api/coordination/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/util/workqueue"
+	"sigs.k8s.io/controller-runtime/pkg/client/fake"
+	"sigs.k8s.io/controller-runtime/pkg/event"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
 )
@@ -95,4 +104,83 @@ func configHashOf(t *testing.T, label string) string {
 	p := &v1.GatewayProfile{ObjectMeta: metav1.ObjectMeta{Name: "core"}, Spec: v1.GatewayProfileSpec{Release: "r"}}
 	r := &v1.Release{ObjectMeta: metav1.ObjectMeta{Name: "r"}, Spec: v1.ReleaseSpec{SHA256: "x", Label: label}}
 	return profileSpec(p, r).forHost("h").ConfigHash
+}
+
+// A Lease renewal of a reachable host wakes nothing; one of a host that is not Reachable, a
+// renewTime that moved backwards, and a Lease appearing or going wake the host.
+func TestHostOfLease(t *testing.T) {
+	ctx := context.Background()
+	hostWith := func(name string, reachable metav1.ConditionStatus) *v1.GatewayHost {
+		h := &v1.GatewayHost{ObjectMeta: metav1.ObjectMeta{Name: name}}
+		if reachable != "" {
+			h.Status.Conditions = []metav1.Condition{{Type: v1.ConditionReachable, Status: reachable, Reason: "R", LastTransitionTime: metav1.Now()}}
+		}
+		return h
+	}
+	s := runtime.NewScheme()
+	_ = v1.AddToScheme(s)
+	r := &GatewayHostReconciler{Client: fake.NewClientBuilder().WithScheme(s).WithObjects(
+		hostWith("up", metav1.ConditionTrue), hostWith("down", metav1.ConditionFalse), hostWith("new", "")).Build()}
+	h := r.hostOfLease()
+	t0 := time.Unix(1000, 0)
+	lease := func(name string, at time.Time) *coordinationv1.Lease {
+		m := metav1.NewMicroTime(at)
+		return &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "ns"}, Spec: coordinationv1.LeaseSpec{RenewTime: &m}}
+	}
+	woken := func(do func(q workqueue.TypedRateLimitingInterface[reconcile.Request])) []string {
+		q := workqueue.NewTypedRateLimitingQueue(workqueue.DefaultTypedControllerRateLimiter[reconcile.Request]())
+		defer q.ShutDown()
+		do(q)
+		var names []string
+		for q.Len() > 0 {
+			req, _ := q.Get()
+			names = append(names, req.Name)
+		}
+		return names
+	}
+	renew := func(name string, from, to time.Time) []string {
+		return woken(func(q workqueue.TypedRateLimitingInterface[reconcile.Request]) {
+			h.Update(ctx, event.TypedUpdateEvent[*coordinationv1.Lease]{ObjectOld: lease(name, from), ObjectNew: lease(name, to)}, q)
+		})
+	}
+	for _, tc := range []struct {
+		what string
+		got  []string
+		want string
+	}{
+		{"a reachable host's renewal", renew("up", t0, t0.Add(10*time.Second)), "[]"},
+		{"an unreachable host's renewal", renew("down", t0, t0.Add(10*time.Second)), "[down]"},
+		{"a renewal of a host not yet judged", renew("new", t0, t0.Add(10*time.Second)), "[new]"},
+		{"a renewal without a host", renew("gone", t0, t0.Add(10*time.Second)), "[]"},
+		{"a renewTime moved backwards", renew("up", t0, t0.Add(-time.Hour)), "[up]"},
+		{"a new Lease", woken(func(q workqueue.TypedRateLimitingInterface[reconcile.Request]) {
+			h.Create(ctx, event.TypedCreateEvent[*coordinationv1.Lease]{Object: lease("up", t0)}, q)
+		}), "[up]"},
+		{"a deleted Lease", woken(func(q workqueue.TypedRateLimitingInterface[reconcile.Request]) {
+			h.Delete(ctx, event.TypedDeleteEvent[*coordinationv1.Lease]{Object: lease("up", t0)}, q)
+		}), "[up]"},
+	} {
+		if got := fmt.Sprint(tc.got); got != tc.want && !(tc.want == "[]" && tc.got == nil) {
+			t.Errorf("%s woke %s; want %s", tc.what, got, tc.want)
+		}
+	}
+}
+
+// The cache keeps of a Lease only its identity and renewTime.
+func TestSlimLease(t *testing.T) {
+	m := metav1.NewMicroTime(time.Unix(1000, 0))
+	holder, secs := "agent-1", int32(40)
+	o, err := slimLease(&coordinationv1.Lease{
+		ObjectMeta: metav1.ObjectMeta{Name: "h", Namespace: "ns", ResourceVersion: "7", Labels: map[string]string{"a": "b"},
+			ManagedFields: []metav1.ManagedFieldsEntry{{Manager: "x"}}},
+		Spec: coordinationv1.LeaseSpec{RenewTime: &m, AcquireTime: &m, HolderIdentity: &holder, LeaseDurationSeconds: &secs},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := o.(*coordinationv1.Lease)
+	want := coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Name: "h", Namespace: "ns", ResourceVersion: "7"}, Spec: coordinationv1.LeaseSpec{RenewTime: &m}}
+	if !equality.Semantic.DeepEqual(*l, want) {
+		t.Errorf("slimLease kept %+v", l)
+	}
 }
