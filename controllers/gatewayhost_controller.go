@@ -7,19 +7,15 @@ import (
 	"sync"
 	"time"
 
-	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/util/workqueue"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/builder"
-	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
-	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 	"sigs.k8s.io/controller-runtime/pkg/recorder"
@@ -35,11 +31,10 @@ import (
 // GatewayHost's status.lastHeartbeatTime, and the later of the two counts.
 type GatewayHostReconciler struct {
 	Client client.Client
-	// Leases reads the hosts' Leases, from a cache of LeaseNamespace only. Without it, only
-	// status.lastHeartbeatTime counts.
-	Leases client.Reader
-	// LeaseNamespace holds the hosts' Leases.
+	// LeaseNamespace holds the hosts' Leases; empty: only status.lastHeartbeatTime counts.
 	LeaseNamespace string
+	// LeasePollPeriod is how often the Leases are listed; a quarter of GracePeriod when 0.
+	LeasePollPeriod time.Duration
 	// APIReader reads past the cache: instances are released only once the API server itself
 	// says their host is gone. The cached client is used when nil.
 	APIReader client.Reader
@@ -51,6 +46,7 @@ type GatewayHostReconciler struct {
 
 	startOnce sync.Once
 	started   time.Time // this reconciler's first reconcile: when it began to watch heartbeats
+	leases    *leaseView
 }
 
 // indexInstanceHost indexes instances by host, so a gone host's instances are found without
@@ -62,82 +58,26 @@ const indexInstanceHost = "spec.host"
 // A heartbeat of a reachable host wakes nothing: the check queued for when it would go stale
 // reads it. Setup registers the cache indexes it reads by.
 //
-// With a LeaseNamespace it also watches the hosts' Leases, in a cache of that namespace only
-// that keeps of each Lease just its name and renewTime (a renewal is received in protobuf,
-// not JSON). A renewal wakes the host only when the host is not already Reachable.
+// With a LeaseNamespace it also reads the hosts' Leases: not through a watch, which would
+// hand the manager every renewal of every host (a fleet's largest stream of events), but by
+// listing them every LeasePollPeriod (see leaseView).
 func (r *GatewayHostReconciler) SetupWithManager(mgr ctrl.Manager) error {
 	b := ctrl.NewControllerManagedBy(mgr).
 		For(&v1.GatewayHost{}, builder.WithPredicates(hostMattersToItsController)).
 		Watches(&v1.GatewayInstance{}, handler.EnqueueRequestsFromMapFunc(r.goneHostOf))
 	if r.LeaseNamespace != "" {
-		leases, err := cache.New(mgr.GetConfig(), cache.Options{
-			HTTPClient: mgr.GetHTTPClient(), Scheme: mgr.GetScheme(), Mapper: mgr.GetRESTMapper(),
-			DefaultNamespaces: map[string]cache.Config{r.LeaseNamespace: {}},
-			DefaultTransform:  slimLease,
-		})
-		if err != nil {
-			return err
+		reader := r.APIReader
+		if reader == nil {
+			reader = r.Client
 		}
-		if err := mgr.Add(cacheRunnable{leases}); err != nil {
-			return err
+		period := r.LeasePollPeriod
+		if period <= 0 {
+			period = max(r.GracePeriod/4, time.Second)
 		}
-		r.Leases = leases
-		b = b.WatchesRawSource(source.Kind(leases, &coordinationv1.Lease{}, r.hostOfLease()))
+		r.leases = &leaseView{reader: reader, hosts: r.Client, namespace: r.LeaseNamespace, period: period}
+		b = b.WatchesRawSource(source.Func(r.leases.start))
 	}
 	return b.Complete(r)
-}
-
-// readOnly reads the cache without copying: for reads that change nothing they read.
-var readOnly = &client.GetOptions{UnsafeDisableDeepCopy: func() *bool { t := true; return &t }()}
-
-// cacheRunnable makes the manager start a cache with its own and wait for it to sync.
-type cacheRunnable struct{ cache.Cache }
-
-// GetCache returns the cache.
-func (c cacheRunnable) GetCache() cache.Cache { return c.Cache }
-
-// slimLease keeps of a Lease only what the host controller reads: a fleet's Leases then take
-// a few hundred bytes each in the cache.
-func slimLease(o any) (any, error) {
-	l, ok := o.(*coordinationv1.Lease)
-	if !ok {
-		return o, nil
-	}
-	return &coordinationv1.Lease{
-		ObjectMeta: metav1.ObjectMeta{Name: l.Name, Namespace: l.Namespace, UID: l.UID, ResourceVersion: l.ResourceVersion},
-		Spec:       coordinationv1.LeaseSpec{RenewTime: l.Spec.RenewTime},
-	}, nil
-}
-
-// hostOfLease wakes a Lease's host when the Lease appears or goes, when its renewTime moves
-// backwards (a clock set back: the queued check would come too late), or when the host is not
-// Reachable now. A renewal of a reachable host wakes nothing: the check queued for when the
-// renewal it saw would go stale reads the newer one then.
-func (r *GatewayHostReconciler) hostOfLease() handler.TypedEventHandler[*coordinationv1.Lease, reconcile.Request] {
-	type queue = workqueue.TypedRateLimitingInterface[reconcile.Request]
-	add := func(q queue, l *coordinationv1.Lease) {
-		q.Add(reconcile.Request{NamespacedName: client.ObjectKey{Name: l.Name}})
-	}
-	return handler.TypedFuncs[*coordinationv1.Lease, reconcile.Request]{
-		CreateFunc: func(_ context.Context, e event.TypedCreateEvent[*coordinationv1.Lease], q queue) { add(q, e.Object) },
-		DeleteFunc: func(_ context.Context, e event.TypedDeleteEvent[*coordinationv1.Lease], q queue) { add(q, e.Object) },
-		UpdateFunc: func(ctx context.Context, e event.TypedUpdateEvent[*coordinationv1.Lease], q queue) {
-			was, now := e.ObjectOld.Spec.RenewTime, e.ObjectNew.Spec.RenewTime
-			if was == nil || now == nil || now.Before(was) {
-				add(q, e.ObjectNew)
-				return
-			}
-			var h v1.GatewayHost
-			// A read-only view of the cache: only the Reachable condition is read.
-			err := r.Client.Get(ctx, client.ObjectKey{Name: e.ObjectNew.Name}, &h, readOnly)
-			switch {
-			case apierrors.IsNotFound(err):
-				// No host (yet): its creation wakes its controller, which reads this Lease then.
-			case err != nil || !meta.IsStatusConditionTrue(h.Status.Conditions, v1.ConditionReachable):
-				add(q, e.ObjectNew)
-			}
-		},
-	}
 }
 
 // goneHostOf wakes an instance's host only when the cache no longer holds it (or it is being
@@ -177,11 +117,25 @@ func (r *GatewayHostReconciler) Reconcile(ctx context.Context, req ctrl.Request)
 	r.startOnce.Do(func() { r.started = now })
 	was := meta.FindStatusCondition(h.Status.Conditions, v1.ConditionReachable)
 	wasReachable, wasUnreachable := was != nil && was.Status == metav1.ConditionTrue, was != nil && was.Status == metav1.ConditionFalse
-	last, err := r.lastHeartbeat(ctx, &h)
-	if err != nil {
-		return ctrl.Result{}, err
+	last := h.Status.LastHeartbeatTime
+	var listed time.Time // when the Leases were last listed
+	if r.leases != nil {
+		renewed, at, ok := r.leases.renewed(h.Name)
+		if at.IsZero() {
+			// No list of the Leases yet: nothing can be told about this host.
+			return ctrl.Result{RequeueAfter: r.leases.period}, nil
+		}
+		if ok && (last == nil || renewed.After(last.Time)) {
+			last = &metav1.Time{Time: renewed}
+		}
+		listed = at
 	}
 	reachable, msg, next := ReachabilitySince(last, wasReachable, r.GracePeriod, r.started, now)
+	if !reachable && wasReachable && last != nil && listed.Before(last.Add(r.GracePeriod)) {
+		// The Leases were last listed before this heartbeat went stale: a renewal since then is
+		// not seen yet. Look again after the next list.
+		return ctrl.Result{RequeueAfter: max(listed.Add(r.leases.period).Sub(now), 0) + time.Second}, nil
+	}
 	base := h.DeepCopy()
 	status, reason := metav1.ConditionTrue, "HeartbeatFresh"
 	if !reachable {
@@ -201,22 +155,6 @@ func (r *GatewayHostReconciler) Reconcile(ctx context.Context, req ctrl.Request)
 		return ctrl.Result{RequeueAfter: next}, nil
 	}
 	return ctrl.Result{}, nil
-}
-
-// lastHeartbeat is the later of the host Lease's renewTime and the status's lastHeartbeatTime.
-func (r *GatewayHostReconciler) lastHeartbeat(ctx context.Context, h *v1.GatewayHost) (*metav1.Time, error) {
-	last := h.Status.LastHeartbeatTime
-	if r.Leases == nil {
-		return last, nil
-	}
-	var l coordinationv1.Lease
-	if err := r.Leases.Get(ctx, client.ObjectKey{Namespace: r.LeaseNamespace, Name: h.Name}, &l); err != nil {
-		return last, client.IgnoreNotFound(err)
-	}
-	if rt := l.Spec.RenewTime; rt != nil && (last == nil || rt.After(last.Time)) {
-		last = &metav1.Time{Time: rt.Time}
-	}
-	return last, nil
 }
 
 // releaseInstances lets go of every instance of a host whose GatewayHost is gone, as
