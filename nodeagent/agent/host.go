@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"runtime"
 	"strconv"
@@ -190,7 +191,8 @@ func (h *Heartbeat) beat(ctx context.Context) error {
 // (the first beat, or after a conflict: another writer, perhaps a twin, came in between).
 func (h *Heartbeat) renew(ctx context.Context) error {
 	now := metav1.NewMicroTime(time.Now())
-	secs := int32(max(4*h.Interval, time.Second) / time.Second)
+	// Informational for other readers (the manager uses its own grace period): four intervals.
+	secs := int32(min(max(4*h.Interval, time.Second), time.Duration(math.MaxInt32)*time.Second) / time.Second) //nolint:gosec // bounded just above
 	if h.lease == nil {
 		var reader client.Reader = h.Client
 		if h.APIReader != nil {
