@@ -74,7 +74,7 @@ func (r *GatewayHostReconciler) SetupWithManager(mgr ctrl.Manager) error {
 		if period <= 0 {
 			period = max(r.GracePeriod/4, time.Second)
 		}
-		r.leases = &leaseView{reader: reader, hosts: r.Client, namespace: r.LeaseNamespace, period: period}
+		r.leases = &leaseView{reader: reader, hosts: r.Client, namespace: r.LeaseNamespace, period: period, grace: r.GracePeriod}
 		b = b.WatchesRawSource(source.Func(r.leases.start))
 	}
 	return b.Complete(r)
@@ -119,6 +119,7 @@ func (r *GatewayHostReconciler) Reconcile(ctx context.Context, req ctrl.Request)
 	wasReachable, wasUnreachable := was != nil && was.Status == metav1.ConditionTrue, was != nil && was.Status == metav1.ConditionFalse
 	last := h.Status.LastHeartbeatTime
 	var listed time.Time // when the Leases were last listed
+	hasLease := false
 	if r.leases != nil {
 		renewed, at, ok := r.leases.renewed(h.Name)
 		if at.IsZero() {
@@ -128,7 +129,7 @@ func (r *GatewayHostReconciler) Reconcile(ctx context.Context, req ctrl.Request)
 		if ok && (last == nil || renewed.After(last.Time)) {
 			last = &metav1.Time{Time: renewed}
 		}
-		listed = at
+		listed, hasLease = at, ok
 	}
 	reachable, msg, next := ReachabilitySince(last, wasReachable, r.GracePeriod, r.started, now)
 	if !reachable && wasReachable && last != nil && listed.Before(last.Add(r.GracePeriod)) {
@@ -151,7 +152,8 @@ func (r *GatewayHostReconciler) Reconcile(ctx context.Context, req ctrl.Request)
 			r.Recorder.Eventf(&h, nil, corev1.EventTypeWarning, "Unreachable", "Heartbeat", "%s", msg)
 		}
 	}
-	if next > 0 {
+	if next > 0 && !hasLease {
+		// A host with a Lease is woken by the list that finds its heartbeat stale.
 		return ctrl.Result{RequeueAfter: next}, nil
 	}
 	return ctrl.Result{}, nil

@@ -106,9 +106,9 @@ func configHashOf(t *testing.T, label string) string {
 	return profileSpec(p, r).forHost("h").ConfigHash
 }
 
-// A list of the Leases wakes a host when a renewal may make it Reachable (it is not now), when
-// its renewTime moved backwards, and when its Lease is gone; a renewal of a reachable host
-// wakes nothing.
+// A list of the Leases wakes a host when a renewal may make it Reachable (it is not now), when a
+// reachable host's heartbeat is older than the grace period, when its renewTime moved
+// backwards, and when its Lease is gone; a renewal of a reachable host wakes nothing.
 func TestLeaseViewWakes(t *testing.T) {
 	ctx := context.Background()
 	hostWith := func(name string, reachable metav1.ConditionStatus) *v1.GatewayHost {
@@ -122,25 +122,27 @@ func TestLeaseViewWakes(t *testing.T) {
 	_ = v1.AddToScheme(s)
 	v := &leaseView{hosts: fake.NewClientBuilder().WithScheme(s).WithObjects(
 		hostWith("up", metav1.ConditionTrue), hostWith("down", metav1.ConditionFalse), hostWith("new", ""),
-		hostWith("back", metav1.ConditionTrue), hostWith("going", metav1.ConditionTrue), hostWith("still", metav1.ConditionFalse)).Build()}
+		hostWith("back", metav1.ConditionTrue), hostWith("going", metav1.ConditionTrue), hostWith("still", metav1.ConditionFalse),
+		hostWith("quiet", metav1.ConditionTrue)).Build(), grace: 40 * time.Second}
 	t0 := time.Unix(1000, 0)
 	lease := func(name string, at time.Time) coordinationv1.Lease {
 		m := metav1.NewMicroTime(at)
 		return coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: "ns"}, Spec: coordinationv1.LeaseSpec{RenewTime: &m}}
 	}
 	first := v.update(ctx, []coordinationv1.Lease{lease("up", t0), lease("down", t0), lease("new", t0), lease("back", t0),
-		lease("going", t0), lease("still", t0), lease("nohost", t0)}, t0)
+		lease("going", t0), lease("still", t0), lease("nohost", t0), lease("quiet", t0.Add(-35*time.Second))}, t0)
 	sort.Strings(first)
 	if got := fmt.Sprint(first); got != "[down new still]" {
 		t.Errorf("the first list woke %s; want the hosts not Reachable: [down new still]", got)
 	}
 	next := t0.Add(10 * time.Second)
 	woken := v.update(ctx, []coordinationv1.Lease{lease("up", next), lease("down", next), lease("new", next),
-		lease("back", t0.Add(-time.Hour)), lease("still", t0), lease("nohost", next)}, next)
+		lease("back", t0.Add(-time.Hour)), lease("still", t0), lease("nohost", next), lease("quiet", t0.Add(-35*time.Second))}, next)
 	sort.Strings(woken)
-	// up: renewed but reachable; still: not renewed; nohost: no GatewayHost (its creation wakes it).
-	if got := fmt.Sprint(woken); got != "[back down going new]" {
-		t.Errorf("the second list woke %s; want [back down going new]", got)
+	// up: renewed but reachable; still: not renewed; nohost: no GatewayHost (its creation wakes
+	// it); quiet: reachable, not renewed for 45 s, longer than the grace period.
+	if got := fmt.Sprint(woken); got != "[back down going new quiet]" {
+		t.Errorf("the second list woke %s; want [back down going new quiet]", got)
 	}
 	if rt, at, ok := v.renewed("up"); !ok || !rt.Equal(next) || !at.Equal(next) {
 		t.Errorf("renewed(up) = %v, %v, %v; want %v from the list at %v", rt, at, ok, next, next)
@@ -162,7 +164,7 @@ func TestStaleOnlyFromALaterList(t *testing.T) {
 	now := time.Unix(10000, 0)
 	grace := 40 * time.Second
 	r := &GatewayHostReconciler{Client: c, Recorder: nopRecorder{}, GracePeriod: grace, Now: func() time.Time { return now },
-		leases: &leaseView{hosts: c, period: 10 * time.Second}}
+		leases: &leaseView{hosts: c, period: 10 * time.Second, grace: grace}}
 	r.startOnce.Do(func() { r.started = now.Add(-time.Hour) })
 	renewed := metav1.NewMicroTime(now.Add(-50 * time.Second)) // stale since 10 s ago
 	lease := []coordinationv1.Lease{{ObjectMeta: metav1.ObjectMeta{Name: "h"}, Spec: coordinationv1.LeaseSpec{RenewTime: &renewed}}}

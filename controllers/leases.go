@@ -22,12 +22,14 @@ import (
 // renewal of every host as an event to receive, decode and queue (at 1,000 hosts, 100 a
 // second); one list in protobuf every period costs a small fraction of that. A host is judged
 // unreachable only from a list taken after its heartbeat went stale, so the period delays that
-// verdict by at most one period and never makes it early.
+// verdict by at most one period and never makes it early. The list also tells which reachable
+// hosts went stale: a host with a Lease needs no check queued per grace period.
 type leaseView struct {
 	reader    client.Reader // past the cache: Leases are not watched
 	hosts     client.Reader // the cached GatewayHosts
 	namespace string
 	period    time.Duration
+	grace     time.Duration
 
 	mu    sync.RWMutex
 	renew map[string]time.Time // host name → its Lease's renewTime
@@ -78,10 +80,9 @@ func (v *leaseView) poll(ctx context.Context, q workqueue.TypedRateLimitingInter
 }
 
 // update stores a list of the Leases taken at at and returns the hosts to wake: a renewal of a
-// host that is not Reachable now (it may be again), a renewTime that moved backwards (a clock
-// set back: the check queued for the later one would come too late), and a Lease that is gone.
-// A renewal of a reachable host wakes nothing: the check queued for when its heartbeat would go
-// stale reads the newer one then.
+// host that is not Reachable now (it may be again), a reachable host whose heartbeat is older
+// than the grace period at at (it may be unreachable), a renewTime that moved backwards (a
+// clock set back), and a Lease that is gone. A renewal of a reachable host wakes nothing.
 func (v *leaseView) update(ctx context.Context, leases []coordinationv1.Lease, at time.Time) []string {
 	renew := make(map[string]time.Time, len(leases))
 	for i := range leases {
@@ -96,11 +97,25 @@ func (v *leaseView) update(ctx context.Context, leases []coordinationv1.Lease, a
 	var wake []string
 	for host, t := range renew {
 		was, seen := old[host]
-		switch {
-		case seen && t.Equal(was):
-		case seen && t.Before(was):
+		if seen && t.Before(was) {
 			wake = append(wake, host)
-		case !v.reachable(ctx, host):
+			continue
+		}
+		var h v1.GatewayHost
+		// Read-only: a host not in the cache is not woken; its creation wakes its controller,
+		// which reads its Lease then.
+		if err := v.hosts.Get(ctx, client.ObjectKey{Name: host}, &h, readOnly); err != nil {
+			if !apierrors.IsNotFound(err) {
+				wake = append(wake, host)
+			}
+			continue
+		}
+		last := t
+		if hb := h.Status.LastHeartbeatTime; hb != nil && hb.After(last) {
+			last = hb.Time
+		}
+		reachable := meta.IsStatusConditionTrue(h.Status.Conditions, v1.ConditionReachable)
+		if (!reachable && !(seen && t.Equal(was))) || (reachable && at.Sub(last) > v.grace) {
 			wake = append(wake, host)
 		}
 	}
@@ -110,17 +125,6 @@ func (v *leaseView) update(ctx context.Context, leases []coordinationv1.Lease, a
 		}
 	}
 	return wake
-}
-
-// reachable is whether the cached host is Reachable now. A host not in the cache is not woken:
-// its creation wakes its controller, which reads its Lease then.
-func (v *leaseView) reachable(ctx context.Context, host string) bool {
-	var h v1.GatewayHost
-	err := v.hosts.Get(ctx, client.ObjectKey{Name: host}, &h, readOnly)
-	if apierrors.IsNotFound(err) {
-		return true
-	}
-	return err == nil && meta.IsStatusConditionTrue(h.Status.Conditions, v1.ConditionReachable)
 }
 
 // readOnly reads the cache without copying: for reads that change nothing they read.
