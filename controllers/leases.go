@@ -114,8 +114,9 @@ func (v *leaseView) update(ctx context.Context, leases []coordinationv1.Lease, a
 		if hb := h.Status.LastHeartbeatTime; hb != nil && hb.After(last) {
 			last = hb.Time
 		}
+		renewed := !seen || !t.Equal(was)
 		reachable := meta.IsStatusConditionTrue(h.Status.Conditions, v1.ConditionReachable)
-		if (!reachable && !(seen && t.Equal(was))) || (reachable && at.Sub(last) > v.grace) {
+		if (!reachable && renewed) || (reachable && at.Sub(last) > v.grace) {
 			wake = append(wake, host)
 		}
 	}
