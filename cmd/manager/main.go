@@ -72,10 +72,11 @@ func main() {
 		Scheme: scheme,
 		// The manager reads only tool-run Pods: never cache every Pod of the cluster.
 		// Nothing here reads managedFields: dropping them from the cache halves what a large
-		// fleet's hosts and instances take in memory, and what each copy of them costs.
+		// fleet's hosts and instances take in memory, and what each copy of them costs; the
+		// strings they repeat are shared (see CacheTransform).
 		Cache: cache.Options{ByObject: map[client.Object]cache.ByObject{
 			&corev1.Pod{}: {Label: toolRunPods},
-		}, DefaultTransform: cache.TransformStripManagedFields()},
+		}, DefaultTransform: controllers.CacheTransform()},
 		Metrics:                 metrics,
 		HealthProbeBindAddress:  probeAddr,
 		LeaderElection:          leaderElect,
