@@ -401,6 +401,28 @@ func TestHeartbeatRenewsLeaseStatusOnChange(t *testing.T) {
 	})
 }
 
+// An agent whose Lease cannot be renewed (here its namespace does not exist; in an install
+// whose RBAC predates Leases, it is forbidden) heart-beats in the GatewayHost's status on every
+// beat instead, so its host stays reachable.
+func TestHeartbeatFallsBackToStatusWithoutLease(t *testing.T) {
+	sd := beatingHost(t, "no-lease")
+	runBeat(t, &agent.Heartbeat{Client: cp.Client, APIReader: cp.Client, Host: "no-lease", Systemd: sd,
+		Interval: 300 * time.Millisecond, LeaseNamespace: "no-such-namespace", StatusRefresh: time.Hour})
+	var first *metav1.Time
+	eventually(t, "status heartbeats", func() (bool, string) {
+		var gh v1.GatewayHost
+		if err := cp.Client.Get(context.Background(), client.ObjectKey{Name: "no-lease"}, &gh); err != nil {
+			return false, err.Error()
+		}
+		hb := gh.Status.LastHeartbeatTime
+		if hb != nil && first == nil {
+			first = hb
+		}
+		// Heartbeat times have a resolution of a second: two seconds later is two more beats.
+		return hb != nil && hb.Sub(first.Time) >= 2*time.Second, fmt.Sprintf("first %v, last %v", first, hb)
+	})
+}
+
 // beatingHost boots a systemd host for heartbeat tests and dials its systemd; the GatewayHost
 // they register is deleted when the test ends.
 func beatingHost(t *testing.T, name string) *systemd.Conn {

@@ -164,6 +164,7 @@ func (h *Heartbeat) Start(ctx context.Context) error {
 // fresh copy.
 func (h *Heartbeat) beat(ctx context.Context) error {
 	var errs []error
+	renewed := true
 	if h.LeaseNamespace != "" {
 		err := retry.RetryOnConflict(retry.DefaultBackoff, func() error {
 			err := h.renew(ctx)
@@ -174,11 +175,14 @@ func (h *Heartbeat) beat(ctx context.Context) error {
 		})
 		if err != nil {
 			errs = append(errs, fmt.Errorf("renew Lease %s/%s: %w", h.LeaseNamespace, h.Host, err))
+			renewed = false
 		}
 	}
 	var reader client.Reader = h.Client
 	err := retry.RetryOnConflict(retry.DefaultBackoff, func() error {
-		err := h.report(ctx, reader)
+		// A Lease that cannot be renewed (no RBAC for it yet, a wrong namespace) leaves the
+		// heartbeat to the status, written on every beat then, which keeps the host reachable.
+		err := h.report(ctx, reader, !renewed)
 		if apierrors.IsConflict(err) && h.APIReader != nil {
 			reader = h.APIReader
 		}
@@ -243,8 +247,8 @@ func ptrValue[T any](p *T) T {
 
 // report registers the host if needed, keeps its reported labels current and writes its
 // status when something in it changed, when it was last written StatusRefresh ago, or on
-// every beat when the agent has no Lease.
-func (h *Heartbeat) report(ctx context.Context, reader client.Reader) error {
+// every beat when the agent has no Lease (or force).
+func (h *Heartbeat) report(ctx context.Context, reader client.Reader, force bool) error {
 	var gh v1.GatewayHost
 	err := reader.Get(ctx, client.ObjectKey{Name: h.Host}, &gh)
 	if apierrors.IsNotFound(err) {
@@ -298,7 +302,7 @@ func (h *Heartbeat) report(ctx context.Context, reader client.Reader) error {
 		refresh = DefaultStatusRefresh
 	}
 	last := gh.Status.LastHeartbeatTime
-	if h.LeaseNamespace != "" && last != nil && time.Since(last.Time) < refresh && equality.Semantic.DeepEqual(base.Status, gh.Status) {
+	if h.LeaseNamespace != "" && !force && last != nil && time.Since(last.Time) < refresh && equality.Semantic.DeepEqual(base.Status, gh.Status) {
 		return nil
 	}
 	now := metav1.Now()
