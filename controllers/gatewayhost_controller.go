@@ -19,14 +19,22 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/handler"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 	"sigs.k8s.io/controller-runtime/pkg/recorder"
+	"sigs.k8s.io/controller-runtime/pkg/source"
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
 )
 
 // GatewayHostReconciler marks a host Unreachable when its agent stops heart-beating, and
-// releases the instances of a host whose GatewayHost was deleted.
+// releases the instances of a host whose GatewayHost was deleted. An agent heart-beats by
+// renewing its host's Lease (coordination.k8s.io/v1, named after the host, in LeaseNamespace),
+// as a kubelet renews its node's Lease; an agent that predates Leases beats in the
+// GatewayHost's status.lastHeartbeatTime, and the later of the two counts.
 type GatewayHostReconciler struct {
 	Client client.Client
+	// LeaseNamespace holds the hosts' Leases; empty: only status.lastHeartbeatTime counts.
+	LeaseNamespace string
+	// LeasePollPeriod is how often the Leases are listed; a quarter of GracePeriod when 0.
+	LeasePollPeriod time.Duration
 	// APIReader reads past the cache: instances are released only once the API server itself
 	// says their host is gone. The cached client is used when nil.
 	APIReader client.Reader
@@ -38,6 +46,7 @@ type GatewayHostReconciler struct {
 
 	startOnce sync.Once
 	started   time.Time // this reconciler's first reconcile: when it began to watch heartbeats
+	leases    *leaseView
 }
 
 // indexInstanceHost indexes instances by host, so a gone host's instances are found without
@@ -48,11 +57,27 @@ const indexInstanceHost = "spec.host"
 // an instance whose host is already gone (deleted while the manager was down) is released too.
 // A heartbeat of a reachable host wakes nothing: the check queued for when it would go stale
 // reads it. Setup registers the cache indexes it reads by.
+//
+// With a LeaseNamespace it also reads the hosts' Leases: not through a watch, which would
+// hand the manager every renewal of every host (a fleet's largest stream of events), but by
+// listing them every LeasePollPeriod (see leaseView).
 func (r *GatewayHostReconciler) SetupWithManager(mgr ctrl.Manager) error {
-	return ctrl.NewControllerManagedBy(mgr).
+	b := ctrl.NewControllerManagedBy(mgr).
 		For(&v1.GatewayHost{}, builder.WithPredicates(hostMattersToItsController)).
-		Watches(&v1.GatewayInstance{}, handler.EnqueueRequestsFromMapFunc(r.goneHostOf)).
-		Complete(r)
+		Watches(&v1.GatewayInstance{}, handler.EnqueueRequestsFromMapFunc(r.goneHostOf))
+	if r.LeaseNamespace != "" {
+		reader := r.APIReader
+		if reader == nil {
+			reader = r.Client
+		}
+		period := r.LeasePollPeriod
+		if period <= 0 {
+			period = max(r.GracePeriod/4, time.Second)
+		}
+		r.leases = &leaseView{reader: reader, hosts: r.Client, namespace: r.LeaseNamespace, period: period, grace: r.GracePeriod}
+		b = b.WatchesRawSource(source.Func(r.leases.start))
+	}
+	return b.Complete(r)
 }
 
 // goneHostOf wakes an instance's host only when the cache no longer holds it (or it is being
@@ -92,7 +117,26 @@ func (r *GatewayHostReconciler) Reconcile(ctx context.Context, req ctrl.Request)
 	r.startOnce.Do(func() { r.started = now })
 	was := meta.FindStatusCondition(h.Status.Conditions, v1.ConditionReachable)
 	wasReachable, wasUnreachable := was != nil && was.Status == metav1.ConditionTrue, was != nil && was.Status == metav1.ConditionFalse
-	reachable, msg, next := ReachabilitySince(h.Status.LastHeartbeatTime, wasReachable, r.GracePeriod, r.started, now)
+	last := h.Status.LastHeartbeatTime
+	var listed time.Time // when the Leases were last listed
+	hasLease := false
+	if r.leases != nil {
+		renewed, at, ok := r.leases.renewed(h.Name)
+		if at.IsZero() {
+			// No list of the Leases yet: nothing can be told about this host.
+			return ctrl.Result{RequeueAfter: r.leases.period}, nil
+		}
+		if ok && (last == nil || renewed.After(last.Time)) {
+			last = &metav1.Time{Time: renewed}
+		}
+		listed, hasLease = at, ok
+	}
+	reachable, msg, next := ReachabilitySince(last, wasReachable, r.GracePeriod, r.started, now)
+	if !reachable && wasReachable && last != nil && listed.Before(last.Add(r.GracePeriod)) {
+		// The Leases were last listed before this heartbeat went stale: a renewal since then is
+		// not seen yet. Look again after the next list.
+		return ctrl.Result{RequeueAfter: max(listed.Add(r.leases.period).Sub(now), 0) + time.Second}, nil
+	}
 	base := h.DeepCopy()
 	status, reason := metav1.ConditionTrue, "HeartbeatFresh"
 	if !reachable {
@@ -108,7 +152,8 @@ func (r *GatewayHostReconciler) Reconcile(ctx context.Context, req ctrl.Request)
 			r.Recorder.Eventf(&h, nil, corev1.EventTypeWarning, "Unreachable", "Heartbeat", "%s", msg)
 		}
 	}
-	if next > 0 {
+	if next > 0 && !hasLease {
+		// A host with a Lease is woken by the list that finds its heartbeat stale.
 		return ctrl.Result{RequeueAfter: next}, nil
 	}
 	return ctrl.Result{}, nil

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+	"time"
 
 	eventsv1 "k8s.io/api/events/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -214,19 +215,33 @@ func TestReleaseInUseCannotDisappear(t *testing.T) {
 }
 
 // TestStaleHeartbeatMarksUnreachable: a host whose heartbeat is older than the grace period
-// becomes Unreachable, and Reachable again when it beats.
+// becomes Unreachable, and Reachable again when it beats: by renewing its Lease, and, as an
+// agent that predates Leases does, in the GatewayHost's status.
 func TestStaleHeartbeatMarksUnreachable(t *testing.T) {
+	t.Run("lease", func(t *testing.T) {
+		testStaleHeartbeat(t, "hb-lease", func(h *v1.GatewayHost) {
+			if err := renewLease(context.Background(), h.Name, time.Now()); err != nil {
+				t.Fatal(err)
+			}
+		})
+	})
+	t.Run("status", func(t *testing.T) {
+		testStaleHeartbeat(t, "hb-1", func(h *v1.GatewayHost) {
+			base := h.DeepCopy()
+			now := metav1.Now()
+			h.Status.LastHeartbeatTime = &now
+			if err := c.Status().Patch(context.Background(), h, client.MergeFrom(base)); err != nil {
+				t.Fatal(err)
+			}
+		})
+	})
+}
+
+func testStaleHeartbeat(t *testing.T, name string, beatOnce func(*v1.GatewayHost)) {
 	ctx := context.Background()
-	h := host("hb-1", nil)
+	h := host(name, nil)
 	mustCreate(t, h)
-	beat := func() {
-		base := h.DeepCopy()
-		now := metav1.Now()
-		h.Status.LastHeartbeatTime = &now
-		if err := c.Status().Patch(ctx, h, client.MergeFrom(base)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	beat := func() { beatOnce(h) }
 	reachable := func(want metav1.ConditionStatus) func() (bool, string) {
 		return func() (bool, string) {
 			_ = c.Get(ctx, client.ObjectKeyFromObject(h), h)
@@ -238,7 +253,7 @@ func TestStaleHeartbeatMarksUnreachable(t *testing.T) {
 	eventually(t, "Reachable", reachable(metav1.ConditionTrue))
 	eventually(t, "Unreachable after the grace period", reachable(metav1.ConditionFalse))
 	eventually(t, "an Unreachable event for the stale heartbeat", func() (bool, string) {
-		notes := eventNotes(t, "hb-1", "Unreachable")
+		notes := eventNotes(t, name, "Unreachable")
 		for _, n := range notes {
 			if strings.Contains(n, "no heartbeat since") {
 				return true, ""

@@ -14,6 +14,9 @@ import (
 type Options struct {
 	// HostGracePeriod is how old a host's heartbeat may be before it counts as unreachable.
 	HostGracePeriod time.Duration
+	// HostLeaseNamespace holds the hosts' heartbeat Leases; empty: only the GatewayHosts'
+	// status.lastHeartbeatTime counts.
+	HostLeaseNamespace string
 	// ToolRunRuntimeClass is the Kata RuntimeClass of tool-run Pods.
 	ToolRunRuntimeClass string
 	// ToolRunTTL is how long a finished tool run is kept.
@@ -45,7 +48,7 @@ func Setup(mgr ctrl.Manager, o Options) error {
 		return err
 	}
 	if err := (&GatewayHostReconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), Recorder: mgr.GetEventRecorder("gatewayhost-controller"),
-		GracePeriod: o.HostGracePeriod}).SetupWithManager(mgr); err != nil {
+		GracePeriod: o.HostGracePeriod, LeaseNamespace: o.HostLeaseNamespace}).SetupWithManager(mgr); err != nil {
 		return err
 	}
 	if o.ToolRunRuntimeClass == "" {

@@ -9,7 +9,9 @@ import (
 	"testing"
 	"time"
 
+	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -41,6 +43,9 @@ const grace = 8 * time.Second
 // materialNS holds the Secrets and ConfigMaps the tests' profiles name.
 const materialNS = "gateway-material"
 
+// leaseNS holds the hosts' heartbeat Leases, as in a real install.
+const leaseNS = v1.DefaultHostLeaseNamespace
+
 func TestMain(m *testing.M) {
 	os.Exit(run(m))
 }
@@ -54,6 +59,11 @@ func run(m *testing.M) int {
 	}
 	defer func() { _ = cp.Stop() }()
 	c = cp.Client
+	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: leaseNS}}
+	if err := c.Create(context.Background(), ns); err != nil && !apierrors.IsAlreadyExists(err) {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
 	ctrl.SetLogger(zap.New(zap.WriteTo(logSink())))
 	if err := c.Create(context.Background(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: materialNS}}); err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -86,7 +96,8 @@ func startManager() error {
 	if err != nil {
 		return err
 	}
-	if err := controllers.Setup(mgr, controllers.Options{HostGracePeriod: grace, MaterialNamespace: materialNS}); err != nil {
+	if err := controllers.Setup(mgr, controllers.Options{HostGracePeriod: grace, HostLeaseNamespace: leaseNS,
+		MaterialNamespace: materialNS}); err != nil {
 		return err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -177,6 +188,26 @@ func simulatedAgentRemovesUnit(t *testing.T, name string) {
 	}
 }
 
+// renewLease renews a host's heartbeat Lease at renewTime at, creating it if needed, as the
+// host's agent does.
+func renewLease(ctx context.Context, host string, at time.Time) error {
+	return retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		var l coordinationv1.Lease
+		err := c.Get(ctx, client.ObjectKey{Namespace: leaseNS, Name: host}, &l)
+		rt := metav1.NewMicroTime(at)
+		if apierrors.IsNotFound(err) {
+			id := "sim-" + host
+			l = coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Namespace: leaseNS, Name: host},
+				Spec: coordinationv1.LeaseSpec{HolderIdentity: &id, RenewTime: &rt}}
+			return c.Create(ctx, &l)
+		} else if err != nil {
+			return err
+		}
+		l.Spec.RenewTime = &rt
+		return c.Update(ctx, &l)
+	})
+}
+
 // simulatedAgentHeartbeats keeps hosts' heartbeats fresh, as their agents would, until the
 // test ends or the returned function stops them (the agents stop).
 func simulatedAgentHeartbeats(t *testing.T, names ...string) (stop func()) {
@@ -185,18 +216,8 @@ func simulatedAgentHeartbeats(t *testing.T, names ...string) (stop func()) {
 	done := make(chan struct{})
 	beat := func() {
 		for _, n := range names {
-			// A beat that raced with the manager's Reachable write is written again, as a real
-			// agent does: a lost beat would make the host look unreachable on a busy machine.
-			_ = retry.RetryOnConflict(retry.DefaultRetry, func() error {
-				var h v1.GatewayHost
-				if err := c.Get(ctx, client.ObjectKey{Name: n}, &h); err != nil {
-					return err
-				}
-				base := h.DeepCopy()
-				now := metav1.Now()
-				h.Status.LastHeartbeatTime = &now
-				return c.Status().Patch(ctx, &h, client.MergeFromWithOptions(base, client.MergeFromWithOptimisticLock{}))
-			})
+			// A failed renewal is tried again at the next tick, as a real agent does.
+			_ = renewLease(ctx, n, time.Now())
 		}
 	}
 	beat()

@@ -88,10 +88,7 @@ func TestHeartbeatsWakeNoProfile(t *testing.T) {
 		if last, ok := rv[name]; ok && h.ResourceVersion != last {
 			t.Errorf("%s was written by someone else since its last heartbeat: %+v", name, h.Status.Conditions)
 		}
-		base := h.DeepCopy()
-		now := metav1.Now()
-		h.Status.LastHeartbeatTime = &now
-		if err := c.Status().Patch(ctx, &h, client.MergeFromWithOptions(base, client.MergeFromWithOptimisticLock{})); err != nil {
+		if err := renewLease(ctx, name, time.Now()); err != nil {
 			t.Fatal(err)
 		}
 		rv[name] = h.ResourceVersion

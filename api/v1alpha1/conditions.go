@@ -70,6 +70,9 @@ const (
 	FinalizerInstanceUnits = "gateway.agent.dev/units"
 	// FinalizerReleaseInUse keeps a Release while a GatewayProfile references it.
 	FinalizerReleaseInUse = "gateway.agent.dev/in-use"
+	// DefaultHostLeaseNamespace holds the hosts' heartbeat Leases (coordination.k8s.io/v1),
+	// one per host, named after it: the operator's own namespace.
+	DefaultHostLeaseNamespace = "gateway-operator-system"
 )
 
 // ConditionsObject is an object of this API whose status carries conditions.

@@ -19,6 +19,7 @@ import (
 	// the agent falls back to these when the system has no bundle.
 	_ "golang.org/x/crypto/x509roots/fallback"
 
+	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
 	"github.com/agent-gateway/gateway-operator/nodeagent/agent"
 	"github.com/agent-gateway/gateway-operator/nodeagent/bootstrap"
 	"github.com/agent-gateway/gateway-operator/nodeagent/microvm"
@@ -45,7 +46,9 @@ func main() {
 	flag.StringVar(&o.Python, "python", unit.DefaultPython, "the interpreter gateways run")
 	flag.IntVar(&o.KeepReleases, "keep-releases", 5, "releases kept on disk per host")
 	flag.StringVar(&o.ReleaseFileRoot, "release-file-root", agent.DefaultReleaseFileRoot, "the only folder file:// release URLs may name a file in (root-writable only); empty turns file:// off")
-	flag.DurationVar(&o.HeartbeatInterval, "heartbeat-interval", 10*time.Second, "how often the GatewayHost heartbeat is written")
+	flag.DurationVar(&o.HeartbeatInterval, "heartbeat-interval", 10*time.Second, "how often the host's heartbeat Lease is renewed")
+	flag.StringVar(&o.LeaseNamespace, "lease-namespace", v1.DefaultHostLeaseNamespace, "namespace of the host's heartbeat Lease, named after the host (the manager's --host-lease-namespace); empty: heart-beat in the GatewayHost's status instead")
+	flag.DurationVar(&o.StatusRefresh, "status-refresh", agent.DefaultStatusRefresh, "how long the GatewayHost's status goes unwritten while nothing in it changes")
 	flag.DurationVar(&o.ProofTimeout, "proof-timeout", 30*time.Second, "how long a restarted gateway has to answer on its status endpoint")
 	flag.IntVar(&o.ConcurrentApplies, "concurrent-applies", agent.DefaultConcurrentApplies, "profiles applied at once; a hung profile holds only one of these")
 	flag.DurationVar(&o.ApplyTimeout, "apply-timeout", agent.DefaultApplyTimeout, "bound on one apply of one profile, download included")

@@ -36,6 +36,7 @@ func main() {
 	flag.BoolVar(&pprofOn, "pprof", false, "serve Go profiles at /debug/pprof/ on the metrics address")
 	flag.StringVar(&leaderNS, "leader-election-namespace", "", "namespace of the leader election lease (default: the pod's namespace)")
 	flag.DurationVar(&o.HostGracePeriod, "host-grace-period", 40*time.Second, "heartbeat age after which a host counts as unreachable")
+	flag.StringVar(&o.HostLeaseNamespace, "host-lease-namespace", gatewayv1alpha1.DefaultHostLeaseNamespace, "namespace of the hosts' heartbeat Leases (the agents' --lease-namespace)")
 	flag.StringVar(&o.ToolRunRuntimeClass, "toolrun-runtime-class", "kata", "the Kata RuntimeClass every ToolRun pod runs with (never a fallback to runc)")
 	flag.DurationVar(&o.ToolRunTTL, "toolrun-ttl", time.Hour, "how long a finished ToolRun is kept")
 	flag.StringVar(&o.MaterialNamespace, "material-namespace", controllers.DefaultMaterialNamespace,
@@ -50,8 +51,8 @@ func main() {
 	if err != nil {
 		fail(err)
 	}
-	// The watches carry every host's heartbeat: gzip on them costs the manager and the API
-	// server more CPU than it saves on a cluster's network.
+	// The watches carry every host's heartbeat renewals: gzip on them costs the manager and the
+	// API server more CPU than it saves on a cluster's network.
 	cfg.DisableCompression = true
 	toolRunPods, err := labels.Parse(controllers.LabelToolRun)
 	if err != nil {
@@ -73,10 +74,11 @@ func main() {
 		Scheme: scheme,
 		// The manager reads only tool-run Pods: never cache every Pod of the cluster.
 		// Nothing here reads managedFields: dropping them from the cache halves what a large
-		// fleet's hosts and instances take in memory, and what each copy of them costs.
+		// fleet's hosts and instances take in memory, and what each copy of them costs; the
+		// strings they repeat are shared (see CacheTransform).
 		// Secrets, ConfigMaps, Roles and RoleBindings: those of the material namespace only.
 		Cache: cache.Options{ByObject: byObject(toolRunPods, o.MaterialNamespace),
-			DefaultTransform: cache.TransformStripManagedFields()},
+			DefaultTransform: controllers.CacheTransform()},
 		Metrics:                 metrics,
 		HealthProbeBindAddress:  probeAddr,
 		LeaderElection:          leaderElect,

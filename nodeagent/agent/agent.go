@@ -60,8 +60,14 @@ type Options struct {
 	// ReleaseFileRoot is the only folder (on the agent's own filesystem) file:// release URLs
 	// may name a file in; empty turns file:// off. See DefaultReleaseFileRoot.
 	ReleaseFileRoot string
-	// HeartbeatInterval is how often the GatewayHost is refreshed.
+	// HeartbeatInterval is how often the host's Lease is renewed.
 	HeartbeatInterval time.Duration
+	// LeaseNamespace holds the host's heartbeat Lease; empty: the agent beats in the
+	// GatewayHost's status instead (what agents did before Leases).
+	LeaseNamespace string
+	// StatusRefresh bounds how long the GatewayHost's status goes unwritten while nothing in
+	// it changes (DefaultStatusRefresh).
+	StatusRefresh time.Duration
 	// ProofTimeout bounds the wait for a restarted gateway.
 	ProofTimeout time.Duration
 	// MetricsAddr and ProbeAddr are the listen addresses of metrics and health ("0": off).
@@ -178,6 +184,7 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 	}
 	beat := &Heartbeat{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), Host: o.HostName, Labels: reported,
 		Version: o.Version, Systemd: sd, Interval: o.HeartbeatInterval,
+		LeaseNamespace: o.LeaseNamespace, StatusRefresh: o.StatusRefresh,
 		Capabilities: caps, Space: applier.StagingSpace}
 	if err := mgr.Add(beat); err != nil {
 		return err

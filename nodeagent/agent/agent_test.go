@@ -12,11 +12,14 @@ import (
 
 	"github.com/go-logr/logr"
 	"github.com/go-logr/logr/testr"
+	coordinationv1 "k8s.io/api/coordination/v1"
+	corev1 "k8s.io/api/core/v1"
 	eventsv1 "k8s.io/api/events/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
@@ -38,6 +41,9 @@ func TestMain(m *testing.M) {
 	os.Exit(run(m))
 }
 
+// leaseNS holds the hosts' heartbeat Leases, as in a real install.
+const leaseNS = v1.DefaultHostLeaseNamespace
+
 func run(m *testing.M) int {
 	if spec := os.Getenv(benchAgentEnv); spec != "" {
 		return runBenchAgent(spec)
@@ -55,6 +61,11 @@ func run(m *testing.M) int {
 		return 1
 	}
 	defer func() { _ = cp.Stop() }()
+	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: leaseNS}}
+	if err := cp.Client.Create(context.Background(), ns); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
 	return systemdhost.RunWithLeakCheck(m)
 }
 
@@ -73,7 +84,7 @@ func runAgent(t *testing.T, h *systemdhost.Host, name string, opts ...func(*agen
 	o := agent.Options{
 		HostName: name, HostLabels: map[string]string{v1.LabelReportedPrefix + "rack": "r1"},
 		Root: h.Root, BusAddress: h.BusAddress, ProcRoot: fmt.Sprintf("/proc/%d/root/proc", h.PID),
-		Launcher: launchBin, HeartbeatInterval: 500 * time.Millisecond, ProofTimeout: 20 * time.Second,
+		Launcher: launchBin, HeartbeatInterval: 500 * time.Millisecond, LeaseNamespace: leaseNS, ProofTimeout: 20 * time.Second,
 		MetricsAddr: "0", ProbeAddr: "0", Version: "test",
 	}
 	for _, f := range opts {
@@ -142,10 +153,9 @@ func TestAgentAppliesItsOwnInstances(t *testing.T) {
 	if c := gh.Status.Capabilities; c.MicroVM || c.Kata {
 		t.Errorf("an agent without a microVM guest on a host without Kata reports %+v", c)
 	}
-	first := gh.Status.LastHeartbeatTime.Time
+	first := leaseOf(t, "node-a").Spec.RenewTime.Time
 	eventually(t, "a second heartbeat", func() (bool, string) {
-		_ = c.Get(ctx, client.ObjectKey{Name: "node-a"}, &gh)
-		return gh.Status.LastHeartbeatTime.After(first), ""
+		return leaseOf(t, "node-a").Spec.RenewTime.After(first), ""
 	})
 
 	gi := newInstance("core", "node-a", r1, u1)
@@ -333,6 +343,89 @@ func (c *laggingCache) Get(ctx context.Context, key client.ObjectKey, obj client
 	return c.Client.Get(ctx, key, obj, opts...)
 }
 
+// leaseOf reads a host's heartbeat Lease.
+func leaseOf(t *testing.T, host string) *coordinationv1.Lease {
+	t.Helper()
+	var l coordinationv1.Lease
+	if err := cp.Client.Get(context.Background(), client.ObjectKey{Namespace: leaseNS, Name: host}, &l); err != nil {
+		t.Fatal(err)
+	}
+	return &l
+}
+
+// TestHeartbeatRenewsLeaseStatusOnChange: the agent heart-beats by renewing its host's Lease,
+// held under its ID, and leaves the GatewayHost alone while nothing in its status changes: the
+// manager then receives a small Lease renewal per beat, not the whole GatewayHost. A change
+// (here the host's generation, which the status reports as observed) is written at the next
+// beat.
+func TestHeartbeatRenewsLeaseStatusOnChange(t *testing.T) {
+	ctx := context.Background()
+	sd := beatingHost(t, "lease-beat")
+	t.Cleanup(func() {
+		_ = cp.Client.Delete(context.Background(), &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Namespace: leaseNS, Name: "lease-beat"}})
+	})
+	runBeat(t, &agent.Heartbeat{Client: cp.Client, APIReader: cp.Client, Host: "lease-beat", Systemd: sd,
+		Interval: 300 * time.Millisecond, LeaseNamespace: leaseNS, StatusRefresh: time.Hour, ID: "agent-lease"})
+	var gh v1.GatewayHost
+	eventually(t, "the host registered and reported", func() (bool, string) {
+		if err := cp.Client.Get(ctx, client.ObjectKey{Name: "lease-beat"}, &gh); err != nil {
+			return false, err.Error()
+		}
+		return gh.Status.LastHeartbeatTime != nil && gh.Status.AgentID == "agent-lease", fmt.Sprintf("%+v", gh.Status)
+	})
+	first := leaseOf(t, "lease-beat")
+	if h := first.Spec.HolderIdentity; h == nil || *h != "agent-lease" || first.Spec.RenewTime == nil {
+		t.Fatalf("Lease %+v; want it held by agent-lease and renewed", first.Spec)
+	}
+	renewals := 0
+	eventually(t, "five renewals", func() (bool, string) {
+		l := leaseOf(t, "lease-beat")
+		if l.ResourceVersion != first.ResourceVersion {
+			renewals++
+			first = l
+		}
+		return renewals >= 5, fmt.Sprintf("%d renewals", renewals)
+	})
+	var now v1.GatewayHost
+	if err := cp.Client.Get(ctx, client.ObjectKey{Name: "lease-beat"}, &now); err != nil {
+		t.Fatal(err)
+	}
+	if now.ResourceVersion != gh.ResourceVersion {
+		t.Errorf("the GatewayHost was written while nothing in its status changed: %+v, then %+v", gh.Status, now.Status)
+	}
+	if err := cp.Client.Patch(ctx, &now, client.RawPatch(types.MergePatchType, []byte(`{"spec":{"unschedulable":true}}`))); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the new generation reported", func() (bool, string) {
+		if err := cp.Client.Get(ctx, client.ObjectKey{Name: "lease-beat"}, &now); err != nil {
+			return false, err.Error()
+		}
+		return now.Status.ObservedGeneration == now.Generation, fmt.Sprintf("observed %d of %d", now.Status.ObservedGeneration, now.Generation)
+	})
+}
+
+// An agent whose Lease cannot be renewed (here its namespace does not exist; in an install
+// whose RBAC predates Leases, it is forbidden) heart-beats in the GatewayHost's status on every
+// beat instead, so its host stays reachable.
+func TestHeartbeatFallsBackToStatusWithoutLease(t *testing.T) {
+	sd := beatingHost(t, "no-lease")
+	runBeat(t, &agent.Heartbeat{Client: cp.Client, APIReader: cp.Client, Host: "no-lease", Systemd: sd,
+		Interval: 300 * time.Millisecond, LeaseNamespace: "no-such-namespace", StatusRefresh: time.Hour})
+	var first *metav1.Time
+	eventually(t, "status heartbeats", func() (bool, string) {
+		var gh v1.GatewayHost
+		if err := cp.Client.Get(context.Background(), client.ObjectKey{Name: "no-lease"}, &gh); err != nil {
+			return false, err.Error()
+		}
+		hb := gh.Status.LastHeartbeatTime
+		if hb != nil && first == nil {
+			first = hb
+		}
+		// Heartbeat times have a resolution of a second: two seconds later is two more beats.
+		return hb != nil && hb.Sub(first.Time) >= 2*time.Second, fmt.Sprintf("first %v, last %v", first, hb)
+	})
+}
+
 // beatingHost boots a systemd host for heartbeat tests and dials its systemd; the GatewayHost
 // they register is deleted when the test ends.
 func beatingHost(t *testing.T, name string) *systemd.Conn {
@@ -475,20 +568,31 @@ func TestReleasedInstancesLeaveNoUnitsBehind(t *testing.T) {
 	}
 }
 
-// TestTwoAgentsWithOneIdentityAreReported: two agents heart-beating one GatewayHost (a cloned
+// TestTwoAgentsWithOneIdentityAreReported: two agents heart-beating one host (a cloned
 // machine image) both find out, say so on the host and hold their applies; once one stops,
-// the other goes on alone.
+// the other goes on alone. Agents with a Lease tell by its holder, agents without one by the
+// GatewayHost's status.agentID.
 func TestTwoAgentsWithOneIdentityAreReported(t *testing.T) {
+	t.Run("lease", func(t *testing.T) { testTwins(t, "twin-lease", leaseNS) })
+	t.Run("status", func(t *testing.T) { testTwins(t, "twin", "") })
+}
+
+func testTwins(t *testing.T, host, leaseNamespace string) {
 	ctx := context.Background()
-	sd := beatingHost(t, "twin")
-	one := &agent.Heartbeat{Client: cp.Client, Host: "twin", Systemd: sd, Interval: 300 * time.Millisecond, ID: "agent-one"}
-	two := &agent.Heartbeat{Client: cp.Client, Host: "twin", Systemd: sd, Interval: 300 * time.Millisecond, ID: "agent-two"}
+	sd := beatingHost(t, host)
+	t.Cleanup(func() {
+		_ = cp.Client.Delete(context.Background(), &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Namespace: leaseNS, Name: host}})
+	})
+	one := &agent.Heartbeat{Client: cp.Client, APIReader: cp.Client, Host: host, Systemd: sd, Interval: 300 * time.Millisecond,
+		LeaseNamespace: leaseNamespace, ID: "agent-one"}
+	two := &agent.Heartbeat{Client: cp.Client, APIReader: cp.Client, Host: host, Systemd: sd, Interval: 300 * time.Millisecond,
+		LeaseNamespace: leaseNamespace, ID: "agent-two"}
 	runBeat(t, one)
 	stopTwo := runBeat(t, two)
 	dup := func(want metav1.ConditionStatus) func() (bool, string) {
 		return func() (bool, string) {
 			var gh v1.GatewayHost
-			if err := cp.Client.Get(ctx, client.ObjectKey{Name: "twin"}, &gh); err != nil {
+			if err := cp.Client.Get(ctx, client.ObjectKey{Name: host}, &gh); err != nil {
 				return false, err.Error()
 			}
 			d := meta.FindStatusCondition(gh.Status.Conditions, v1.ConditionDuplicateAgent)

@@ -4,7 +4,9 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"math"
 	"os"
 	"runtime"
 	"strconv"
@@ -12,6 +14,8 @@ import (
 	"sync"
 	"time"
 
+	coordinationv1 "k8s.io/api/coordination/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -47,13 +51,22 @@ func probeCapabilities(host layout.Host, microVM bool) v1.HostCapabilities {
 	return c
 }
 
-// Heartbeat registers the host's GatewayHost and keeps its heartbeat fresh. It runs as a
-// manager Runnable until the manager stops.
+// DefaultStatusRefresh is how long a GatewayHost's status goes unwritten while nothing in it
+// changes, when its agent heart-beats in a Lease.
+const DefaultStatusRefresh = 5 * time.Minute
+
+// Heartbeat registers the host's GatewayHost and keeps its heartbeat fresh: it renews the
+// host's Lease every Interval, as a kubelet renews its node's Lease, and writes the
+// GatewayHost's status only when something in it changes (or every StatusRefresh). The
+// manager watches every host's Lease in protobuf, a few hundred bytes each, instead of a
+// status write of the whole GatewayHost in JSON every Interval. It runs as a manager Runnable
+// until the manager stops.
 type Heartbeat struct {
 	Client client.Client
 	// APIReader reads past the cache. After the API server was away the cache can lag for
 	// long (its watch backs off), and a beat written on its stale copy conflicts: the next
-	// try reads the live object. The cached client is used when nil.
+	// try reads the live object. The Lease is only ever read through it (the agent does not
+	// watch Leases). The cached client is used when nil.
 	APIReader client.Reader
 	Host      string
 	// Labels are the facts the agent reports as labels, all under v1.LabelReportedPrefix; set
@@ -62,23 +75,32 @@ type Heartbeat struct {
 	Version  string
 	Systemd  *systemd.Conn
 	Interval time.Duration
+	// LeaseNamespace holds the host's Lease, named after the host. Empty: the agent beats by
+	// writing the GatewayHost's status.lastHeartbeatTime every Interval instead.
+	LeaseNamespace string
+	// StatusRefresh bounds how long the status goes unwritten while nothing in it changes
+	// (its lastHeartbeatTime says when it was last written); DefaultStatusRefresh when 0.
+	StatusRefresh time.Duration
 	// Capabilities are reported on every heartbeat (see HostCapabilities).
 	Capabilities v1.HostCapabilities
 	// Space measures what the releases' filesystem keeps for the agent alone; it sets the
 	// StagingSpace condition when not nil.
 	Space func() (apply.StagingSpace, error)
-	// ID names this agent process in status.agentID; random when empty.
+	// ID names this agent process in status.agentID and as the Lease's holderIdentity; random
+	// when empty.
 	ID string
 
+	lease *coordinationv1.Lease // the Lease as last written or read; nil: read it again
+
 	mu        sync.Mutex
-	lastWrite time.Time // when this agent last wrote the heartbeat
+	lastWrite time.Time // when this agent last wrote the heartbeat (Lease or status)
 	foreignAt time.Time // when another agent's heartbeat was last seen
 	foreignID string
 }
 
-// Duplicate is true while another agent heart-beats this host's GatewayHost too (seen within
-// the last three intervals): one host identity in use on two machines. The agent applies
-// nothing meanwhile, so the two do not fight over the host's instances.
+// Duplicate is true while another agent heart-beats this host too (seen within the last three
+// intervals): one host identity in use on two machines. The agent applies nothing meanwhile, so
+// the two do not fight over the host's instances.
 func (h *Heartbeat) Duplicate() bool {
 	h.mu.Lock()
 	defer h.mu.Unlock()
@@ -89,18 +111,25 @@ func (h *Heartbeat) duplicateLocked() bool {
 	return !h.foreignAt.IsZero() && time.Since(h.foreignAt) < 3*h.Interval
 }
 
-// sawForeign records another agent's heartbeat when the stored one is not this agent's and was
-// written after this agent's last write (the first beat cannot tell a twin from a predecessor
-// that stopped, so it counts nothing).
-func (h *Heartbeat) sawForeign(gh *v1.GatewayHost) {
+// sawHeartbeat records another agent's heartbeat when the stored one (by holder, at, stored to
+// precision) is not this agent's and was written after this agent's last write (the first beat
+// cannot tell a twin from a predecessor that stopped, so it counts nothing).
+func (h *Heartbeat) sawHeartbeat(holder string, at time.Time, precision time.Duration) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	st := gh.Status
-	if st.AgentID == "" || st.AgentID == h.ID || h.lastWrite.IsZero() || st.LastHeartbeatTime == nil ||
-		st.LastHeartbeatTime.Time.Before(h.lastWrite.Truncate(time.Second)) {
+	if holder == "" || holder == h.ID || h.lastWrite.IsZero() || at.Before(h.lastWrite.Truncate(precision)) {
 		return
 	}
-	h.foreignAt, h.foreignID = time.Now(), st.AgentID
+	h.foreignAt, h.foreignID = time.Now(), holder
+}
+
+// wrote records this agent's own heartbeat at t.
+func (h *Heartbeat) wrote(t time.Time) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if t.After(h.lastWrite) {
+		h.lastWrite = t
+	}
 }
 
 // Start registers the host, then beats every Interval.
@@ -130,20 +159,96 @@ func (h *Heartbeat) Start(ctx context.Context) error {
 	}
 }
 
-// beat registers the host if needed and writes one heartbeat. A write that raced with the
-// controller manager's (which owns the Reachable condition) is retried on the fresh copy.
+// beat renews the Lease, then registers the host if needed and writes its status if due. A
+// write that raced with another (the manager owns the Reachable condition) is retried on a
+// fresh copy.
 func (h *Heartbeat) beat(ctx context.Context) error {
+	var errs []error
+	renewed := true
+	if h.LeaseNamespace != "" {
+		err := retry.RetryOnConflict(retry.DefaultBackoff, func() error {
+			err := h.renew(ctx)
+			if err != nil {
+				h.lease = nil
+			}
+			return err
+		})
+		if err != nil {
+			errs = append(errs, fmt.Errorf("renew Lease %s/%s: %w", h.LeaseNamespace, h.Host, err))
+			renewed = false
+		}
+	}
 	var reader client.Reader = h.Client
-	return retry.RetryOnConflict(retry.DefaultBackoff, func() error {
-		err := h.beatOnce(ctx, reader)
+	err := retry.RetryOnConflict(retry.DefaultBackoff, func() error {
+		// A Lease that cannot be renewed (no RBAC for it yet, a wrong namespace) leaves the
+		// heartbeat to the status, written on every beat then, which keeps the host reachable.
+		err := h.report(ctx, reader, !renewed)
 		if apierrors.IsConflict(err) && h.APIReader != nil {
 			reader = h.APIReader
 		}
 		return err
 	})
+	return errors.Join(append(errs, err)...)
 }
 
-func (h *Heartbeat) beatOnce(ctx context.Context, reader client.Reader) error {
+// renew renews the host's Lease from the copy last written, reading it first when unknown
+// (the first beat, or after a conflict: another writer, perhaps a twin, came in between).
+func (h *Heartbeat) renew(ctx context.Context) error {
+	now := metav1.NewMicroTime(time.Now())
+	// Informational for other readers (the manager uses its own grace period): four intervals.
+	secs := int32(min(max(4*h.Interval, time.Second), time.Duration(math.MaxInt32)*time.Second) / time.Second) //nolint:gosec // bounded just above
+	if h.lease == nil {
+		var reader client.Reader = h.Client
+		if h.APIReader != nil {
+			reader = h.APIReader
+		}
+		var l coordinationv1.Lease
+		err := reader.Get(ctx, client.ObjectKey{Namespace: h.LeaseNamespace, Name: h.Host}, &l)
+		if apierrors.IsNotFound(err) {
+			l = coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Namespace: h.LeaseNamespace, Name: h.Host},
+				Spec: coordinationv1.LeaseSpec{HolderIdentity: &h.ID, LeaseDurationSeconds: &secs, AcquireTime: &now, RenewTime: &now}}
+			if err := h.Client.Create(ctx, &l); err != nil {
+				return err
+			}
+			h.lease = &l
+			h.wrote(now.Time)
+			return nil
+		} else if err != nil {
+			return err
+		}
+		if l.Spec.HolderIdentity != nil && l.Spec.RenewTime != nil {
+			h.sawHeartbeat(*l.Spec.HolderIdentity, l.Spec.RenewTime.Time, time.Microsecond)
+		}
+		h.lease = &l
+	}
+	l := h.lease.DeepCopy()
+	if l.Spec.HolderIdentity == nil || *l.Spec.HolderIdentity != h.ID {
+		l.Spec.HolderIdentity, l.Spec.AcquireTime = &h.ID, &now
+		l.Spec.LeaseTransitions = ptrTo(ptrValue(l.Spec.LeaseTransitions) + 1)
+	}
+	l.Spec.RenewTime, l.Spec.LeaseDurationSeconds = &now, &secs
+	if err := h.Client.Update(ctx, l); err != nil {
+		return err
+	}
+	h.lease = l
+	h.wrote(now.Time)
+	return nil
+}
+
+func ptrTo[T any](v T) *T { return &v }
+
+func ptrValue[T any](p *T) T {
+	var zero T
+	if p == nil {
+		return zero
+	}
+	return *p
+}
+
+// report registers the host if needed, keeps its reported labels current and writes its
+// status when something in it changed, when it was last written StatusRefresh ago, or on
+// every beat when the agent has no Lease (or force).
+func (h *Heartbeat) report(ctx context.Context, reader client.Reader, force bool) error {
 	var gh v1.GatewayHost
 	err := reader.Get(ctx, client.ObjectKey{Name: h.Host}, &gh)
 	if apierrors.IsNotFound(err) {
@@ -157,7 +262,10 @@ func (h *Heartbeat) beatOnce(ctx context.Context, reader client.Reader) error {
 	} else if err != nil {
 		return err
 	}
-	h.sawForeign(&gh)
+	if hb := gh.Status.LastHeartbeatTime; hb != nil && h.LeaseNamespace == "" {
+		// With a Lease, its holder tells a twin: the status is written too rarely for it.
+		h.sawHeartbeat(gh.Status.AgentID, hb.Time, time.Second)
+	}
 	if stale := h.staleLabels(&gh); len(stale) > 0 {
 		// Facts change rarely (KVM after a reboot, a Kata install): only then the labels are
 		// written, and only the reported ones.
@@ -167,9 +275,7 @@ func (h *Heartbeat) beatOnce(ctx context.Context, reader client.Reader) error {
 		}
 	}
 	base := gh.DeepCopy()
-	now := metav1.Now()
 	gh.Status.AgentID = h.ID
-	gh.Status.LastHeartbeatTime = &now
 	gh.Status.AgentVersion = h.Version
 	gh.Status.ObservedGeneration = gh.Generation
 	gh.Status.Capabilities = h.Capabilities
@@ -191,13 +297,23 @@ func (h *Heartbeat) beatOnce(ctx context.Context, reader client.Reader) error {
 		v1.SetCondition(&gh, v1.ConditionDuplicateAgent, metav1.ConditionFalse, "OneAgent", "agent "+h.ID+" alone heart-beats this host")
 	}
 	h.mu.Unlock()
+	refresh := h.StatusRefresh
+	if refresh <= 0 {
+		refresh = DefaultStatusRefresh
+	}
+	last := gh.Status.LastHeartbeatTime
+	if h.LeaseNamespace != "" && !force && last != nil && time.Since(last.Time) < refresh && equality.Semantic.DeepEqual(base.Status, gh.Status) {
+		return nil
+	}
+	now := metav1.Now()
+	gh.Status.LastHeartbeatTime = &now
 	// Optimistic lock: the controller manager writes the Reachable condition of this status.
 	if err := h.Client.Status().Patch(ctx, &gh, client.MergeFromWithOptions(base, client.MergeFromWithOptimisticLock{})); err != nil {
 		return err
 	}
-	h.mu.Lock()
-	h.lastWrite = now.Time
-	h.mu.Unlock()
+	if h.LeaseNamespace == "" {
+		h.wrote(now.Time)
+	}
 	return nil
 }
 
@@ -243,11 +359,11 @@ func stagingCondition(space func() (apply.StagingSpace, error), gen int64) metav
 	case err != nil:
 		c.Status, c.Reason, c.Message = metav1.ConditionUnknown, "NotMeasured", err.Error()
 	case !s.Shared:
-		c.Status, c.Reason, c.Message = metav1.ConditionTrue, "SeparateFilesystem", s.String()
+		c.Status, c.Reason, c.Message = metav1.ConditionTrue, "SeparateFilesystem", s.Reserve()
 	case s.OK(apply.DefaultMinStagingReserve):
-		c.Status, c.Reason, c.Message = metav1.ConditionTrue, "RootReserve", s.String()
+		c.Status, c.Reason, c.Message = metav1.ConditionTrue, "RootReserve", s.Reserve()
 	default:
-		c.Status, c.Reason, c.Message = metav1.ConditionFalse, "NoRootReserve", s.String()
+		c.Status, c.Reason, c.Message = metav1.ConditionFalse, "NoRootReserve", s.Reserve()
 	}
 	return c
 }

@@ -66,4 +66,14 @@ func TestStagingCondition(t *testing.T) {
 			t.Errorf("%+v / %v: condition %+v, want %s %s", tc.space, tc.err, c, tc.status, tc.reason)
 		}
 	}
+	// Free space comes and goes: the condition does not follow it, or every heartbeat would
+	// write the status.
+	at := func(free uint64) string {
+		return stagingCondition(func() (apply.StagingSpace, error) {
+			return apply.StagingSpace{Shared: true, Reserved: 1 << 30, Available: free}, nil
+		}, 3).Message
+	}
+	if a, b := at(1<<30), at(2<<30); a != b {
+		t.Errorf("the condition changed with the free space: %q, then %q", a, b)
+	}
 }

@@ -32,12 +32,20 @@ func (s StagingSpace) OK(min uint64) bool { return !s.Shared || s.Reserved >= mi
 
 // String says in words what the space is and what to do when it is not enough.
 func (s StagingSpace) String() string {
+	return s.describe(fmt.Sprintf(" (%d MiB free for anyone)", s.Available>>20))
+}
+
+// Reserve is String without the free space, which changes as files come and go: a status
+// that carries it would be written on every heartbeat.
+func (s StagingSpace) Reserve() string { return s.describe("") }
+
+func (s StagingSpace) describe(free string) string {
 	if !s.Shared {
 		return "profiles' folders are on another filesystem than the releases: a gateway that fills its home cannot fill the agent's"
 	}
-	return fmt.Sprintf("the filesystem of %s, shared with profiles' homes, keeps %d MiB that only root may use (%d MiB free for anyone); "+
+	return fmt.Sprintf("the filesystem of %s, shared with profiles' homes, keeps %d MiB that only root may use%s; "+
 		"a gateway can fill its home up to that reserve, the agent can still stage a release beyond it "+
-		"(raise it with tune2fs -m, or put %s on its own filesystem)", layout.ReleasesDir, s.Reserved>>20, s.Available>>20, layout.GatewaysDir)
+		"(raise it with tune2fs -m, or put %s on its own filesystem)", layout.ReleasesDir, s.Reserved>>20, free, layout.GatewaysDir)
 }
 
 // StagingSpace measures the filesystem of the host's releases.

@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	coordinationv1 "k8s.io/api/coordination/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -82,11 +83,13 @@ func run(b *testing.B) {
 	procs := serverProcs()
 	b.Logf("fleet: %d hosts × %d profiles; idle %s; heartbeat every %s; API server and etcd pids %v", hosts, profiles, idle, heartbeat, procs)
 
-	// The fleet. Each host's one heartbeat is stamped an hour ahead, so that the baseline phases
-	// need no live heartbeats to keep it reachable.
+	// The fleet, registered as agents register: a GatewayHost with its status, and a Lease.
+	// Each host's Lease is renewed once, an hour ahead, so that the baseline phases need no
+	// live heartbeats to keep it reachable.
 	sem := make(chan struct{}, 16)
 	var wg sync.WaitGroup
-	ahead := metav1.NewTime(time.Now().Add(time.Hour))
+	ahead := metav1.NewMicroTime(time.Now().Add(time.Hour))
+	leases := make([]*coordinationv1.Lease, hosts)
 	for i := 0; i < hosts; i++ {
 		wg.Add(1)
 		sem <- struct{}{}
@@ -98,11 +101,19 @@ func run(b *testing.B) {
 				b.Error(err)
 				return
 			}
-			h.Status.LastHeartbeatTime = &ahead
+			now := metav1.Now()
+			h.Status.LastHeartbeatTime = &now
 			h.Status.AgentVersion = "bench"
 			if err := c.Status().Update(ctx, h); err != nil {
 				b.Error(err)
 			}
+			id, secs := "bench-"+hostName(i), int32(4*heartbeat/time.Second)
+			l := &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Namespace: v1.DefaultHostLeaseNamespace, Name: hostName(i)},
+				Spec: coordinationv1.LeaseSpec{HolderIdentity: &id, LeaseDurationSeconds: &secs, AcquireTime: &ahead, RenewTime: &ahead}}
+			if err := c.Create(ctx, l); err != nil {
+				b.Error(err)
+			}
+			leases[i] = l
 		}(i)
 	}
 	wg.Wait()
@@ -135,9 +146,9 @@ func run(b *testing.B) {
 	report(b, "rollout-quiet", base)
 	peakQuiet := rss(s.ManagerPID, "VmHWM:")
 
-	// Live heartbeats. Their first round moves every stamp back from an hour ahead, which the
+	// Live heartbeats. Their first round moves every Lease back from an hour ahead, which the
 	// host controller rightly looks at once; the idle measure starts after it.
-	beats := startHeartbeats(b, s)
+	beats := startHeartbeats(b, s, leases)
 	defer beats.stop()
 	time.Sleep(heartbeat + 2*time.Second)
 	liveIdle := measureIdle(b, s, procs, beats, idle)
@@ -154,6 +165,7 @@ func run(b *testing.B) {
 	b.ReportMetric(mib(peakQuiet), "peak-rss-quiet-MiB")
 	b.ReportMetric(mib(rss(s.ManagerPID, "VmHWM:")), "peak-rss-MiB")
 	b.ReportMetric(float64(beats.ok.Load()), "heartbeats")
+	b.ReportMetric(float64(beats.statusWrites.Load()), "status-refreshes")
 	b.ReportMetric(float64(beats.conflicts.Load()), "heartbeat-conflicts")
 	b.ReportMetric(float64(beats.failed.Load()), "heartbeat-errors")
 	b.ReportMetric(float64(agents.applied.Load()), "simulated-applies")
@@ -520,17 +532,22 @@ func saveProfile(b *testing.B, path, file string) {
 	}
 }
 
-// heartbeats write every host's heartbeat as its agent does (nodeagent/agent/host.go): every
-// interval, a status patch of lastHeartbeatTime with an optimistic lock, from a cached copy,
-// read again on a conflict. The hosts' beats are spread evenly over the interval.
+// heartbeats renew every host's Lease as its agent does (nodeagent/agent/host.go): every
+// interval, an update of renewTime from the copy last written, read again on a conflict. The
+// hosts' renewals are spread evenly over the interval. Beside them, each host's status is
+// written once every statusRefresh (the agent's default), a patch of lastHeartbeatTime from a
+// cached copy, as the agent writes it when nothing in it changed for that long.
 type heartbeats struct {
-	ok, conflicts, failed atomic.Int64
-	cancel                context.CancelFunc
-	wg                    sync.WaitGroup
-	once                  sync.Once
+	ok, conflicts, failed, statusWrites atomic.Int64
+	cancel                              context.CancelFunc
+	wg                                  sync.WaitGroup
+	once                                sync.Once
 }
 
-func startHeartbeats(b *testing.B, s *stack.Stack) *heartbeats {
+// statusRefresh is the agent's default (agent.DefaultStatusRefresh).
+const statusRefresh = 5 * time.Minute
+
+func startHeartbeats(b *testing.B, s *stack.Stack, leases []*coordinationv1.Lease) *heartbeats {
 	hc, err := cache.New(s.CP.Config, cache.Options{Scheme: s.CP.Scheme})
 	if err != nil {
 		b.Fatal(err)
@@ -545,23 +562,30 @@ func startHeartbeats(b *testing.B, s *stack.Stack) *heartbeats {
 		b.Fatal("host cache did not sync")
 	}
 	c := s.CP.Client
-	work := make(chan string, 64)
-	for w := 0; w < 32; w++ {
+	// A host's Lease is renewed by one worker at a time: its index picks the worker.
+	const workers = 32
+	var work [workers]chan int
+	for w := range workers {
+		work[w] = make(chan int, 64)
 		hb.wg.Add(1)
 		go func() {
 			defer hb.wg.Done()
-			for name := range work {
-				hb.beat(ctx, hc, c, name)
+			for i := range work[w] {
+				if i < 0 {
+					hb.refreshStatus(ctx, hc, c, hostName(-i-1))
+				} else {
+					leases[i] = hb.renew(ctx, c, leases[i])
+				}
 			}
 		}()
 	}
-	hb.wg.Add(1)
-	go func() {
+	// every sends host i to its worker every period, the hosts spread evenly over it; a
+	// negative index asks for a status write.
+	every := func(period time.Duration, status bool) {
 		defer hb.wg.Done()
-		defer close(work)
 		start := time.Now()
-		for i := 0; ; i++ {
-			at := start.Add(time.Duration(i) * heartbeat / time.Duration(hosts))
+		for n := 0; ; n++ {
+			at := start.Add(time.Duration(n) * period / time.Duration(hosts))
 			t := time.NewTimer(time.Until(at))
 			select {
 			case <-ctx.Done():
@@ -569,17 +593,65 @@ func startHeartbeats(b *testing.B, s *stack.Stack) *heartbeats {
 				return
 			case <-t.C:
 			}
+			i := n % hosts
+			job := i
+			if status {
+				job = -i - 1
+			}
 			select {
-			case work <- hostName(i % hosts):
+			case work[i%workers] <- job:
 			case <-ctx.Done():
 				return
 			}
+		}
+	}
+	var senders sync.WaitGroup
+	senders.Add(2)
+	hb.wg.Add(3)
+	go func() { defer senders.Done(); every(heartbeat, false) }()
+	go func() { defer senders.Done(); every(statusRefresh, true) }()
+	go func() {
+		defer hb.wg.Done()
+		senders.Wait()
+		for w := range work {
+			close(work[w])
 		}
 	}()
 	return hb
 }
 
-func (hb *heartbeats) beat(ctx context.Context, r client.Reader, c client.Client, name string) {
+// renew renews one Lease from its last written copy and returns the copy to use next.
+func (hb *heartbeats) renew(ctx context.Context, c client.Client, l *coordinationv1.Lease) *coordinationv1.Lease {
+	for try := 0; try < 5; try++ {
+		next := l.DeepCopy()
+		now := metav1.NewMicroTime(time.Now())
+		next.Spec.RenewTime = &now
+		err := c.Update(ctx, next)
+		switch {
+		case err == nil:
+			hb.ok.Add(1)
+			return next
+		case apierrors.IsConflict(err):
+			hb.conflicts.Add(1)
+			var fresh coordinationv1.Lease
+			if err := c.Get(ctx, client.ObjectKeyFromObject(l), &fresh); err != nil {
+				hb.failed.Add(1)
+				return l
+			}
+			l = &fresh
+		default:
+			if ctx.Err() == nil {
+				hb.failed.Add(1)
+			}
+			return l
+		}
+	}
+	hb.failed.Add(1)
+	return l
+}
+
+// refreshStatus writes a host's status as its agent does every statusRefresh.
+func (hb *heartbeats) refreshStatus(ctx context.Context, r client.Reader, c client.Client, name string) {
 	var h v1.GatewayHost
 	if err := r.Get(ctx, client.ObjectKey{Name: name}, &h); err != nil {
 		hb.failed.Add(1)
@@ -592,10 +664,9 @@ func (hb *heartbeats) beat(ctx context.Context, r client.Reader, c client.Client
 		err := c.Status().Patch(ctx, &h, client.MergeFromWithOptions(base, client.MergeFromWithOptimisticLock{}))
 		switch {
 		case err == nil:
-			hb.ok.Add(1)
+			hb.statusWrites.Add(1)
 			return
 		case apierrors.IsConflict(err):
-			hb.conflicts.Add(1)
 			if err := c.Get(ctx, client.ObjectKey{Name: name}, &h); err != nil {
 				hb.failed.Add(1)
 				return

@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	coordinationv1 "k8s.io/api/coordination/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/watch"
@@ -324,18 +325,18 @@ func firstMove(t *testing.T, w *fleetWatch, label string) time.Time {
 	return at
 }
 
-// heartbeatsAfter waits until every host's agent has written a heartbeat newer than since and
+// heartbeatsAfter waits until every host's agent has renewed its Lease after since and
 // returns how long after since the last of them landed.
 func heartbeatsAfter(t *testing.T, s *stack.Stack, since time.Time) time.Duration {
 	t.Helper()
 	var last time.Duration
 	for name := range s.Hosts {
 		poll.Until(t, name+"'s agent heart-beating again", 2*time.Minute, func() (bool, string) {
-			var h v1.GatewayHost
-			if err := s.CP.Client.Get(context.Background(), client.ObjectKey{Name: name}, &h); err != nil {
+			var l coordinationv1.Lease
+			if err := s.CP.Client.Get(context.Background(), client.ObjectKey{Namespace: v1.DefaultHostLeaseNamespace, Name: name}, &l); err != nil {
 				return false, err.Error()
 			}
-			hb := h.Status.LastHeartbeatTime
+			hb := l.Spec.RenewTime
 			return hb != nil && hb.After(since), fmt.Sprint(hb)
 		})
 		last = max(last, time.Since(since))

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
 	eventsv1 "k8s.io/api/events/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
@@ -69,8 +70,9 @@ func run(m *testing.M) int {
 }
 
 func setUp(ctx context.Context) error {
-	// The manager's Role for profiles' material lives in its namespace.
-	if err := admin.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "gateway-operator-system"}}); err != nil {
+	// The operator's namespace holds the agents' Lease Role and their Leases, and the manager's Role
+	// for profiles' material.
+	if err := admin.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: v1.DefaultHostLeaseNamespace}}); err != nil {
 		return err
 	}
 	for _, file := range []string{"config/rbac/agent_role.yaml", "config/policies/agent_policy.yaml",
@@ -459,6 +461,64 @@ func TestHost(t *testing.T) {
 // TestHostRegistration: an agent registers its own host on first start, with the labels it
 // reports and no other: it cannot choose the labels profiles select on (role: prod) and so
 // attract their instances.
+// lease is a host's heartbeat Lease as its agent writes it.
+func lease(host string) *coordinationv1.Lease {
+	now, id := metav1.NewMicroTime(time.Now()), "agent-"+host
+	return &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Namespace: v1.DefaultHostLeaseNamespace, Name: host},
+		Spec: coordinationv1.LeaseSpec{HolderIdentity: &id, RenewTime: &now}}
+}
+
+// TestLease: an agent creates and renews its own host's heartbeat Lease, and no other: node-a
+// cannot renew node-b's Lease, nor create one for another host, nor delete its own.
+func TestLease(t *testing.T) {
+	renew := func(c client.Client, host string) func(*testing.T, context.Context) error {
+		return func(_ *testing.T, ctx context.Context) error {
+			var l coordinationv1.Lease
+			if err := c.Get(ctx, client.ObjectKey{Namespace: v1.DefaultHostLeaseNamespace, Name: host}, &l); err != nil {
+				return err
+			}
+			now := metav1.NewMicroTime(time.Now())
+			l.Spec.RenewTime = &now
+			return c.Update(ctx, &l)
+		}
+	}
+	outer := t // Leases created here live until the whole test ends
+	create := func(c client.Client, host string) func(*testing.T, context.Context) error {
+		return func(_ *testing.T, ctx context.Context) error {
+			l := lease(host)
+			deleteLater(outer, l)
+			return c.Create(ctx, l)
+		}
+	}
+	runSteps(t, []step{
+		{"node-a creates its Lease", create(nodeA, "node-a"), allowed},
+		{"node-a renews its Lease", renew(nodeA, "node-a"), allowed},
+		{"node-b creates its Lease", create(nodeB, "node-b"), allowed},
+		{"node-a renews node-b's Lease", renew(nodeA, "node-b"), byPolicy(
+			"gateway agent for host node-a may not modify Lease gateway-operator-system/node-b: an agent may only create and renew the Lease gateway-operator-system/node-a")},
+		{"node-a creates a Lease for node-c", create(nodeA, "node-c"), byPolicy(
+			"gateway agent for host node-a may not create Lease gateway-operator-system/node-c")},
+		{"node-a deletes its Lease", func(_ *testing.T, ctx context.Context) error {
+			return nodeA.Delete(ctx, lease("node-a"))
+		}, byRBAC("delete", "leases")},
+		{"node-a creates a Lease in another namespace", func(t *testing.T, ctx context.Context) error {
+			l := lease("node-a")
+			l.Namespace = "default"
+			deleteLater(t, l)
+			return nodeA.Create(ctx, l)
+		}, byRBAC("create", "leases")},
+		{"node-a renews the manager's leader Lease", func(t *testing.T, ctx context.Context) error {
+			l := lease("gateway-operator.gateway.agent.dev")
+			l.Spec.HolderIdentity = ptrTo("manager-1")
+			if err := admin.Create(ctx, l); err != nil {
+				t.Fatal(err)
+			}
+			deleteLater(t, l)
+			return renew(nodeA, l.Name)(t, ctx)
+		}, byPolicy("gateway agent for host node-a may not modify Lease gateway-operator-system/gateway-operator.gateway.agent.dev")},
+	})
+}
+
 func TestHostRegistration(t *testing.T) {
 	nodeD, _, err := newUser("system:gateway-agent:node-d", agentGroup)
 	if err != nil {
@@ -646,6 +706,7 @@ func TestPolicyHoldsWhenRBACIsWider(t *testing.T) {
 			{APIGroups: []string{v1.GroupVersion.Group}, Resources: []string{"releases", "gatewayprofiles", "gatewayprofiles/status", "toolruns"},
 				Verbs: []string{"create", "update", "patch", "delete"}},
 			{APIGroups: []string{""}, Resources: []string{"events", "configmaps", "secrets", "pods"}, Verbs: []string{"create", "patch", "delete"}},
+			{APIGroups: []string{coordinationv1.GroupName}, Resources: []string{"leases"}, Verbs: []string{"create", "update", "delete"}},
 		},
 	}
 	binding := &rbacv1.ClusterRoleBinding{
@@ -692,7 +753,7 @@ func TestPolicyHoldsWhenRBACIsWider(t *testing.T) {
 	}
 	other := func(what string) verdict {
 		return byPolicy("gateway agent for host node-a may not " + what +
-			": an agent writes only its own GatewayHost, its GatewayInstances' status and finalizer, and events about them")
+			": an agent writes only its own GatewayHost and heartbeat Lease, its GatewayInstances' status and finalizer, and events about them")
 	}
 	runSteps(t, []step{
 		{"node-a labels a Release", func(_ *testing.T, ctx context.Context) error {
@@ -742,6 +803,20 @@ func TestPolicyHoldsWhenRBACIsWider(t *testing.T) {
 			}
 			return err
 		}, byPolicy("gateway agent for host node-a may not delete GatewayHost node-a: GatewayHosts are removed by an administrator, never by an agent")},
+		{"node-a deletes its own Lease", func(t *testing.T, ctx context.Context) error {
+			l := lease("node-a")
+			if err := admin.Create(ctx, l); err != nil && !apierrors.IsAlreadyExists(err) {
+				t.Fatal(err)
+			}
+			deleteLater(t, l)
+			return nodeA.Delete(ctx, lease("node-a"))
+		}, byPolicy("gateway agent for host node-a may not delete Lease gateway-operator-system/node-a: an agent renews the heartbeat Lease of its host, never deletes it")},
+		{"node-a creates a Lease named for it in another namespace", func(t *testing.T, ctx context.Context) error {
+			l := lease("node-a")
+			l.Namespace = "default"
+			deleteLater(t, l)
+			return nodeA.Create(ctx, l)
+		}, byPolicy("gateway agent for host node-a may not create Lease default/node-a: an agent may only create and renew the Lease gateway-operator-system/node-a")},
 		{"node-a creates a core Event regarding core.node-a", func(t *testing.T, ctx context.Context) error {
 			ev := &corev1.Event{ObjectMeta: metav1.ObjectMeta{Name: "core-api.1", Namespace: "default"},
 				InvolvedObject: corev1.ObjectReference{APIVersion: v1.GroupVersion.String(), Kind: "GatewayInstance", Name: "core.node-a"},
