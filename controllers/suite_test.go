@@ -209,7 +209,9 @@ func renewLease(ctx context.Context, host string, at time.Time) error {
 }
 
 // simulatedAgentHeartbeats keeps hosts' heartbeats fresh, as their agents would, until the
-// test ends or the returned function stops them (the agents stop).
+// test ends or the returned function stops them (the agents stop). It returns once every named
+// host that exists is Reachable, as a fleet is before anyone rolls a release over it: a host
+// the manager has not heard from yet serves nothing, and a rollout moves it at once.
 func simulatedAgentHeartbeats(t *testing.T, names ...string) (stop func()) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
@@ -237,6 +239,20 @@ func simulatedAgentHeartbeats(t *testing.T, names ...string) (stop func()) {
 	var once sync.Once
 	stop = func() { once.Do(func() { cancel(); <-done }) }
 	t.Cleanup(stop)
+	eventually(t, "the hosts Reachable", func() (bool, string) {
+		for _, n := range names {
+			var h v1.GatewayHost
+			if err := c.Get(context.Background(), client.ObjectKey{Name: n}, &h); apierrors.IsNotFound(err) {
+				continue
+			} else if err != nil {
+				return false, err.Error()
+			}
+			if !meta.IsStatusConditionTrue(h.Status.Conditions, v1.ConditionReachable) {
+				return false, n + " is not Reachable"
+			}
+		}
+		return true, ""
+	})
 	return stop
 }
 
