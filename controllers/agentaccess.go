@@ -110,11 +110,13 @@ func (r *AgentAccessReconciler) Reconcile(ctx context.Context, req ctrl.Request)
 }
 
 // hostMaterial lists the Secrets and ConfigMaps that the host's live instances name in ns.
-// An instance being deleted needs none: its agent only stops the gateway.
+// An instance being deleted needs none: its agent only stops the gateway. Nor does one whose
+// isolation may not carry material.
 func hostMaterial(instances []v1.GatewayInstance, ns string) (secrets, configMaps []string) {
 	for i := range instances {
 		gi := &instances[i]
-		if !gi.DeletionTimestamp.IsZero() || gi.Spec.Material == nil || gi.Spec.Material.Namespace != ns {
+		if !gi.DeletionTimestamp.IsZero() || gi.Spec.Material == nil || gi.Spec.Material.Namespace != ns ||
+			gi.Spec.ValidateMaterialIsolation() != nil {
 			continue
 		}
 		s, c := gi.Spec.MaterialRefs()

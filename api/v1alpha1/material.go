@@ -123,6 +123,16 @@ func ValidateFileMode(m int32) error {
 	return nil
 }
 
+// ValidateMaterialIsolation refuses material in Convenience isolation, as the CRD schema does:
+// there every profile runs as one shared user, which can read every other profile's files and
+// /proc/<pid>/environ, so a secret there would be every Convenience gateway's on the host.
+func (s *GatewaySettings) ValidateMaterialIsolation() error {
+	if s.Isolation == IsolationConvenience && s.UsesMaterial() {
+		return invalid("isolation Convenience runs every profile as one shared user that can read the others' files and environment: env valueFrom, envFrom and files need isolation Production")
+	}
+	return nil
+}
+
 // ResolveMaterial resolves the settings' env and files from the objects it names, keyed by
 // name (a missing entry is a missing object), and computes their digest. The controller and the
 // agent run it alike, so the agent can check it read what the controller rolled out. Values are
@@ -132,6 +142,9 @@ func ResolveMaterial(s *GatewaySettings, secrets map[string]*corev1.Secret, conf
 	if !s.UsesMaterial() {
 		m.Env = s.Env
 		return m, nil
+	}
+	if err := s.ValidateMaterialIsolation(); err != nil {
+		return Material{}, err
 	}
 	total := 0
 	seen := map[string]bool{}

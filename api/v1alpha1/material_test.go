@@ -122,6 +122,9 @@ func TestResolveMaterialRefusesBadInput(t *testing.T) {
 		{"file inside a file", v1.ReasonMaterialInvalid, "cannot both exist", func(g *v1.GatewaySettings, _ map[string]*corev1.Secret, _ map[string]*corev1.ConfigMap) {
 			g.Files[1].Path = "config/app.yaml/x"
 		}},
+		{"convenience isolation", v1.ReasonMaterialInvalid, "need isolation Production", func(g *v1.GatewaySettings, _ map[string]*corev1.Secret, _ map[string]*corev1.ConfigMap) {
+			g.Isolation = v1.IsolationConvenience
+		}},
 		{"group-writable mode", v1.ReasonMaterialInvalid, "neither group nor others write", func(g *v1.GatewaySettings, _ map[string]*corev1.Secret, _ map[string]*corev1.ConfigMap) {
 			g.Files[0].Mode = ptr32(0o660)
 		}},
