@@ -6,6 +6,7 @@ import (
 	"slices"
 	"sort"
 
+	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -67,9 +68,57 @@ func (r *AgentAccessReconciler) SetupWithManager(mgr ctrl.Manager) error {
 					o.DeletionTimestamp.IsZero() != n.DeletionTimestamp.IsZero()
 			},
 		})).
+		Watches(&corev1.Secret{}, handler.EnqueueRequestsFromMapFunc(r.hostsNaming(true))).
+		Watches(&corev1.ConfigMap{}, handler.EnqueueRequestsFromMapFunc(r.hostsNaming(false))).
 		Owns(&rbacv1.Role{}).
 		Owns(&rbacv1.RoleBinding{}).
 		Complete(r)
+}
+
+// hostsNaming maps a Secret (secret true) or ConfigMap of the material namespace to the hosts
+// whose instances name it, so that labelling or unlabelling it changes their grants.
+func (r *AgentAccessReconciler) hostsNaming(secret bool) handler.MapFunc {
+	return func(ctx context.Context, o client.Object) []reconcile.Request {
+		if o.GetNamespace() != r.Namespace {
+			return nil
+		}
+		var list v1.GatewayInstanceList
+		if err := r.Client.List(ctx, &list, client.UnsafeDisableDeepCopy); err != nil {
+			return nil
+		}
+		var reqs []reconcile.Request
+		for i := range list.Items {
+			gi := &list.Items[i]
+			s, c := gi.Spec.MaterialRefs()
+			names := c
+			if secret {
+				names = s
+			}
+			if slices.Contains(names, o.GetName()) {
+				reqs = append(reqs, reconcile.Request{NamespacedName: client.ObjectKey{Name: gi.Spec.Host}})
+			}
+		}
+		return reqs
+	}
+}
+
+// labelled keeps the names whose object exists in the material namespace and carries
+// v1.MaterialLabel: the grant never names another object, whatever an instance says.
+func (r *AgentAccessReconciler) labelled(ctx context.Context, names []string, obj func() client.Object) ([]string, error) {
+	var keep []string
+	for _, n := range names {
+		o := obj()
+		err := r.Client.Get(ctx, client.ObjectKey{Namespace: r.Namespace, Name: n}, o)
+		switch {
+		case apierrors.IsNotFound(err):
+			continue
+		case err != nil:
+			return nil, err
+		case v1.MaterialLabelled(o):
+			keep = append(keep, n)
+		}
+	}
+	return keep, nil
 }
 
 // Reconcile writes the host's Role and RoleBinding, or removes them when the host needs
@@ -88,6 +137,12 @@ func (r *AgentAccessReconciler) Reconcile(ctx context.Context, req ctrl.Request)
 		return ctrl.Result{}, err
 	}
 	secrets, configMaps := hostMaterial(list.Items, r.Namespace)
+	if secrets, err = r.labelled(ctx, secrets, func() client.Object { return &corev1.Secret{} }); err != nil {
+		return ctrl.Result{}, err
+	}
+	if configMaps, err = r.labelled(ctx, configMaps, func() client.Object { return &corev1.ConfigMap{} }); err != nil {
+		return ctrl.Result{}, err
+	}
 	role := AgentRole(&h, r.Namespace, secrets, configMaps)
 	if role == nil {
 		return ctrl.Result{}, r.revoke(ctx, h.Name)

@@ -12,6 +12,7 @@ import (
 	"unicode/utf8"
 
 	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
 // Reasons of a profile's material that cannot be resolved, on the profile's Ready condition and
@@ -22,6 +23,17 @@ const (
 	// ReasonMaterialInvalid: a value is too large, not a valid variable, or a path is refused.
 	ReasonMaterialInvalid = "MaterialInvalid"
 )
+
+// MaterialLabel, set to "true", lets profiles name a Secret or ConfigMap of the material
+// namespace. The controller resolves and grants only labelled objects and its cache holds no
+// other, so a user who may edit profiles cannot have an unrelated Secret of that namespace
+// (another profile's credentials, a Helm release) sent to a host.
+const MaterialLabel = "gateway.agent.dev/material"
+
+// MaterialLabelled reports whether o carries MaterialLabel=true.
+func MaterialLabelled(o metav1.Object) bool {
+	return o.GetLabels()[MaterialLabel] == "true"
+}
 
 // MaterialError says why a profile's material cannot be resolved. Its message carries no value.
 type MaterialError struct {
@@ -133,8 +145,12 @@ func (s *GatewaySettings) ValidateMaterialIsolation() error {
 	return nil
 }
 
+// unlabelledHint ends the message of a missing object: one without MaterialLabel counts as
+// missing.
+const unlabelledHint = " or not labelled " + MaterialLabel + `="true"; label it to let profiles use it`
+
 // ResolveMaterial resolves the settings' env and files from the objects it names, keyed by
-// name (a missing entry is a missing object), and computes their digest. The controller and the
+// name (a missing entry, or one without MaterialLabel, is a missing object), and computes their digest. The controller and the
 // agent run it alike, so the agent can check it read what the controller rolled out. Values are
 // checked against the bounds here, whatever the API server allowed.
 func ResolveMaterial(s *GatewaySettings, secrets map[string]*corev1.Secret, configMaps map[string]*corev1.ConfigMap) (Material, error) {
@@ -168,8 +184,8 @@ func ResolveMaterial(s *GatewaySettings, secrets map[string]*corev1.Secret, conf
 	}
 	secretKey := func(ref KeySelector) ([]byte, error) {
 		sec, ok := secrets[ref.Name]
-		if !ok {
-			return nil, notFound("Secret %q not found", ref.Name)
+		if !ok || !MaterialLabelled(sec) {
+			return nil, notFound("Secret %q not found%s", ref.Name, unlabelledHint)
 		}
 		v, ok := sec.Data[ref.Key]
 		if !ok {
@@ -193,8 +209,8 @@ func ResolveMaterial(s *GatewaySettings, secrets map[string]*corev1.Secret, conf
 	}
 	for _, e := range s.EnvFrom {
 		sec, ok := secrets[e.SecretRef.Name]
-		if !ok {
-			return Material{}, notFound("Secret %q not found", e.SecretRef.Name)
+		if !ok || !MaterialLabelled(sec) {
+			return Material{}, notFound("Secret %q not found%s", e.SecretRef.Name, unlabelledHint)
 		}
 		keys := make([]string, 0, len(sec.Data))
 		for k := range sec.Data {
@@ -230,8 +246,8 @@ func ResolveMaterial(s *GatewaySettings, secrets map[string]*corev1.Secret, conf
 		case f.ConfigMapKeyRef != nil:
 			ref := *f.ConfigMapKeyRef
 			cm, ok := configMaps[ref.Name]
-			if !ok {
-				return Material{}, notFound("ConfigMap %q not found", ref.Name)
+			if !ok || !MaterialLabelled(cm) {
+				return Material{}, notFound("ConfigMap %q not found%s", ref.Name, unlabelledHint)
 			}
 			if v, ok := cm.Data[ref.Key]; ok {
 				data = []byte(v)

@@ -13,7 +13,8 @@ import (
 )
 
 func secret(name, uid string, data map[string]string) *corev1.Secret {
-	s := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: name, UID: types.UID(uid)}, Data: map[string][]byte{}}
+	s := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: name, UID: types.UID(uid), Labels: map[string]string{v1.MaterialLabel: "true"}},
+		Data: map[string][]byte{}}
 	for k, v := range data {
 		s.Data[k] = []byte(v)
 	}
@@ -37,7 +38,7 @@ func TestResolveMaterial(t *testing.T) {
 		"creds": secret("creds", "u1", map[string]string{"token": "s3cr3t", "dotenv": "A=1\n"}),
 		"app":   secret("app", "u2", map[string]string{"PORT": "80", "HOST": "h"}),
 	}
-	cms := map[string]*corev1.ConfigMap{"cfg": {ObjectMeta: metav1.ObjectMeta{Name: "cfg", UID: "u3"}, Data: map[string]string{"app.yaml": "a: 1\n"}}}
+	cms := map[string]*corev1.ConfigMap{"cfg": {ObjectMeta: metav1.ObjectMeta{Name: "cfg", UID: "u3", Labels: map[string]string{v1.MaterialLabel: "true"}}, Data: map[string]string{"app.yaml": "a: 1\n"}}}
 	s := materialSettings()
 	m, err := v1.ResolveMaterial(s, secrets, cms)
 	if err != nil {
@@ -81,7 +82,7 @@ func TestResolveMaterialRefusesBadInput(t *testing.T) {
 		return map[string]*corev1.Secret{
 			"creds": secret("creds", "u1", map[string]string{"token": "s3cr3t", "dotenv": "x"}),
 			"app":   secret("app", "u2", map[string]string{"PORT": "80"}),
-		}, map[string]*corev1.ConfigMap{"cfg": {ObjectMeta: metav1.ObjectMeta{Name: "cfg"}, Data: map[string]string{"app.yaml": "a"}}}
+		}, map[string]*corev1.ConfigMap{"cfg": {ObjectMeta: metav1.ObjectMeta{Name: "cfg", Labels: map[string]string{v1.MaterialLabel: "true"}}, Data: map[string]string{"app.yaml": "a"}}}
 	}
 	for _, tc := range []struct {
 		name, reason, want string
@@ -89,6 +90,15 @@ func TestResolveMaterialRefusesBadInput(t *testing.T) {
 	}{
 		{"missing secret", v1.ReasonMaterialNotFound, `Secret "creds" not found`, func(_ *v1.GatewaySettings, s map[string]*corev1.Secret, _ map[string]*corev1.ConfigMap) {
 			delete(s, "creds")
+		}},
+		{"unlabelled secret", v1.ReasonMaterialNotFound, `Secret "creds" not found or not labelled gateway.agent.dev/material="true"`, func(_ *v1.GatewaySettings, s map[string]*corev1.Secret, _ map[string]*corev1.ConfigMap) {
+			s["creds"].Labels = nil
+		}},
+		{"unlabelled envFrom secret", v1.ReasonMaterialNotFound, `Secret "app" not found or not labelled`, func(_ *v1.GatewaySettings, s map[string]*corev1.Secret, _ map[string]*corev1.ConfigMap) {
+			s["app"].Labels[v1.MaterialLabel] = "false"
+		}},
+		{"unlabelled configmap", v1.ReasonMaterialNotFound, `ConfigMap "cfg" not found or not labelled`, func(_ *v1.GatewaySettings, _ map[string]*corev1.Secret, c map[string]*corev1.ConfigMap) {
+			c["cfg"].Labels = nil
 		}},
 		{"missing key", v1.ReasonMaterialNotFound, `Secret "creds" has no key "token"`, func(_ *v1.GatewaySettings, s map[string]*corev1.Secret, _ map[string]*corev1.ConfigMap) {
 			delete(s["creds"].Data, "token")
