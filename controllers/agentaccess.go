@@ -76,7 +76,7 @@ func (r *AgentAccessReconciler) SetupWithManager(mgr ctrl.Manager) error {
 }
 
 // hostsNaming maps a Secret (secret true) or ConfigMap of the material namespace to the hosts
-// whose instances name it, so that labelling or unlabelling it changes their grants.
+// whose instances name it, so that labeling or unlabeling it changes their grants.
 func (r *AgentAccessReconciler) hostsNaming(secret bool) handler.MapFunc {
 	return func(ctx context.Context, o client.Object) []reconcile.Request {
 		if o.GetNamespace() != r.Namespace {
@@ -102,9 +102,9 @@ func (r *AgentAccessReconciler) hostsNaming(secret bool) handler.MapFunc {
 	}
 }
 
-// labelled keeps the names whose object exists in the material namespace and carries
+// labeled keeps the names whose object exists in the material namespace and carries
 // v1.MaterialLabel: the grant never names another object, whatever an instance says.
-func (r *AgentAccessReconciler) labelled(ctx context.Context, names []string, obj func() client.Object) ([]string, error) {
+func (r *AgentAccessReconciler) labeled(ctx context.Context, names []string, obj func() client.Object) ([]string, error) {
 	var keep []string
 	for _, n := range names {
 		o := obj()
@@ -114,7 +114,7 @@ func (r *AgentAccessReconciler) labelled(ctx context.Context, names []string, ob
 			continue
 		case err != nil:
 			return nil, err
-		case v1.MaterialLabelled(o):
+		case v1.MaterialLabeled(o):
 			keep = append(keep, n)
 		}
 	}
@@ -137,10 +137,10 @@ func (r *AgentAccessReconciler) Reconcile(ctx context.Context, req ctrl.Request)
 		return ctrl.Result{}, err
 	}
 	secrets, configMaps := hostMaterial(list.Items, r.Namespace)
-	if secrets, err = r.labelled(ctx, secrets, func() client.Object { return &corev1.Secret{} }); err != nil {
+	if secrets, err = r.labeled(ctx, secrets, func() client.Object { return &corev1.Secret{} }); err != nil {
 		return ctrl.Result{}, err
 	}
-	if configMaps, err = r.labelled(ctx, configMaps, func() client.Object { return &corev1.ConfigMap{} }); err != nil {
+	if configMaps, err = r.labeled(ctx, configMaps, func() client.Object { return &corev1.ConfigMap{} }); err != nil {
 		return ctrl.Result{}, err
 	}
 	role := AgentRole(&h, r.Namespace, secrets, configMaps)

@@ -165,10 +165,10 @@ func TestMaterialDigestRotationAndAccess(t *testing.T) {
 
 func materialLabels() map[string]string { return map[string]string{v1.MaterialLabel: "true"} }
 
-// TestUnlabelledMaterialNeverResolvedNorGranted: a Secret without the material label is
+// TestUnlabeledMaterialNeverResolvedNorGranted: a Secret without the material label is
 // neither resolved (the profile says to label it) nor named in any host's Role, even when a
-// profile that used it while labelled still has its instance.
-func TestUnlabelledMaterialNeverResolvedNorGranted(t *testing.T) {
+// profile that used it while labeled still has its instance.
+func TestUnlabeledMaterialNeverResolvedNorGranted(t *testing.T) {
 	ctx := context.Background()
 	mustCreate(t, host("unl-1", map[string]string{"pool": "unl"}))
 	simulatedAgentHeartbeats(t, "unl-1")
@@ -186,31 +186,31 @@ func TestUnlabelledMaterialNeverResolvedNorGranted(t *testing.T) {
 			return false, "no Ready"
 		}
 		return r.Status == metav1.ConditionFalse && r.Reason == v1.ReasonMaterialNotFound &&
-			strings.Contains(r.Message, `Secret "unl-creds" not found or not labelled gateway.agent.dev/material="true"`), r.Reason + ": " + r.Message
+			strings.Contains(r.Message, `Secret "unl-creds" not found or not labeled gateway.agent.dev/material="true"`), r.Reason + ": " + r.Message
 	})
 	if gi, err := getInstance("unl.unl-1"); err == nil && gi.Spec.Material != nil {
-		t.Errorf("an instance carries material of an unlabelled Secret: %+v", gi.Spec.Material)
+		t.Errorf("an instance carries material of an unlabeled Secret: %+v", gi.Spec.Material)
 	}
 	if _, err := agentRole("unl-1"); !apierrors.IsNotFound(err) {
-		t.Errorf("unl-1 has a Role for an unlabelled Secret: %v", err)
+		t.Errorf("unl-1 has a Role for an unlabeled Secret: %v", err)
 	}
 
-	// Labelled, it is resolved and granted.
+	// Labeled, it is resolved and granted.
 	sec.Labels = materialLabels()
 	if err := c.Update(ctx, sec); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "a Role for unl-1 naming the labelled Secret", func() (bool, string) {
+	eventually(t, "a Role for unl-1 naming the labeled Secret", func() (bool, string) {
 		r, err := agentRole("unl-1")
 		return err == nil && len(r.Rules) == 2 && slices.Contains(r.Rules[0].ResourceNames, "unl-creds"), fmt.Sprint(r.Rules, err)
 	})
 
-	// Unlabelled again: the instance keeps naming it, the grant drops it.
+	// Unlabeled again: the instance keeps naming it, the grant drops it.
 	sec.Labels = nil
 	if err := c.Update(ctx, sec); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "unl-1's Role without the unlabelled Secret", func() (bool, string) {
+	eventually(t, "unl-1's Role without the unlabeled Secret", func() (bool, string) {
 		r, err := agentRole("unl-1")
 		if err != nil {
 			return false, err.Error()

@@ -31,15 +31,15 @@ type Options struct {
 const DefaultMaterialNamespace = "gateway-operator-system"
 
 // MaterialCache limits the manager's cache of Roles and RoleBindings to the material namespace,
-// and of Secrets and ConfigMaps further to those labelled v1.MaterialLabel=true: the manager
+// and of Secrets and ConfigMaps further to those labeled v1.MaterialLabel=true: the manager
 // never holds another Secret in memory, nor can a profile make it read one.
 func MaterialCache(ns string) map[client.Object]cache.ByObject {
 	only := cache.ByObject{Namespaces: map[string]cache.Config{ns: {}}}
-	labelled := cache.ByObject{Namespaces: map[string]cache.Config{ns: {
+	labeled := cache.ByObject{Namespaces: map[string]cache.Config{ns: {
 		LabelSelector: labels.SelectorFromSet(labels.Set{v1.MaterialLabel: "true"}),
 	}}}
 	return map[client.Object]cache.ByObject{
-		&corev1.Secret{}: labelled, &corev1.ConfigMap{}: labelled, &rbacv1.Role{}: only, &rbacv1.RoleBinding{}: only,
+		&corev1.Secret{}: labeled, &corev1.ConfigMap{}: labeled, &rbacv1.Role{}: only, &rbacv1.RoleBinding{}: only,
 	}
 }
 

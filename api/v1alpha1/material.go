@@ -24,14 +24,14 @@ const (
 	ReasonMaterialInvalid = "MaterialInvalid"
 )
 
-// MaterialLabel, set to "true", lets profiles name a Secret or ConfigMap of the material
-// namespace. The controller resolves and grants only labelled objects and its cache holds no
+// MaterialLabel set to "true" lets profiles name a Secret or ConfigMap of the material
+// namespace. The controller resolves and grants only labeled objects and its cache holds no
 // other, so a user who may edit profiles cannot have an unrelated Secret of that namespace
 // (another profile's credentials, a Helm release) sent to a host.
 const MaterialLabel = "gateway.agent.dev/material"
 
-// MaterialLabelled reports whether o carries MaterialLabel=true.
-func MaterialLabelled(o metav1.Object) bool {
+// MaterialLabeled reports whether o carries MaterialLabel=true.
+func MaterialLabeled(o metav1.Object) bool {
 	return o.GetLabels()[MaterialLabel] == "true"
 }
 
@@ -145,9 +145,9 @@ func (s *GatewaySettings) ValidateMaterialIsolation() error {
 	return nil
 }
 
-// unlabelledHint ends the message of a missing object: one without MaterialLabel counts as
+// unlabeledHint ends the message of a missing object: one without MaterialLabel counts as
 // missing.
-const unlabelledHint = " or not labelled " + MaterialLabel + `="true"; label it to let profiles use it`
+const unlabeledHint = " or not labeled " + MaterialLabel + `="true"; label it to let profiles use it`
 
 // ResolveMaterial resolves the settings' env and files from the objects it names, keyed by
 // name (a missing entry, or one without MaterialLabel, is a missing object), and computes their digest. The controller and the
@@ -184,8 +184,8 @@ func ResolveMaterial(s *GatewaySettings, secrets map[string]*corev1.Secret, conf
 	}
 	secretKey := func(ref KeySelector) ([]byte, error) {
 		sec, ok := secrets[ref.Name]
-		if !ok || !MaterialLabelled(sec) {
-			return nil, notFound("Secret %q not found%s", ref.Name, unlabelledHint)
+		if !ok || !MaterialLabeled(sec) {
+			return nil, notFound("Secret %q not found%s", ref.Name, unlabeledHint)
 		}
 		v, ok := sec.Data[ref.Key]
 		if !ok {
@@ -209,8 +209,8 @@ func ResolveMaterial(s *GatewaySettings, secrets map[string]*corev1.Secret, conf
 	}
 	for _, e := range s.EnvFrom {
 		sec, ok := secrets[e.SecretRef.Name]
-		if !ok || !MaterialLabelled(sec) {
-			return Material{}, notFound("Secret %q not found%s", e.SecretRef.Name, unlabelledHint)
+		if !ok || !MaterialLabeled(sec) {
+			return Material{}, notFound("Secret %q not found%s", e.SecretRef.Name, unlabeledHint)
 		}
 		keys := make([]string, 0, len(sec.Data))
 		for k := range sec.Data {
@@ -246,8 +246,8 @@ func ResolveMaterial(s *GatewaySettings, secrets map[string]*corev1.Secret, conf
 		case f.ConfigMapKeyRef != nil:
 			ref := *f.ConfigMapKeyRef
 			cm, ok := configMaps[ref.Name]
-			if !ok || !MaterialLabelled(cm) {
-				return Material{}, notFound("ConfigMap %q not found%s", ref.Name, unlabelledHint)
+			if !ok || !MaterialLabeled(cm) {
+				return Material{}, notFound("ConfigMap %q not found%s", ref.Name, unlabeledHint)
 			}
 			if v, ok := cm.Data[ref.Key]; ok {
 				data = []byte(v)

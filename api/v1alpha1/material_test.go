@@ -91,13 +91,13 @@ func TestResolveMaterialRefusesBadInput(t *testing.T) {
 		{"missing secret", v1.ReasonMaterialNotFound, `Secret "creds" not found`, func(_ *v1.GatewaySettings, s map[string]*corev1.Secret, _ map[string]*corev1.ConfigMap) {
 			delete(s, "creds")
 		}},
-		{"unlabelled secret", v1.ReasonMaterialNotFound, `Secret "creds" not found or not labelled gateway.agent.dev/material="true"`, func(_ *v1.GatewaySettings, s map[string]*corev1.Secret, _ map[string]*corev1.ConfigMap) {
+		{"unlabeled secret", v1.ReasonMaterialNotFound, `Secret "creds" not found or not labeled gateway.agent.dev/material="true"`, func(_ *v1.GatewaySettings, s map[string]*corev1.Secret, _ map[string]*corev1.ConfigMap) {
 			s["creds"].Labels = nil
 		}},
-		{"unlabelled envFrom secret", v1.ReasonMaterialNotFound, `Secret "app" not found or not labelled`, func(_ *v1.GatewaySettings, s map[string]*corev1.Secret, _ map[string]*corev1.ConfigMap) {
+		{"unlabeled envFrom secret", v1.ReasonMaterialNotFound, `Secret "app" not found or not labeled`, func(_ *v1.GatewaySettings, s map[string]*corev1.Secret, _ map[string]*corev1.ConfigMap) {
 			s["app"].Labels[v1.MaterialLabel] = "false"
 		}},
-		{"unlabelled configmap", v1.ReasonMaterialNotFound, `ConfigMap "cfg" not found or not labelled`, func(_ *v1.GatewaySettings, _ map[string]*corev1.Secret, c map[string]*corev1.ConfigMap) {
+		{"unlabeled configmap", v1.ReasonMaterialNotFound, `ConfigMap "cfg" not found or not labeled`, func(_ *v1.GatewaySettings, _ map[string]*corev1.Secret, c map[string]*corev1.ConfigMap) {
 			c["cfg"].Labels = nil
 		}},
 		{"missing key", v1.ReasonMaterialNotFound, `Secret "creds" has no key "token"`, func(_ *v1.GatewaySettings, s map[string]*corev1.Secret, _ map[string]*corev1.ConfigMap) {
