@@ -53,7 +53,7 @@ func (a *Applier) readMaterial(p layout.Profile) (materialRecord, error) {
 
 // writeMaterial puts the instance's files into the profile's home, removes the files of the
 // previous record that are no longer wanted, and records the new set. It returns the previous
-// record, for a rollback.
+// record, for a rollback, also when it fails part way: the undo then writes it back.
 func (a *Applier) writeMaterial(p layout.Profile, u *users.User, files []v1.MaterialFile) (*materialRecord, error) {
 	before, err := a.readMaterial(p)
 	if err != nil {
@@ -62,13 +62,11 @@ func (a *Applier) writeMaterial(p layout.Profile, u *users.User, files []v1.Mate
 	if len(files) == 0 && len(before.Files) == 0 {
 		return &before, nil
 	}
-	if err := a.placeMaterial(p, u, before.Files, files); err != nil {
-		return nil, err
-	}
-	return &before, nil
+	return &before, a.placeMaterial(p, u, before.Files, files)
 }
 
-// restoreMaterial writes a previous record's files back and records it again.
+// restoreMaterial writes a previous record's files back, owned by u, and records it again;
+// whatever the record on disk names beyond it is removed.
 func (a *Applier) restoreMaterial(p layout.Profile, u *users.User, rec materialRecord) error {
 	now, err := a.readMaterial(p)
 	if err != nil {
@@ -78,14 +76,11 @@ func (a *Applier) restoreMaterial(p layout.Profile, u *users.User, rec materialR
 }
 
 // placeMaterial replaces the files of old by those of want in the home, then records want.
-// Each file is checked again here, whatever the API server and the controller allowed.
+// Each file is checked again here, whatever the API server and the controller allowed. Before
+// the first file is written the record names both sets, so a failure part way (a folder the
+// gateway put at a path, say) leaves no written file that a later apply or removal would not
+// find.
 func (a *Applier) placeMaterial(p layout.Profile, u *users.User, old, want []v1.MaterialFile) error {
-	home, err := userfs.OpenDir(a.Host.On(p.Home))
-	if err != nil {
-		return err
-	}
-	defer home.Close()
-	owner := userfs.Owner{UID: u.UID, GID: u.GID}
 	wanted := map[string]bool{}
 	for _, f := range want {
 		if err := errors.Join(v1.ValidateFilePath(f.Path), v1.ValidateFileMode(f.Mode)); err != nil {
@@ -95,19 +90,47 @@ func (a *Applier) placeMaterial(p layout.Profile, u *users.User, old, want []v1.
 			return fmt.Errorf("file %s is larger than %d bytes", f.Path, v1.MaxFileBytes)
 		}
 		wanted[f.Path] = true
+	}
+	both := append([]v1.MaterialFile(nil), want...)
+	for _, f := range old {
+		if !wanted[f.Path] {
+			both = append(both, f)
+		}
+	}
+	if err := a.recordMaterial(p, both); err != nil {
+		return err
+	}
+	home, err := userfs.OpenDir(a.Host.On(p.Home))
+	if err != nil {
+		return err
+	}
+	defer home.Close()
+	owner := userfs.Owner{UID: u.UID, GID: u.GID}
+	for _, f := range want {
 		if _, err := userfs.WriteFile(home, f.Path, f.Data, os.FileMode(f.Mode), owner); err != nil { //nolint:gosec // mode checked above: at most 0777
 			return err
 		}
 	}
+	// Every stale file is tried; one that cannot go stays recorded.
+	var errs []error
 	for _, f := range old {
 		if wanted[f.Path] || v1.ValidateFilePath(f.Path) != nil {
 			continue
 		}
-		if err := userfs.Remove(home, f.Path); err != nil {
-			return err
+		// A folder at the path is someone else's, not a file written here.
+		if err := userfs.Remove(home, f.Path); err != nil && !errors.Is(err, unix.EISDIR) {
+			errs = append(errs, err)
 		}
 	}
-	b, err := json.Marshal(materialRecord{Files: want})
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	return a.recordMaterial(p, want)
+}
+
+// recordMaterial writes the record of the files in the home, root-only.
+func (a *Applier) recordMaterial(p layout.Profile, files []v1.MaterialFile) error {
+	b, err := json.Marshal(materialRecord{Files: files})
 	if err != nil {
 		return err
 	}
