@@ -344,7 +344,11 @@ func (r *run) write() *Failure {
 		// the gateway keeps what it started with and no new secret is left behind.
 		msg := err.Error()
 		if r.materialBefore != nil {
-			if rerr := r.a.restoreMaterial(r.p, r.user, *r.materialBefore); rerr != nil {
+			u := r.user
+			if r.before != nil {
+				u = r.a.renderedUser(r.p, r.before, r.user)
+			}
+			if rerr := r.a.restoreMaterial(r.p, u, *r.materialBefore); rerr != nil {
 				msg += "; restoring the previous files: " + rerr.Error()
 			}
 		}

@@ -6,11 +6,13 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 
 	"golang.org/x/sys/unix"
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
 	"github.com/agent-gateway/gateway-operator/nodeagent/layout"
+	"github.com/agent-gateway/gateway-operator/nodeagent/unit"
 	"github.com/agent-gateway/gateway-operator/nodeagent/userfs"
 	"github.com/agent-gateway/gateway-operator/nodeagent/users"
 )
@@ -73,6 +75,22 @@ func (a *Applier) restoreMaterial(p layout.Profile, u *users.User, rec materialR
 		return err
 	}
 	return a.placeMaterial(p, u, now.Files, rec.Files)
+}
+
+// renderedUser is the user a rendered drop-in runs the gateway as (an earlier isolation mode
+// may have named another), so restored files are that user's; def when it names none of the
+// profile's two possible accounts or the account is gone.
+func (a *Applier) renderedUser(p layout.Profile, r *rendered, def *users.User) *users.User {
+	for _, line := range strings.Split(r.dropIn, "\n") {
+		name, ok := strings.CutPrefix(line, "User=")
+		if !ok || (name != p.User && name != unit.SharedUser) {
+			continue
+		}
+		if u, err := a.users().Lookup(name); err == nil && u != nil {
+			return u
+		}
+	}
+	return def
 }
 
 // placeMaterial replaces the files of old by those of want in the home, then records want.

@@ -163,3 +163,52 @@ func TestFailedMaterialWriteLeavesNoSecret(t *testing.T) {
 		}
 	}
 }
+
+// TestRollbackMaterialMatchesItsEnv: a rollback that must render the env file anew (the one
+// from before is lost) keeps the new files with the new secret values it writes, so the gateway
+// reads one material; a rollback to a drop-in of another isolation mode gives the restored
+// files to that drop-in's user.
+func TestRollbackMaterialMatchesItsEnv(t *testing.T) {
+	f := newFixture(t, systemdhost.Options{})
+	r1 := f.publish(agentruntime.Options{Version: "1.0.0"})
+	broken := f.publish(agentruntime.Options{Version: "2.0.0-broken", CrashAtStart: true})
+	d1, d2, d3 := "sha256:"+strings.Repeat("1", 64), "sha256:"+strings.Repeat("2", 64), "sha256:"+strings.Repeat("3", 64)
+	gw := filepath.Join(f.host.Root, "opt/agent/gateways/core")
+	read := func() (string, string) {
+		t.Helper()
+		st := f.status("core")
+		return st.Read["env:TOKEN"], st.Read["file:config/token"]
+	}
+	rollback := func(in apply.Instance) {
+		t.Helper()
+		_, err := f.applier.Apply(context.Background(), in)
+		var failure *apply.Failure
+		if !errors.As(err, &failure) || !failure.RolledBack {
+			t.Fatalf("apply of a broken release: %v; want a rollback", err)
+		}
+	}
+
+	f.mustApply(withMaterial(instance("core", r1), "env-secret-1", "file-secret-1", d1))
+	if err := os.Remove(filepath.Join(gw, "env")); err != nil {
+		t.Fatal(err)
+	}
+	rollback(withMaterial(instance("core", broken), "env-secret-2", "file-secret-2", d2))
+	if env, file := read(); env != sum("env-secret-2") || file != sum("file-secret-2") {
+		t.Errorf("after a rollback with a re-rendered env file the gateway read env %s and file %s; want both of the new material (env %s, file %s)",
+			env, file, sum("env-secret-2"), sum("file-secret-2"))
+	}
+
+	// A Convenience drop-in from before: its files go back to the shared user.
+	conv := withMaterial(instance("core", r1), "env-secret-1", "file-secret-1", d1)
+	conv.Isolation = v1.IsolationConvenience
+	f.mustApply(conv)
+	shared := f.status("core").UID
+	rollback(withMaterial(instance("core", broken), "env-secret-3", "file-secret-3", d3))
+	fi, err := os.Lstat(filepath.Join(gw, "home/config/token"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if uid := int(fi.Sys().(*syscall.Stat_t).Uid); uid != shared || f.status("core").UID != shared {
+		t.Errorf("restored file owned by uid %d, gateway runs as %d; want the shared user's %d", uid, f.status("core").UID, shared)
+	}
+}
