@@ -152,7 +152,7 @@ func (r *AgentAccessReconciler) Reconcile(ctx context.Context, req ctrl.Request)
 		same := equality.Semantic.DeepEqual(c.Rules, role.Rules)
 		c.Rules = role.Rules
 		return !same
-	}); err != nil {
+	}, nil); err != nil {
 		return ctrl.Result{}, err
 	}
 	binding := AgentRoleBinding(&h, r.Namespace)
@@ -161,6 +161,9 @@ func (r *AgentAccessReconciler) Reconcile(ctx context.Context, req ctrl.Request)
 		same := equality.Semantic.DeepEqual(c.Subjects, binding.Subjects)
 		c.Subjects = binding.Subjects
 		return !same
+	}, func(cur client.Object) bool {
+		// roleRef cannot be changed in place: a binding to another role is replaced.
+		return cur.(*rbacv1.RoleBinding).RoleRef != binding.RoleRef
 	})
 }
 
@@ -221,8 +224,9 @@ func accessMeta(h *v1.GatewayHost, ns string) metav1.ObjectMeta {
 }
 
 // write creates want, or updates the existing object when mutate says it changed it. An
-// object of that name owned by another host (a host deleted and created again) is replaced.
-func (r *AgentAccessReconciler) write(ctx context.Context, want client.Object, mutate func(client.Object) bool) error {
+// object of that name owned by another host (a host deleted and created again), or one that
+// replace (when set) says cannot be updated into want, is deleted and created anew.
+func (r *AgentAccessReconciler) write(ctx context.Context, want client.Object, mutate, replace func(client.Object) bool) error {
 	cur := want.DeepCopyObject().(client.Object)
 	err := r.Client.Get(ctx, client.ObjectKeyFromObject(want), cur)
 	if apierrors.IsNotFound(err) {
@@ -231,7 +235,7 @@ func (r *AgentAccessReconciler) write(ctx context.Context, want client.Object, m
 	if err != nil {
 		return err
 	}
-	if !equality.Semantic.DeepEqual(cur.GetOwnerReferences(), want.GetOwnerReferences()) {
+	if !equality.Semantic.DeepEqual(cur.GetOwnerReferences(), want.GetOwnerReferences()) || (replace != nil && replace(cur)) {
 		if err := r.Client.Delete(ctx, cur, client.Preconditions{UID: ptrUID(cur)}); client.IgnoreNotFound(err) != nil {
 			return err
 		}

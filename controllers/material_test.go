@@ -152,6 +152,25 @@ func TestMaterialDigestRotationAndAccess(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, "a Role for mat-2", func() (bool, string) { _, err := agentRole("mat-2"); return err == nil, fmt.Sprint(err) })
+	// A binding recreated to another role (roleRef is immutable) is replaced.
+	var rb2 rbacv1.RoleBinding
+	if err := c.Get(ctx, client.ObjectKey{Namespace: materialNS, Name: "gateway-agent-mat-2"}, &rb2); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Delete(ctx, &rb2); err != nil {
+		t.Fatal(err)
+	}
+	evil := &rbacv1.RoleBinding{ObjectMeta: metav1.ObjectMeta{Namespace: materialNS, Name: rb2.Name, OwnerReferences: rb2.OwnerReferences,
+		Labels: rb2.Labels}, Subjects: rb2.Subjects, RoleRef: rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: "view"}}
+	if err := c.Create(ctx, evil); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "mat-2's RoleBinding bound to its own Role again", func() (bool, string) {
+		var cur rbacv1.RoleBinding
+		err := c.Get(ctx, client.ObjectKey{Namespace: materialNS, Name: "gateway-agent-mat-2"}, &cur)
+		return err == nil && cur.RoleRef == rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "Role", Name: "gateway-agent-mat-2"}, fmt.Sprint(cur.RoleRef, err)
+	})
+
 	r, _ := agentRole("mat-2")
 	r.Rules[0].ResourceNames = append(r.Rules[0].ResourceNames, "someone-elses")
 	if err := c.Update(ctx, r); err != nil {
