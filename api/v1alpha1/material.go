@@ -173,7 +173,8 @@ func ResolveMaterial(s *GatewaySettings, secrets map[string]*corev1.Secret, conf
 		case seen[name]:
 			return invalid("%s: variable %s is set twice", from, name)
 		case len(value) > MaxEnvValueBytes:
-			return invalid("%s: the value of %s is %d bytes; at most %d", from, name, len(value), MaxEnvValueBytes)
+			// The bound only: a value's exact size says something about it.
+			return invalid("%s: the value of %s is more than %d bytes", from, name, MaxEnvValueBytes)
 		case strings.ContainsAny(value, "\n\r\x00") || !utf8.ValidString(value):
 			return invalid("%s: the value of %s must be one line of UTF-8 text", from, name)
 		}
@@ -261,13 +262,13 @@ func ResolveMaterial(s *GatewaySettings, secrets map[string]*corev1.Secret, conf
 			return Material{}, invalid("file %q names neither a Secret nor a ConfigMap", f.Path)
 		}
 		if len(data) > MaxFileBytes {
-			return Material{}, invalid("file %q from %s is %d bytes; at most %d", f.Path, from, len(data), MaxFileBytes)
+			return Material{}, invalid("file %q from %s is more than %d bytes", f.Path, from, MaxFileBytes)
 		}
 		total += len(data)
 		m.Files = append(m.Files, MaterialFile{Path: f.Path, Mode: mode, Data: data})
 	}
 	if total > MaxMaterialBytes {
-		return Material{}, invalid("the profile's material is %d bytes; at most %d", total, MaxMaterialBytes)
+		return Material{}, invalid("the profile's material is more than %d bytes in all", MaxMaterialBytes)
 	}
 	sort.Slice(m.Files, func(i, j int) bool { return m.Files[i].Path < m.Files[j].Path })
 	for i := 1; i < len(m.Files); i++ {

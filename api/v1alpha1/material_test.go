@@ -106,14 +106,20 @@ func TestResolveMaterialRefusesBadInput(t *testing.T) {
 		{"missing configmap key", v1.ReasonMaterialNotFound, `ConfigMap "cfg" has no key`, func(_ *v1.GatewaySettings, _ map[string]*corev1.Secret, c map[string]*corev1.ConfigMap) {
 			c["cfg"].Data = nil
 		}},
-		{"env value too large", v1.ReasonMaterialInvalid, "at most 4096", func(_ *v1.GatewaySettings, s map[string]*corev1.Secret, _ map[string]*corev1.ConfigMap) {
+		{"env value too large", v1.ReasonMaterialInvalid, "TOKEN is more than 4096 bytes", func(_ *v1.GatewaySettings, s map[string]*corev1.Secret, _ map[string]*corev1.ConfigMap) {
 			s["creds"].Data["token"] = []byte(strings.Repeat("s", 4097))
 		}},
 		{"env value on two lines", v1.ReasonMaterialInvalid, "one line", func(_ *v1.GatewaySettings, s map[string]*corev1.Secret, _ map[string]*corev1.ConfigMap) {
 			s["creds"].Data["token"] = []byte("a\nPYTHONPATH=/tmp")
 		}},
-		{"file too large", v1.ReasonMaterialInvalid, "at most 262144", func(_ *v1.GatewaySettings, s map[string]*corev1.Secret, _ map[string]*corev1.ConfigMap) {
+		{"file too large", v1.ReasonMaterialInvalid, `key "dotenv" is more than 262144 bytes`, func(_ *v1.GatewaySettings, s map[string]*corev1.Secret, _ map[string]*corev1.ConfigMap) {
 			s["creds"].Data["dotenv"] = make([]byte, v1.MaxFileBytes+1)
+		}},
+		{"material too large in all", v1.ReasonMaterialInvalid, "more than 1048576 bytes in all", func(g *v1.GatewaySettings, s map[string]*corev1.Secret, _ map[string]*corev1.ConfigMap) {
+			s["creds"].Data["dotenv"] = make([]byte, v1.MaxFileBytes)
+			for _, p := range []string{"b1", "b2", "b3", "b4"} {
+				g.Files = append(g.Files, v1.FileSource{Path: p, SecretKeyRef: &v1.KeySelector{Name: "creds", Key: "dotenv"}})
+			}
 		}},
 		{"envFrom reserved key", v1.ReasonMaterialInvalid, "reserved", func(g *v1.GatewaySettings, s map[string]*corev1.Secret, _ map[string]*corev1.ConfigMap) {
 			g.EnvFrom[0].Prefix = ""
@@ -148,7 +154,9 @@ func TestResolveMaterialRefusesBadInput(t *testing.T) {
 			if !errors.As(err, &me) || me.Reason != tc.reason || !strings.Contains(me.Msg, tc.want) {
 				t.Fatalf("err = %v; want %s mentioning %q", err, tc.reason, tc.want)
 			}
-			if strings.Contains(me.Msg, "s3cr3t") || strings.Contains(me.Msg, "PYTHONPATH=/tmp") {
+			// Neither a value nor its exact size.
+			if strings.Contains(me.Msg, "s3cr3t") || strings.Contains(me.Msg, "PYTHONPATH=/tmp") ||
+				strings.Contains(me.Msg, "4097") || strings.Contains(me.Msg, "262145") || strings.Contains(me.Msg, "13107") {
 				t.Errorf("message carries a value: %s", me.Msg)
 			}
 		})
