@@ -53,11 +53,14 @@ func (o *options) render(profile, host, python string) error {
 	defer cancel()
 	var settings v1.GatewaySettings
 	var rel v1.ReleaseSummary
-	source := ""
+	source, digest := "", ""
 	var gi v1.GatewayInstance
 	switch err := cl.Get(ctx, client.ObjectKey{Name: v1.InstanceName(profile, host)}, &gi); {
 	case err == nil:
 		settings = gi.Spec.GatewaySettings
+		if gi.Spec.Material != nil {
+			digest = gi.Spec.Material.Digest
+		}
 		rel = v1.ReleaseSummary{Name: gi.Spec.Release.Name, Label: gi.Spec.Release.Label, SHA256: gi.Spec.Release.SHA256}
 		source = "gatewayinstance/" + gi.Name
 	case apierrors.IsNotFound(err):
@@ -70,6 +73,9 @@ func (o *options) render(profile, host, python string) error {
 			return explain(err, "get release "+gp.Spec.Release)
 		}
 		settings = gp.Spec.GatewaySettings
+		if gp.Status.Material != nil {
+			digest = gp.Status.Material.Digest
+		}
 		rel = v1.ReleaseSummary{Name: r.Name, Label: r.Spec.Label, SHA256: r.Spec.SHA256}
 		source = "gatewayprofile/" + profile + " (it does not select " + host + " yet)"
 	default:
@@ -77,7 +83,7 @@ func (o *options) render(profile, host, python string) error {
 	}
 	s := unit.FromSpec(p, settings, python)
 	template, dropIn := unit.Template(), unit.DropIn(s)
-	env, err := unit.EnvFile(s)
+	env, err := renderEnv(s, settings, digest)
 	if err != nil {
 		return fmt.Errorf("the agent would refuse this profile: %w", err)
 	}
@@ -105,6 +111,42 @@ func (o *options) render(profile, host, python string) error {
 		fmt.Fprintln(w, "# PYTHONPATH lint: "+pr)
 	}
 	return fmt.Errorf("PYTHONPATH lint failed")
+}
+
+// renderEnv renders the env file as the agent would, with placeholders for secret values
+// (unit.FromSpec), the material digest, and a comment naming each envFrom Secret and file,
+// whose keys and contents only the host reads.
+func renderEnv(s unit.Settings, settings v1.GatewaySettings, digest string) (string, error) {
+	if digest == "" && settings.UsesMaterial() {
+		digest = "<digest of the material, not resolved yet>"
+	}
+	s.MaterialDigest = digest
+	env, err := unit.EnvFile(s)
+	if err != nil {
+		return "", err
+	}
+	var b strings.Builder
+	b.WriteString(env)
+	for _, e := range settings.EnvFrom {
+		fmt.Fprintf(&b, "# <every key of secret %s, as a variable", e.SecretRef.Name)
+		if e.Prefix != "" {
+			fmt.Fprintf(&b, " prefixed %s", e.Prefix)
+		}
+		b.WriteString(">\n")
+	}
+	for _, f := range settings.Files {
+		mode := v1.DefaultFileMode
+		if f.Mode != nil {
+			mode = *f.Mode
+		}
+		switch {
+		case f.SecretKeyRef != nil:
+			fmt.Fprintf(&b, "# file $AGENT_HOME/%s, mode %#o: <from secret %s key %s>\n", f.Path, mode, f.SecretKeyRef.Name, f.SecretKeyRef.Key)
+		case f.ConfigMapKeyRef != nil:
+			fmt.Fprintf(&b, "# file $AGENT_HOME/%s, mode %#o: <from configmap %s key %s>\n", f.Path, mode, f.ConfigMapKeyRef.Name, f.ConfigMapKeyRef.Key)
+		}
+	}
+	return b.String(), nil
 }
 
 // lintPythonPath checks the rule of the host layout: units and drop-ins never set PYTHONPATH,

@@ -6,6 +6,7 @@ import (
 	"slices"
 	"sort"
 
+	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -67,9 +68,57 @@ func (r *AgentAccessReconciler) SetupWithManager(mgr ctrl.Manager) error {
 					o.DeletionTimestamp.IsZero() != n.DeletionTimestamp.IsZero()
 			},
 		})).
+		Watches(&corev1.Secret{}, handler.EnqueueRequestsFromMapFunc(r.hostsNaming(true))).
+		Watches(&corev1.ConfigMap{}, handler.EnqueueRequestsFromMapFunc(r.hostsNaming(false))).
 		Owns(&rbacv1.Role{}).
 		Owns(&rbacv1.RoleBinding{}).
 		Complete(r)
+}
+
+// hostsNaming maps a Secret (secret true) or ConfigMap of the material namespace to the hosts
+// whose instances name it, so that labeling or unlabeling it changes their grants.
+func (r *AgentAccessReconciler) hostsNaming(secret bool) handler.MapFunc {
+	return func(ctx context.Context, o client.Object) []reconcile.Request {
+		if o.GetNamespace() != r.Namespace {
+			return nil
+		}
+		var list v1.GatewayInstanceList
+		if err := r.Client.List(ctx, &list, client.UnsafeDisableDeepCopy); err != nil {
+			return nil
+		}
+		var reqs []reconcile.Request
+		for i := range list.Items {
+			gi := &list.Items[i]
+			s, c := gi.Spec.MaterialRefs()
+			names := c
+			if secret {
+				names = s
+			}
+			if slices.Contains(names, o.GetName()) {
+				reqs = append(reqs, reconcile.Request{NamespacedName: client.ObjectKey{Name: gi.Spec.Host}})
+			}
+		}
+		return reqs
+	}
+}
+
+// labeled keeps the names whose object exists in the material namespace and carries
+// v1.MaterialLabel: the grant never names another object, whatever an instance says.
+func (r *AgentAccessReconciler) labeled(ctx context.Context, names []string, obj func() client.Object) ([]string, error) {
+	var keep []string
+	for _, n := range names {
+		o := obj()
+		err := r.Client.Get(ctx, client.ObjectKey{Namespace: r.Namespace, Name: n}, o)
+		switch {
+		case apierrors.IsNotFound(err):
+			continue
+		case err != nil:
+			return nil, err
+		case v1.MaterialLabeled(o):
+			keep = append(keep, n)
+		}
+	}
+	return keep, nil
 }
 
 // Reconcile writes the host's Role and RoleBinding, or removes them when the host needs
@@ -88,6 +137,12 @@ func (r *AgentAccessReconciler) Reconcile(ctx context.Context, req ctrl.Request)
 		return ctrl.Result{}, err
 	}
 	secrets, configMaps := hostMaterial(list.Items, r.Namespace)
+	if secrets, err = r.labeled(ctx, secrets, func() client.Object { return &corev1.Secret{} }); err != nil {
+		return ctrl.Result{}, err
+	}
+	if configMaps, err = r.labeled(ctx, configMaps, func() client.Object { return &corev1.ConfigMap{} }); err != nil {
+		return ctrl.Result{}, err
+	}
 	role := AgentRole(&h, r.Namespace, secrets, configMaps)
 	if role == nil {
 		return ctrl.Result{}, r.revoke(ctx, h.Name)
@@ -97,7 +152,7 @@ func (r *AgentAccessReconciler) Reconcile(ctx context.Context, req ctrl.Request)
 		same := equality.Semantic.DeepEqual(c.Rules, role.Rules)
 		c.Rules = role.Rules
 		return !same
-	}); err != nil {
+	}, nil); err != nil {
 		return ctrl.Result{}, err
 	}
 	binding := AgentRoleBinding(&h, r.Namespace)
@@ -106,15 +161,20 @@ func (r *AgentAccessReconciler) Reconcile(ctx context.Context, req ctrl.Request)
 		same := equality.Semantic.DeepEqual(c.Subjects, binding.Subjects)
 		c.Subjects = binding.Subjects
 		return !same
+	}, func(cur client.Object) bool {
+		// roleRef cannot be changed in place: a binding to another role is replaced.
+		return cur.(*rbacv1.RoleBinding).RoleRef != binding.RoleRef
 	})
 }
 
 // hostMaterial lists the Secrets and ConfigMaps that the host's live instances name in ns.
-// An instance being deleted needs none: its agent only stops the gateway.
+// An instance being deleted needs none: its agent only stops the gateway. Nor does one whose
+// isolation may not carry material.
 func hostMaterial(instances []v1.GatewayInstance, ns string) (secrets, configMaps []string) {
 	for i := range instances {
 		gi := &instances[i]
-		if !gi.DeletionTimestamp.IsZero() || gi.Spec.Material == nil || gi.Spec.Material.Namespace != ns {
+		if !gi.DeletionTimestamp.IsZero() || gi.Spec.Material == nil || gi.Spec.Material.Namespace != ns ||
+			gi.Spec.ValidateMaterialIsolation() != nil {
 			continue
 		}
 		s, c := gi.Spec.MaterialRefs()
@@ -164,8 +224,9 @@ func accessMeta(h *v1.GatewayHost, ns string) metav1.ObjectMeta {
 }
 
 // write creates want, or updates the existing object when mutate says it changed it. An
-// object of that name owned by another host (a host deleted and created again) is replaced.
-func (r *AgentAccessReconciler) write(ctx context.Context, want client.Object, mutate func(client.Object) bool) error {
+// object of that name owned by another host (a host deleted and created again), or one that
+// replace (when set) says cannot be updated into want, is deleted and created anew.
+func (r *AgentAccessReconciler) write(ctx context.Context, want client.Object, mutate, replace func(client.Object) bool) error {
 	cur := want.DeepCopyObject().(client.Object)
 	err := r.Client.Get(ctx, client.ObjectKeyFromObject(want), cur)
 	if apierrors.IsNotFound(err) {
@@ -174,7 +235,7 @@ func (r *AgentAccessReconciler) write(ctx context.Context, want client.Object, m
 	if err != nil {
 		return err
 	}
-	if !equality.Semantic.DeepEqual(cur.GetOwnerReferences(), want.GetOwnerReferences()) {
+	if !equality.Semantic.DeepEqual(cur.GetOwnerReferences(), want.GetOwnerReferences()) || (replace != nil && replace(cur)) {
 		if err := r.Client.Delete(ctx, cur, client.Preconditions{UID: ptrUID(cur)}); client.IgnoreNotFound(err) != nil {
 			return err
 		}

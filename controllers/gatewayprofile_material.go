@@ -29,6 +29,9 @@ func (r *GatewayProfileReconciler) material(ctx context.Context, p *v1.GatewayPr
 		p.Status.Material = nil
 		return nil, nil
 	}
+	if err := p.Spec.ValidateMaterialIsolation(); err != nil {
+		return nil, err
+	}
 	if r.MaterialNamespace == "" {
 		return nil, &v1.MaterialError{Reason: v1.ReasonMaterialInvalid,
 			Msg: "the manager runs without --material-namespace: profiles cannot name Secrets or ConfigMaps"}

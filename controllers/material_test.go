@@ -47,10 +47,10 @@ func TestMaterialDigestRotationAndAccess(t *testing.T) {
 	mustCreate(t, host("mat-2", map[string]string{"pool": "other"}))
 	simulatedAgentHeartbeats(t, "mat-1", "mat-2")
 	mustCreate(t, rel("mat-r1", "1.0.0", shaA))
-	sec := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: materialNS, Name: "mat-creds"},
+	sec := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: materialNS, Name: "mat-creds", Labels: materialLabels()},
 		Data: map[string][]byte{"token": []byte(secretValue)}}
 	mustCreate(t, sec)
-	mustCreate(t, &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Namespace: materialNS, Name: "mat-creds-cfg"},
+	mustCreate(t, &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Namespace: materialNS, Name: "mat-creds-cfg", Labels: materialLabels()},
 		Data: map[string]string{"app.yaml": "a: 1\n"}})
 	mustCreate(t, materialProfile("mat", "mat-r1", "mat-creds", map[string]string{"pool": "mat"}))
 
@@ -152,6 +152,25 @@ func TestMaterialDigestRotationAndAccess(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, "a Role for mat-2", func() (bool, string) { _, err := agentRole("mat-2"); return err == nil, fmt.Sprint(err) })
+	// A binding recreated to another role (roleRef is immutable) is replaced.
+	var rb2 rbacv1.RoleBinding
+	if err := c.Get(ctx, client.ObjectKey{Namespace: materialNS, Name: "gateway-agent-mat-2"}, &rb2); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Delete(ctx, &rb2); err != nil {
+		t.Fatal(err)
+	}
+	evil := &rbacv1.RoleBinding{ObjectMeta: metav1.ObjectMeta{Namespace: materialNS, Name: rb2.Name, OwnerReferences: rb2.OwnerReferences,
+		Labels: rb2.Labels}, Subjects: rb2.Subjects, RoleRef: rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: "view"}}
+	if err := c.Create(ctx, evil); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "mat-2's RoleBinding bound to its own Role again", func() (bool, string) {
+		var cur rbacv1.RoleBinding
+		err := c.Get(ctx, client.ObjectKey{Namespace: materialNS, Name: "gateway-agent-mat-2"}, &cur)
+		return err == nil && cur.RoleRef == rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "Role", Name: "gateway-agent-mat-2"}, fmt.Sprint(cur.RoleRef, err)
+	})
+
 	r, _ := agentRole("mat-2")
 	r.Rules[0].ResourceNames = append(r.Rules[0].ResourceNames, "someone-elses")
 	if err := c.Update(ctx, r); err != nil {
@@ -161,6 +180,70 @@ func TestMaterialDigestRotationAndAccess(t *testing.T) {
 		r, err := agentRole("mat-2")
 		return err == nil && !slices.Contains(r.Rules[0].ResourceNames, "someone-elses"), fmt.Sprint(r.Rules, err)
 	})
+}
+
+func materialLabels() map[string]string { return map[string]string{v1.MaterialLabel: "true"} }
+
+// TestUnlabeledMaterialNeverResolvedNorGranted: a Secret without the material label is
+// neither resolved (the profile says to label it) nor named in any host's Role, even when a
+// profile that used it while labeled still has its instance.
+func TestUnlabeledMaterialNeverResolvedNorGranted(t *testing.T) {
+	ctx := context.Background()
+	mustCreate(t, host("unl-1", map[string]string{"pool": "unl"}))
+	simulatedAgentHeartbeats(t, "unl-1")
+	mustCreate(t, rel("unl-r1", "1.0.0", shaA))
+	sec := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: materialNS, Name: "unl-creds"},
+		Data: map[string][]byte{"token": []byte(secretValue)}}
+	mustCreate(t, sec)
+	mustCreate(t, &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Namespace: materialNS, Name: "unl-creds-cfg", Labels: materialLabels()},
+		Data: map[string]string{"app.yaml": "a: 1\n"}})
+	mustCreate(t, materialProfile("unl", "unl-r1", "unl-creds", map[string]string{"pool": "unl"}))
+
+	eventually(t, "Ready=False MaterialNotFound asking to label the Secret", func() (bool, string) {
+		r := meta.FindStatusCondition(getProfile(t, "unl").Status.Conditions, v1.ConditionReady)
+		if r == nil {
+			return false, "no Ready"
+		}
+		return r.Status == metav1.ConditionFalse && r.Reason == v1.ReasonMaterialNotFound &&
+			strings.Contains(r.Message, `Secret "unl-creds" not found or not labeled gateway.agent.dev/material="true"`), r.Reason + ": " + r.Message
+	})
+	if gi, err := getInstance("unl.unl-1"); err == nil && gi.Spec.Material != nil {
+		t.Errorf("an instance carries material of an unlabeled Secret: %+v", gi.Spec.Material)
+	}
+	if _, err := agentRole("unl-1"); !apierrors.IsNotFound(err) {
+		t.Errorf("unl-1 has a Role for an unlabeled Secret: %v", err)
+	}
+
+	// Labeled, it is resolved and granted.
+	sec.Labels = materialLabels()
+	if err := c.Update(ctx, sec); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "a Role for unl-1 naming the labeled Secret", func() (bool, string) {
+		r, err := agentRole("unl-1")
+		return err == nil && len(r.Rules) == 2 && slices.Contains(r.Rules[0].ResourceNames, "unl-creds"), fmt.Sprint(r.Rules, err)
+	})
+
+	// Unlabeled again: the instance keeps naming it, the grant drops it.
+	sec.Labels = nil
+	if err := c.Update(ctx, sec); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "unl-1's Role without the unlabeled Secret", func() (bool, string) {
+		r, err := agentRole("unl-1")
+		if err != nil {
+			return false, err.Error()
+		}
+		for _, rule := range r.Rules {
+			if slices.Contains(rule.ResourceNames, "unl-creds") {
+				return false, fmt.Sprint(r.Rules)
+			}
+		}
+		return len(r.Rules) == 1 && r.Rules[0].Resources[0] == "configmaps", fmt.Sprint(r.Rules)
+	})
+	if gi, err := getInstance("unl.unl-1"); err != nil || !slices.Contains(func() []string { s, _ := gi.Spec.MaterialRefs(); return s }(), "unl-creds") {
+		t.Errorf("the instance should still name the Secret (so only the grant filter keeps it out): %v", err)
+	}
 }
 
 func editHostLabels(ctx context.Context, name string, labels map[string]string) error {

@@ -5,9 +5,12 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
+	"k8s.io/apimachinery/pkg/labels"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
 )
 
 // Options configure the controller manager's reconcilers.
@@ -30,12 +33,16 @@ type Options struct {
 // DefaultMaterialNamespace is the operator's namespace in config/.
 const DefaultMaterialNamespace = "gateway-operator-system"
 
-// MaterialCache limits the manager's cache of Secrets, ConfigMaps, Roles and RoleBindings to
-// the material namespace: the manager never holds another namespace's secrets in memory.
+// MaterialCache limits the manager's cache of Roles and RoleBindings to the material namespace,
+// and of Secrets and ConfigMaps further to those labeled v1.MaterialLabel=true: the manager
+// never holds another Secret in memory, nor can a profile make it read one.
 func MaterialCache(ns string) map[client.Object]cache.ByObject {
 	only := cache.ByObject{Namespaces: map[string]cache.Config{ns: {}}}
+	labeled := cache.ByObject{Namespaces: map[string]cache.Config{ns: {
+		LabelSelector: labels.SelectorFromSet(labels.Set{v1.MaterialLabel: "true"}),
+	}}}
 	return map[client.Object]cache.ByObject{
-		&corev1.Secret{}: only, &corev1.ConfigMap{}: only, &rbacv1.Role{}: only, &rbacv1.RoleBinding{}: only,
+		&corev1.Secret{}: labeled, &corev1.ConfigMap{}: labeled, &rbacv1.Role{}: only, &rbacv1.RoleBinding{}: only,
 	}
 }
 

@@ -126,6 +126,7 @@ const (
 // GatewayProfileSpec is which release runs as this profile, and on which hosts.
 // +kubebuilder:validation:XValidation:rule="self.mode != 'script' || has(self.exec)",message="exec is required when mode is script",fieldPath=".exec"
 // +kubebuilder:validation:XValidation:rule="self.mode == 'script' || !has(self.exec)",message="exec is only allowed when mode is script",fieldPath=".exec"
+// +kubebuilder:validation:XValidation:rule="!has(self.isolation) || self.isolation != 'Convenience' || ((!has(self.envFrom) || size(self.envFrom) == 0) && (!has(self.files) || size(self.files) == 0) && (!has(self.env) || self.env.all(e, !has(e.valueFrom))))",message="isolation Convenience runs every profile as one shared user that can read the others' files and environment: env valueFrom, envFrom and files need isolation Production"
 type GatewayProfileSpec struct {
 	// Release is the name of the Release this profile runs.
 	// +kubebuilder:validation:MinLength=1

@@ -12,6 +12,7 @@ import (
 	"unicode/utf8"
 
 	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
 // Reasons of a profile's material that cannot be resolved, on the profile's Ready condition and
@@ -22,6 +23,17 @@ const (
 	// ReasonMaterialInvalid: a value is too large, not a valid variable, or a path is refused.
 	ReasonMaterialInvalid = "MaterialInvalid"
 )
+
+// MaterialLabel set to "true" lets profiles name a Secret or ConfigMap of the material
+// namespace. The controller resolves and grants only labeled objects and its cache holds no
+// other, so a user who may edit profiles cannot have an unrelated Secret of that namespace
+// (another profile's credentials, a Helm release) sent to a host.
+const MaterialLabel = "gateway.agent.dev/material"
+
+// MaterialLabeled reports whether o carries MaterialLabel=true.
+func MaterialLabeled(o metav1.Object) bool {
+	return o.GetLabels()[MaterialLabel] == "true"
+}
 
 // MaterialError says why a profile's material cannot be resolved. Its message carries no value.
 type MaterialError struct {
@@ -123,8 +135,22 @@ func ValidateFileMode(m int32) error {
 	return nil
 }
 
+// ValidateMaterialIsolation refuses material in Convenience isolation, as the CRD schema does:
+// there every profile runs as one shared user, which can read every other profile's files and
+// /proc/<pid>/environ, so a secret there would be every Convenience gateway's on the host.
+func (s *GatewaySettings) ValidateMaterialIsolation() error {
+	if s.Isolation == IsolationConvenience && s.UsesMaterial() {
+		return invalid("isolation Convenience runs every profile as one shared user that can read the others' files and environment: env valueFrom, envFrom and files need isolation Production")
+	}
+	return nil
+}
+
+// unlabeledHint ends the message of a missing object: one without MaterialLabel counts as
+// missing.
+const unlabeledHint = " or not labeled " + MaterialLabel + `="true"; label it to let profiles use it`
+
 // ResolveMaterial resolves the settings' env and files from the objects it names, keyed by
-// name (a missing entry is a missing object), and computes their digest. The controller and the
+// name (a missing entry, or one without MaterialLabel, is a missing object), and computes their digest. The controller and the
 // agent run it alike, so the agent can check it read what the controller rolled out. Values are
 // checked against the bounds here, whatever the API server allowed.
 func ResolveMaterial(s *GatewaySettings, secrets map[string]*corev1.Secret, configMaps map[string]*corev1.ConfigMap) (Material, error) {
@@ -132,6 +158,9 @@ func ResolveMaterial(s *GatewaySettings, secrets map[string]*corev1.Secret, conf
 	if !s.UsesMaterial() {
 		m.Env = s.Env
 		return m, nil
+	}
+	if err := s.ValidateMaterialIsolation(); err != nil {
+		return Material{}, err
 	}
 	total := 0
 	seen := map[string]bool{}
@@ -144,7 +173,8 @@ func ResolveMaterial(s *GatewaySettings, secrets map[string]*corev1.Secret, conf
 		case seen[name]:
 			return invalid("%s: variable %s is set twice", from, name)
 		case len(value) > MaxEnvValueBytes:
-			return invalid("%s: the value of %s is %d bytes; at most %d", from, name, len(value), MaxEnvValueBytes)
+			// The bound only: a value's exact size says something about it.
+			return invalid("%s: the value of %s is more than %d bytes", from, name, MaxEnvValueBytes)
 		case strings.ContainsAny(value, "\n\r\x00") || !utf8.ValidString(value):
 			return invalid("%s: the value of %s must be one line of UTF-8 text", from, name)
 		}
@@ -155,8 +185,8 @@ func ResolveMaterial(s *GatewaySettings, secrets map[string]*corev1.Secret, conf
 	}
 	secretKey := func(ref KeySelector) ([]byte, error) {
 		sec, ok := secrets[ref.Name]
-		if !ok {
-			return nil, notFound("Secret %q not found", ref.Name)
+		if !ok || !MaterialLabeled(sec) {
+			return nil, notFound("Secret %q not found%s", ref.Name, unlabeledHint)
 		}
 		v, ok := sec.Data[ref.Key]
 		if !ok {
@@ -180,8 +210,8 @@ func ResolveMaterial(s *GatewaySettings, secrets map[string]*corev1.Secret, conf
 	}
 	for _, e := range s.EnvFrom {
 		sec, ok := secrets[e.SecretRef.Name]
-		if !ok {
-			return Material{}, notFound("Secret %q not found", e.SecretRef.Name)
+		if !ok || !MaterialLabeled(sec) {
+			return Material{}, notFound("Secret %q not found%s", e.SecretRef.Name, unlabeledHint)
 		}
 		keys := make([]string, 0, len(sec.Data))
 		for k := range sec.Data {
@@ -217,8 +247,8 @@ func ResolveMaterial(s *GatewaySettings, secrets map[string]*corev1.Secret, conf
 		case f.ConfigMapKeyRef != nil:
 			ref := *f.ConfigMapKeyRef
 			cm, ok := configMaps[ref.Name]
-			if !ok {
-				return Material{}, notFound("ConfigMap %q not found", ref.Name)
+			if !ok || !MaterialLabeled(cm) {
+				return Material{}, notFound("ConfigMap %q not found%s", ref.Name, unlabeledHint)
 			}
 			if v, ok := cm.Data[ref.Key]; ok {
 				data = []byte(v)
@@ -232,13 +262,13 @@ func ResolveMaterial(s *GatewaySettings, secrets map[string]*corev1.Secret, conf
 			return Material{}, invalid("file %q names neither a Secret nor a ConfigMap", f.Path)
 		}
 		if len(data) > MaxFileBytes {
-			return Material{}, invalid("file %q from %s is %d bytes; at most %d", f.Path, from, len(data), MaxFileBytes)
+			return Material{}, invalid("file %q from %s is more than %d bytes", f.Path, from, MaxFileBytes)
 		}
 		total += len(data)
 		m.Files = append(m.Files, MaterialFile{Path: f.Path, Mode: mode, Data: data})
 	}
 	if total > MaxMaterialBytes {
-		return Material{}, invalid("the profile's material is %d bytes; at most %d", total, MaxMaterialBytes)
+		return Material{}, invalid("the profile's material is more than %d bytes in all", MaxMaterialBytes)
 	}
 	sort.Slice(m.Files, func(i, j int) bool { return m.Files[i].Path < m.Files[j].Path })
 	for i := 1; i < len(m.Files); i++ {

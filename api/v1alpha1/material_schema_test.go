@@ -4,6 +4,8 @@ import (
 	"strings"
 	"testing"
 
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
 )
 
@@ -67,9 +69,35 @@ func TestMaterialValidation(t *testing.T) {
 				s.Files[i] = v1.FileSource{Path: "f" + strings.Repeat("x", i), SecretKeyRef: key}
 			}
 		}, "spec.files"},
+		{"m21", func(s *v1.GatewayProfileSpec) {
+			s.Isolation = v1.IsolationConvenience
+			s.Files = []v1.FileSource{{Path: ".env", SecretKeyRef: key}}
+		}, "need isolation Production"},
+		{"m22", func(s *v1.GatewayProfileSpec) {
+			s.Isolation = v1.IsolationConvenience
+			s.EnvFrom = []v1.EnvFromSource{{SecretRef: v1.SecretReference{Name: "x"}}}
+		}, "need isolation Production"},
+		{"m23", func(s *v1.GatewayProfileSpec) {
+			s.Isolation = v1.IsolationConvenience
+			s.Env = []v1.EnvVar{{Name: "PLAIN", Value: "1"}, {Name: "TOKEN", ValueFrom: &v1.EnvVarSource{SecretKeyRef: *key}}}
+		}, "need isolation Production"},
 	} {
 		t.Run(tc.name, func(t *testing.T) { mustReject(t, p(tc.name, tc.mut), tc.want) })
 	}
+	// A Convenience profile keeps plain variables.
+	mustCreate(t, p("convenience-env", func(s *v1.GatewayProfileSpec) {
+		s.Isolation = v1.IsolationConvenience
+		s.Env = []v1.EnvVar{{Name: "PLAIN", Value: "1"}}
+	}))
+	// An instance is checked on its own too.
+	mustReject(t, &v1.GatewayInstance{
+		ObjectMeta: metav1.ObjectMeta{Name: "conv.node-1"},
+		Spec: v1.GatewayInstanceSpec{
+			Profile: "conv", Host: "node-1",
+			Release:         v1.ReleaseArtifact{Name: "r1", URL: "https://example.com/a.tgz", SHA256: sha, Label: "1.0.0"},
+			GatewaySettings: v1.GatewaySettings{Isolation: v1.IsolationConvenience, Files: []v1.FileSource{{Path: ".env", SecretKeyRef: key}}},
+		},
+	}, "need isolation Production")
 	mustCreate(t, p("material", func(s *v1.GatewayProfileSpec) {
 		s.Env = []v1.EnvVar{{Name: "PLAIN", Value: "1"}, {Name: "TOKEN", ValueFrom: &v1.EnvVarSource{SecretKeyRef: *key}}}
 		s.EnvFrom = []v1.EnvFromSource{{Prefix: "APP_", SecretRef: v1.SecretReference{Name: "app-env"}}, {SecretRef: v1.SecretReference{Name: "keys"}}}

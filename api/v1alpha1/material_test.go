@@ -13,7 +13,8 @@ import (
 )
 
 func secret(name, uid string, data map[string]string) *corev1.Secret {
-	s := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: name, UID: types.UID(uid)}, Data: map[string][]byte{}}
+	s := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: name, UID: types.UID(uid), Labels: map[string]string{v1.MaterialLabel: "true"}},
+		Data: map[string][]byte{}}
 	for k, v := range data {
 		s.Data[k] = []byte(v)
 	}
@@ -37,7 +38,7 @@ func TestResolveMaterial(t *testing.T) {
 		"creds": secret("creds", "u1", map[string]string{"token": "s3cr3t", "dotenv": "A=1\n"}),
 		"app":   secret("app", "u2", map[string]string{"PORT": "80", "HOST": "h"}),
 	}
-	cms := map[string]*corev1.ConfigMap{"cfg": {ObjectMeta: metav1.ObjectMeta{Name: "cfg", UID: "u3"}, Data: map[string]string{"app.yaml": "a: 1\n"}}}
+	cms := map[string]*corev1.ConfigMap{"cfg": {ObjectMeta: metav1.ObjectMeta{Name: "cfg", UID: "u3", Labels: map[string]string{v1.MaterialLabel: "true"}}, Data: map[string]string{"app.yaml": "a: 1\n"}}}
 	s := materialSettings()
 	m, err := v1.ResolveMaterial(s, secrets, cms)
 	if err != nil {
@@ -81,7 +82,7 @@ func TestResolveMaterialRefusesBadInput(t *testing.T) {
 		return map[string]*corev1.Secret{
 			"creds": secret("creds", "u1", map[string]string{"token": "s3cr3t", "dotenv": "x"}),
 			"app":   secret("app", "u2", map[string]string{"PORT": "80"}),
-		}, map[string]*corev1.ConfigMap{"cfg": {ObjectMeta: metav1.ObjectMeta{Name: "cfg"}, Data: map[string]string{"app.yaml": "a"}}}
+		}, map[string]*corev1.ConfigMap{"cfg": {ObjectMeta: metav1.ObjectMeta{Name: "cfg", Labels: map[string]string{v1.MaterialLabel: "true"}}, Data: map[string]string{"app.yaml": "a"}}}
 	}
 	for _, tc := range []struct {
 		name, reason, want string
@@ -90,20 +91,35 @@ func TestResolveMaterialRefusesBadInput(t *testing.T) {
 		{"missing secret", v1.ReasonMaterialNotFound, `Secret "creds" not found`, func(_ *v1.GatewaySettings, s map[string]*corev1.Secret, _ map[string]*corev1.ConfigMap) {
 			delete(s, "creds")
 		}},
+		{"unlabeled secret", v1.ReasonMaterialNotFound, `Secret "creds" not found or not labeled gateway.agent.dev/material="true"`, func(_ *v1.GatewaySettings, s map[string]*corev1.Secret, _ map[string]*corev1.ConfigMap) {
+			s["creds"].Labels = nil
+		}},
+		{"unlabeled envFrom secret", v1.ReasonMaterialNotFound, `Secret "app" not found or not labeled`, func(_ *v1.GatewaySettings, s map[string]*corev1.Secret, _ map[string]*corev1.ConfigMap) {
+			s["app"].Labels[v1.MaterialLabel] = "false"
+		}},
+		{"unlabeled configmap", v1.ReasonMaterialNotFound, `ConfigMap "cfg" not found or not labeled`, func(_ *v1.GatewaySettings, _ map[string]*corev1.Secret, c map[string]*corev1.ConfigMap) {
+			c["cfg"].Labels = nil
+		}},
 		{"missing key", v1.ReasonMaterialNotFound, `Secret "creds" has no key "token"`, func(_ *v1.GatewaySettings, s map[string]*corev1.Secret, _ map[string]*corev1.ConfigMap) {
 			delete(s["creds"].Data, "token")
 		}},
 		{"missing configmap key", v1.ReasonMaterialNotFound, `ConfigMap "cfg" has no key`, func(_ *v1.GatewaySettings, _ map[string]*corev1.Secret, c map[string]*corev1.ConfigMap) {
 			c["cfg"].Data = nil
 		}},
-		{"env value too large", v1.ReasonMaterialInvalid, "at most 4096", func(_ *v1.GatewaySettings, s map[string]*corev1.Secret, _ map[string]*corev1.ConfigMap) {
+		{"env value too large", v1.ReasonMaterialInvalid, "TOKEN is more than 4096 bytes", func(_ *v1.GatewaySettings, s map[string]*corev1.Secret, _ map[string]*corev1.ConfigMap) {
 			s["creds"].Data["token"] = []byte(strings.Repeat("s", 4097))
 		}},
 		{"env value on two lines", v1.ReasonMaterialInvalid, "one line", func(_ *v1.GatewaySettings, s map[string]*corev1.Secret, _ map[string]*corev1.ConfigMap) {
 			s["creds"].Data["token"] = []byte("a\nPYTHONPATH=/tmp")
 		}},
-		{"file too large", v1.ReasonMaterialInvalid, "at most 262144", func(_ *v1.GatewaySettings, s map[string]*corev1.Secret, _ map[string]*corev1.ConfigMap) {
+		{"file too large", v1.ReasonMaterialInvalid, `key "dotenv" is more than 262144 bytes`, func(_ *v1.GatewaySettings, s map[string]*corev1.Secret, _ map[string]*corev1.ConfigMap) {
 			s["creds"].Data["dotenv"] = make([]byte, v1.MaxFileBytes+1)
+		}},
+		{"material too large in all", v1.ReasonMaterialInvalid, "more than 1048576 bytes in all", func(g *v1.GatewaySettings, s map[string]*corev1.Secret, _ map[string]*corev1.ConfigMap) {
+			s["creds"].Data["dotenv"] = make([]byte, v1.MaxFileBytes)
+			for _, p := range []string{"b1", "b2", "b3", "b4"} {
+				g.Files = append(g.Files, v1.FileSource{Path: p, SecretKeyRef: &v1.KeySelector{Name: "creds", Key: "dotenv"}})
+			}
 		}},
 		{"envFrom reserved key", v1.ReasonMaterialInvalid, "reserved", func(g *v1.GatewaySettings, s map[string]*corev1.Secret, _ map[string]*corev1.ConfigMap) {
 			g.EnvFrom[0].Prefix = ""
@@ -122,6 +138,9 @@ func TestResolveMaterialRefusesBadInput(t *testing.T) {
 		{"file inside a file", v1.ReasonMaterialInvalid, "cannot both exist", func(g *v1.GatewaySettings, _ map[string]*corev1.Secret, _ map[string]*corev1.ConfigMap) {
 			g.Files[1].Path = "config/app.yaml/x"
 		}},
+		{"convenience isolation", v1.ReasonMaterialInvalid, "need isolation Production", func(g *v1.GatewaySettings, _ map[string]*corev1.Secret, _ map[string]*corev1.ConfigMap) {
+			g.Isolation = v1.IsolationConvenience
+		}},
 		{"group-writable mode", v1.ReasonMaterialInvalid, "neither group nor others write", func(g *v1.GatewaySettings, _ map[string]*corev1.Secret, _ map[string]*corev1.ConfigMap) {
 			g.Files[0].Mode = ptr32(0o660)
 		}},
@@ -135,7 +154,9 @@ func TestResolveMaterialRefusesBadInput(t *testing.T) {
 			if !errors.As(err, &me) || me.Reason != tc.reason || !strings.Contains(me.Msg, tc.want) {
 				t.Fatalf("err = %v; want %s mentioning %q", err, tc.reason, tc.want)
 			}
-			if strings.Contains(me.Msg, "s3cr3t") || strings.Contains(me.Msg, "PYTHONPATH=/tmp") {
+			// Neither a value nor its exact size.
+			if strings.Contains(me.Msg, "s3cr3t") || strings.Contains(me.Msg, "PYTHONPATH=/tmp") ||
+				strings.Contains(me.Msg, "4097") || strings.Contains(me.Msg, "262145") || strings.Contains(me.Msg, "13107") {
 				t.Errorf("message carries a value: %s", me.Msg)
 			}
 		})

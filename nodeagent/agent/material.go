@@ -40,6 +40,9 @@ func (r *InstanceReconciler) material(ctx context.Context, gi *v1.GatewayInstanc
 	if src == nil {
 		return v1.Material{}, &materialWait{v1.ReasonMaterialInvalid, "the instance names Secrets or ConfigMaps but carries no material digest"}
 	}
+	if err := gi.Spec.ValidateMaterialIsolation(); err != nil {
+		return v1.Material{}, &materialWait{v1.ReasonMaterialInvalid, err.Error()}
+	}
 	secNames, cmNames := gi.Spec.MaterialRefs()
 	secrets := map[string]*corev1.Secret{}
 	configMaps := map[string]*corev1.ConfigMap{}

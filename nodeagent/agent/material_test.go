@@ -58,7 +58,7 @@ func TestAgentAppliesOnlyTheMaterialItWasGiven(t *testing.T) {
 	}
 	waitReady(v1.ReasonMaterialNotFound)
 
-	sec := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "creds"}, Data: map[string][]byte{"token": []byte(value)}}
+	sec := &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "creds", Labels: map[string]string{v1.MaterialLabel: "true"}}, Data: map[string][]byte{"token": []byte(value)}}
 	if err := c.Create(ctx, sec); err != nil {
 		t.Fatal(err)
 	}

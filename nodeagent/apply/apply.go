@@ -340,7 +340,24 @@ func (r *run) write() *Failure {
 	}
 	r.changed = r.changed || changed.env || changed.dropIn
 	if r.materialBefore, err = r.a.writeMaterial(r.p, r.user, r.in.Files); err != nil {
-		return &Failure{Reason: "WriteFailed", Message: err.Error(), Retry: true}
+		// Nothing runs the new files yet: put back the env file and the files from before, so
+		// the gateway keeps what it started with and no new secret is left behind.
+		msg := err.Error()
+		if r.materialBefore != nil {
+			u := r.user
+			if r.before != nil {
+				u = r.a.renderedUser(r.p, r.before, r.user)
+			}
+			if rerr := r.a.restoreMaterial(r.p, u, *r.materialBefore); rerr != nil {
+				msg += "; restoring the previous files: " + rerr.Error()
+			}
+		}
+		if r.before != nil {
+			if _, rerr := r.a.writeRendered(r.p, r.before); rerr != nil {
+				msg += "; restoring the previous env file: " + rerr.Error()
+			}
+		}
+		return &Failure{Reason: "WriteFailed", Message: msg, Retry: true}
 	}
 	if changed.dropIn {
 		if err := r.a.reload(r.ctx); err != nil {

@@ -377,9 +377,20 @@ func (r *run) rollback(f *Failure) (*Outcome, error) {
 	if _, err := a.writeRendered(p, restore); err != nil {
 		return fail("rollback failed", err)
 	}
-	if r.materialBefore != nil {
-		if err := a.restoreMaterial(p, r.user, *r.materialBefore); err != nil {
-			return fail("rollback failed", err)
+	// The files from before go back with the env file from before. A re-rendered env file holds
+	// today's secret values and digest, so today's files stay with it.
+	if r.before != nil {
+		// A drop-in of another isolation mode runs as another user: the home goes back to it.
+		u := a.renderedUser(p, r.before, r.user)
+		if u.UID != r.user.UID {
+			if err := a.prepareProfile(p, u); err != nil {
+				return fail("rollback failed", err)
+			}
+		}
+		if r.materialBefore != nil {
+			if err := a.restoreMaterial(p, u, *r.materialBefore); err != nil {
+				return fail("rollback failed", err)
+			}
 		}
 	}
 	if err := a.reload(ctx); err != nil {

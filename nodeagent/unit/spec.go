@@ -1,6 +1,7 @@
 package unit
 
 import (
+	"fmt"
 	"math"
 
 	"k8s.io/apimachinery/pkg/api/resource"
@@ -12,9 +13,18 @@ import (
 // FromSpec turns a GatewayInstance's settings into the Settings rendered for it, with the
 // defaults the node agent applies (cli mode, Production isolation) and the interpreter the
 // agent runs (DefaultPython when empty). The renderers check the values; this only converts.
-// `kubectl gateway render` uses it to show a host's files without reaching the host.
+// `kubectl gateway render` uses it to show a host's files without reaching the host, so a
+// variable from a Secret gets a placeholder naming the Secret and key, never a value.
 func FromSpec(p layout.Profile, s v1.GatewaySettings, python string) Settings {
-	out := Settings{Profile: p, Mode: s.Mode, Exec: s.Exec, Isolation: s.Isolation, Env: s.Env, Python: python}
+	out := Settings{Profile: p, Mode: s.Mode, Exec: s.Exec, Isolation: s.Isolation, Python: python}
+	for _, e := range s.Env {
+		if e.ValueFrom != nil {
+			// Shown off-host, where no secret value is read: a placeholder names its source.
+			ref := e.ValueFrom.SecretKeyRef
+			e = v1.EnvVar{Name: e.Name, Value: fmt.Sprintf("<from secret %s key %s>", ref.Name, ref.Key)}
+		}
+		out.Env = append(out.Env, e)
+	}
 	if out.Mode == "" {
 		out.Mode = v1.EntrypointCLI
 	}

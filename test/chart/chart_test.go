@@ -518,6 +518,24 @@ func TestValuesTakeEffect(t *testing.T) {
 	if find(objs, "Deployment", "gateway-operator-manager") == nil {
 		t.Error("policies.enabled=false drops the manager")
 	}
+	// Without gateway-manager-agent-access the manager may not write Roles or RoleBindings.
+	for _, on := range []bool{true, false} {
+		objs := objs
+		if on {
+			objs = render(t, namespace)
+		}
+		var verbs []string
+		for _, rule := range get(findIn(objs, "Role", namespace, "gateway-operator-manager"), "rules").([]any) {
+			if slices.Contains(get(rule, "resources").([]any), any("roles")) {
+				for _, v := range get(rule, "verbs").([]any) {
+					verbs = append(verbs, v.(string))
+				}
+			}
+		}
+		if writes := slices.Contains(verbs, "create") || slices.Contains(verbs, "update") || slices.Contains(verbs, "delete"); writes != on {
+			t.Errorf("policies.enabled=%v: the manager's Role may %v Roles; want writes only with the policies", on, verbs)
+		}
+	}
 	if sel := get(find(render(t, namespace, "agent.nodeSelector=null"), "DaemonSet", "gateway-agent"), "spec", "template", "spec", "nodeSelector"); sel != nil {
 		t.Errorf("an empty agent.nodeSelector renders nodeSelector %v, want none (every node)", sel)
 	}

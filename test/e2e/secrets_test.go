@@ -66,6 +66,7 @@ func TestSecretsReachOnlyTheirHosts(t *testing.T) {
 		kubectl(t, s, "label", "gatewayhost", h, "role=secret")
 	}
 	kubectl(t, s, "create", "secret", "generic", "gw-creds", "-n", ns, "--from-literal=token="+values[0], "--from-literal=file="+values[1])
+	kubectl(t, s, "label", "secret", "gw-creds", "-n", ns, v1.MaterialLabel+"=true")
 	kubectl(t, s, "apply", "-f", "config/samples/release.yaml")
 	manifest := filepath.Join(t.TempDir(), "profiles.yaml")
 	if err := os.WriteFile(manifest, []byte(secretProfiles), 0o600); err != nil {

@@ -70,11 +70,11 @@ func TestMaterialReadableOnlyByTheHostsThatRunIt(t *testing.T) {
 	objs := []client.Object{
 		&v1.Release{ObjectMeta: metav1.ObjectMeta{Name: "sec-r1"}, Spec: v1.ReleaseSpec{
 			Source: v1.ReleaseSource{URL: "https://example.com/a.tgz"}, SHA256: sha, Label: "1.0.0"}},
-		&corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: materialNS, Name: materialSecret},
+		&corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: materialNS, Name: materialSecret, Labels: map[string]string{v1.MaterialLabel: "true"}},
 			Data: map[string][]byte{"token": []byte("hunter2-material")}},
-		&corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: materialNS, Name: "unrelated"},
+		&corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: materialNS, Name: "unrelated", Labels: map[string]string{v1.MaterialLabel: "true"}},
 			Data: map[string][]byte{"token": []byte("x")}},
-		&corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Namespace: materialNS, Name: "sec-config"},
+		&corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Namespace: materialNS, Name: "sec-config", Labels: map[string]string{v1.MaterialLabel: "true"}},
 			Data: map[string]string{"app.yaml": "a: 1\n"}},
 	}
 	for _, o := range objs {
