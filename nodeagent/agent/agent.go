@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"syscall"
 	"time"
 
@@ -119,8 +120,16 @@ func Scheme() *runtime.Scheme {
 	return s
 }
 
+// DefaultMemoryLimit is the agent's soft memory limit (runtime/debug.SetMemoryLimit) unless
+// GOMEMLIMIT is set: an idle agent holds little, and without a limit the Go runtime lets its heap
+// grow to twice what is live before collecting, and keeps freed pages for a while.
+const DefaultMemoryLimit = 20 << 20
+
 // Run runs the agent until ctx ends.
 func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) error {
+	if os.Getenv("GOMEMLIMIT") == "" {
+		debug.SetMemoryLimit(DefaultMemoryLimit)
+	}
 	if err := v1.ValidateHostName(o.HostName); err != nil {
 		return err
 	}
@@ -150,7 +159,9 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 		Cache: cache.Options{ByObject: map[client.Object]cache.ByObject{
 			&v1.GatewayInstance{}: {Label: labels.SelectorFromSet(labels.Set{v1.LabelHost: o.HostName})},
 			&v1.GatewayHost{}:     {Field: fields.OneTermEqualSelector("metadata.name", o.HostName)},
-		}},
+		},
+			// The agent never reads managedFields; the cache need not hold them.
+			DefaultTransform: cache.TransformStripManagedFields()},
 		Controller:             config.Controller{SkipNameValidation: &o.RunAgain},
 		Metrics:                metricsserver.Options{BindAddress: o.MetricsAddr},
 		HealthProbeBindAddress: o.ProbeAddr,

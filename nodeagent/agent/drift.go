@@ -78,6 +78,7 @@ func (r *InstanceReconciler) expectDrift(ctx context.Context, profile string, ou
 			releases = append(releases, layout.ReleaseDir(lg.SHA256, lg.Label))
 		}
 		r.Watcher.Watch(profile, releases)
+		r.trees.running(r.Applier.Host, profile, releases)
 	}
 }
 
@@ -89,6 +90,7 @@ func (r *InstanceReconciler) forgetDrift(profile string) {
 	if r.Watcher != nil {
 		r.Watcher.Forget(profile)
 	}
+	r.trees.forget(profile)
 }
 
 // checkDrift looks for drift before an apply. It returns done when it handled the reconcile
@@ -163,17 +165,12 @@ func (r *InstanceReconciler) findings(ctx context.Context, exp drift.Expected, h
 		Loaded: us.DropInPaths, NeedDaemonReload: us.NeedDaemonReload}
 	fs := drift.Compare(exp, found)
 	at := time.Now()
-	seen := map[string]bool{}
 	for _, h := range hints {
 		if h.At.Before(at) {
 			at = h.At
 		}
-		// A release tree is not digested: the event itself is the finding.
-		if h.Kind == drift.KindRelease && !seen[h.What] {
-			seen[h.What] = true
-			fs = append(fs, drift.Finding{Kind: drift.KindRelease, What: h.What, Expected: "unchanged", Found: "changed"})
-		}
 	}
+	fs = append(fs, r.trees.findings(r.Applier.Host, exp.Profile.Name, hints)...)
 	return fs, at, found.Unit, nil
 }
 
@@ -239,6 +236,19 @@ func (r *InstanceReconciler) handleDrift(ctx context.Context, gi *v1.GatewayInst
 		v1.SetCondition(gi, v1.ConditionDrifted, metav1.ConditionTrue, "Reported",
 			truncate(summary+"; left as found (spec.drift is Report)"))
 		return ctrl.Result{RequeueAfter: r.reproveInterval()}, r.patchStatus(ctx, gi, base)
+	}
+	if drift.Has(fs, drift.KindRelease) {
+		restart, left, err := r.healTrees(ctx, in, fs)
+		if err != nil {
+			return ctrl.Result{}, err
+		}
+		if left == len(fs) {
+			// Only a last-good tree changed: the gateway does not run it, and no URL for it is known.
+			v1.SetCondition(gi, v1.ConditionDrifted, metav1.ConditionTrue, "Reported",
+				truncate(summary+"; left as found (the instance names no URL for its last-good release)"))
+			return ctrl.Result{RequeueAfter: r.reproveInterval()}, r.patchStatus(ctx, gi, base)
+		}
+		in.Restart = in.Restart || restart
 	}
 	if drift.Has(fs, drift.KindDropIn) || drift.Has(fs, drift.KindLoaded) {
 		moved, err := r.Applier.SetAsideDropIns(ctx, profile)

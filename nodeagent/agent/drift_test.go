@@ -222,6 +222,48 @@ func TestDriftIsHealed(t *testing.T) {
 		d.unchanged(before, "api", "rep")
 	})
 
+	t.Run("file in the current release tree edited", func(t *testing.T) {
+		d.t = t
+		before, since := d.pids(), time.Now()
+		link, err := os.Readlink(d.on(coreCurrent))
+		if err != nil {
+			t.Fatal(err)
+		}
+		tree := filepath.Join(filepath.Dir(d.on(coreCurrent)), link)
+		var file string
+		_ = filepath.WalkDir(tree, func(p string, e os.DirEntry, _ error) error {
+			if file == "" && e != nil && e.Type().IsRegular() && strings.HasSuffix(p, ".py") {
+				file = p
+			}
+			return nil
+		})
+		if file == "" {
+			t.Fatalf("no Python file in %s", tree)
+		}
+		want, err := os.ReadFile(file) //nolint:gosec // a file of the test's own host
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(file, append(want, []byte("\nimport os; os.system('id')\n")...), 0o444); err != nil { //nolint:gosec // a release file
+			t.Fatal(err)
+		}
+		inHost := strings.TrimPrefix(file, d.h.Root)
+		d.warned("core", since, "release "+inHost+": expected tree sha256:")
+		gi := d.drifted("core", metav1.ConditionFalse, "Healed", inHost)
+		if got, err := os.ReadFile(file); err != nil || string(got) != string(want) { //nolint:gosec // as above
+			t.Errorf("release file not put back (%v):\n%s", err, got)
+		}
+		// The gateway imports from that tree as it runs: it is restarted and proven again.
+		if now := d.pids()["agent-gateway@core.service"]; now == before["agent-gateway@core.service"] || int64(now) != gi.Status.MainPID {
+			t.Errorf("core: main PID %d before, %d now, %d in status; want a new, reported one", before["agent-gateway@core.service"], now, gi.Status.MainPID)
+		}
+		if c := condition(gi, v1.ConditionAligned); c == nil || c.Status != metav1.ConditionTrue {
+			t.Errorf("core not proven aligned after the heal: %+v", c)
+		}
+		// api runs another release; rep runs this one but is Report: neither is restarted.
+		d.unchanged(before, "api", "rep")
+	})
+
 	t.Run("drop-in setting PYTHONPATH", func(t *testing.T) {
 		d.t = t
 		before, since := d.pids(), time.Now()

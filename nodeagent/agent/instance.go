@@ -61,6 +61,8 @@ type InstanceReconciler struct {
 	// ReproveInterval is the backstop: how often an instance is proven again in full although
 	// nothing was seen to change (DefaultReproveInterval).
 	ReproveInterval time.Duration
+
+	trees releaseTrees
 }
 
 // holdRetry is how soon a held instance is looked at again.

@@ -13,6 +13,7 @@ import (
 	"github.com/agent-gateway/gateway-operator/nodeagent/drift"
 	"github.com/agent-gateway/gateway-operator/nodeagent/layout"
 	"github.com/agent-gateway/gateway-operator/nodeagent/proof"
+	"github.com/agent-gateway/gateway-operator/nodeagent/release"
 	"github.com/agent-gateway/gateway-operator/nodeagent/unit"
 )
 
@@ -157,4 +158,13 @@ func (a *Applier) SetAsideDropIns(ctx context.Context, profile string) ([]string
 		}
 	}
 	return moved, errors.Join(errs...)
+}
+
+// Restage fetches a staged release again and swaps it in over its tree, which changed on the
+// host (release.Store.Restage). Profiles staging the same release meanwhile wait for it.
+func (a *Applier) Restage(ctx context.Context, art release.Artifact) error {
+	unlock := a.lockRelease(Ref{SHA256: art.SHA256, Label: art.Label})
+	defer unlock()
+	_, err := a.Releases.Restage(ctx, art)
+	return err
 }
