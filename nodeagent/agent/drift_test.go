@@ -21,8 +21,9 @@ import (
 	"github.com/agent-gateway/gateway-operator/test/systemdhost"
 )
 
-// driftHost is a real systemd host whose agent runs core and api (spec.drift Heal) and rep
-// (Report), with the backstop an hour away: whatever the test sees comes from the watches.
+// driftHost is a real systemd host whose agent runs core, api and web (spec.drift Heal; api and
+// web on one release) and rep (Report, on core's release), with the backstop an hour away:
+// whatever the test sees comes from the watches.
 type driftHost struct {
 	t    *testing.T
 	h    *systemdhost.Host
@@ -39,14 +40,15 @@ func startDriftHost(t *testing.T, name string) *driftHost {
 	h := startAgent(t, name, func(o *agent.Options) { o.ReproveInterval = time.Hour })
 	d := &driftHost{t: t, h: h, sd: h.Dial(t), name: name}
 	core, api, rep := newInstance("core", name, r1, u1), newInstance("api", name, r2, u2), newInstance("rep", name, r1, u1)
+	web := newInstance("web", name, r2, u2)
 	rep.Spec.Drift = v1.DriftReport
-	for _, gi := range []*v1.GatewayInstance{core, api, rep} {
+	for _, gi := range []*v1.GatewayInstance{core, api, rep, web} {
 		if err := cp.Client.Create(ctx, gi); err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { release(t, gi) })
 	}
-	for _, p := range []string{"core", "api", "rep"} {
+	for _, p := range []string{"core", "api", "rep", "web"} {
 		d.waitCondition(p, "aligned", func(gi *v1.GatewayInstance) bool {
 			a := condition(gi, v1.ConditionAligned)
 			return a != nil && a.Status == metav1.ConditionTrue && gi.Status.ObservedGeneration == gi.Generation
@@ -155,6 +157,35 @@ func (d *driftHost) write(p, text string) {
 	}
 }
 
+// editRelease appends a line to a Python file of the release tree link points at, and returns
+// the file and what it held.
+func (d *driftHost) editRelease(link string) (string, []byte) {
+	d.t.Helper()
+	target, err := os.Readlink(d.on(link))
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	tree := filepath.Join(filepath.Dir(d.on(link)), target)
+	var file string
+	_ = filepath.WalkDir(tree, func(p string, e os.DirEntry, _ error) error {
+		if file == "" && e != nil && e.Type().IsRegular() && strings.HasSuffix(p, ".py") {
+			file = p
+		}
+		return nil
+	})
+	if file == "" {
+		d.t.Fatalf("no Python file in %s", tree)
+	}
+	want, err := os.ReadFile(file) //nolint:gosec // a file of the test's own host
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	if err := os.WriteFile(file, append(want, []byte("\nimport os; os.system('id')\n")...), 0o444); err != nil { //nolint:gosec // a release file
+		d.t.Fatal(err)
+	}
+	return file, want
+}
+
 func (d *driftHost) systemctl(args ...string) {
 	d.t.Helper()
 	if out, err := d.h.Systemctl(context.Background(), args...); err != nil {
@@ -225,28 +256,7 @@ func TestDriftIsHealed(t *testing.T) {
 	t.Run("file in the current release tree edited", func(t *testing.T) {
 		d.t = t
 		before, since := d.pids(), time.Now()
-		link, err := os.Readlink(d.on(coreCurrent))
-		if err != nil {
-			t.Fatal(err)
-		}
-		tree := filepath.Join(filepath.Dir(d.on(coreCurrent)), link)
-		var file string
-		_ = filepath.WalkDir(tree, func(p string, e os.DirEntry, _ error) error {
-			if file == "" && e != nil && e.Type().IsRegular() && strings.HasSuffix(p, ".py") {
-				file = p
-			}
-			return nil
-		})
-		if file == "" {
-			t.Fatalf("no Python file in %s", tree)
-		}
-		want, err := os.ReadFile(file) //nolint:gosec // a file of the test's own host
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(file, append(want, []byte("\nimport os; os.system('id')\n")...), 0o444); err != nil { //nolint:gosec // a release file
-			t.Fatal(err)
-		}
+		file, want := d.editRelease(coreCurrent)
 		inHost := strings.TrimPrefix(file, d.h.Root)
 		d.warned("core", since, "release "+inHost+": expected tree sha256:")
 		gi := d.drifted("core", metav1.ConditionFalse, "Healed", inHost)
@@ -262,6 +272,27 @@ func TestDriftIsHealed(t *testing.T) {
 		}
 		// api runs another release; rep runs this one but is Report: neither is restarted.
 		d.unchanged(before, "api", "rep")
+	})
+
+	t.Run("file in a release tree two Heal profiles run", func(t *testing.T) {
+		d.t = t
+		before, since := d.pids(), time.Now()
+		file, want := d.editRelease("opt/agent/gateways/api/current")
+		inHost := strings.TrimPrefix(file, d.h.Root)
+		d.warned("", since, "release "+inHost)
+		// Whichever of api and web looks first stages the tree again; the other finds it put
+		// back under its process. Both gateways may have imported the changed file: both restart.
+		for _, p := range []string{"api", "web"} {
+			gi := d.drifted(p, metav1.ConditionFalse, "Healed", inHost)
+			u := "agent-gateway@" + p + ".service"
+			if now := d.pids()[u]; now == before[u] || int64(now) != gi.Status.MainPID {
+				t.Errorf("%s: main PID %d before, %d now, %d in status; want a new, reported one", p, before[u], now, gi.Status.MainPID)
+			}
+		}
+		if got, err := os.ReadFile(file); err != nil || string(got) != string(want) { //nolint:gosec // a file of the test's own host
+			t.Errorf("release file not put back (%v):\n%s", err, got)
+		}
+		d.unchanged(before, "core", "rep")
 	})
 
 	t.Run("drop-in setting PYTHONPATH", func(t *testing.T) {
