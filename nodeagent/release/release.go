@@ -208,6 +208,23 @@ func (s *Store) Ensure(ctx context.Context, a Artifact) (string, error) {
 		return "", fmt.Errorf("release %s: %w", a.Label, err)
 	}
 
+	tmp, err := s.unpackBeside(ctx, a, u, rel, final)
+	if err != nil {
+		return "", err
+	}
+	if err := os.Rename(tmp, final); err != nil {
+		_ = removeTree(tmp)
+		return "", fmt.Errorf("release %s: %w", a.Label, err)
+	}
+	if err := syncPath(s.Dir); err != nil {
+		return "", fmt.Errorf("release %s: %w", a.Label, err)
+	}
+	return final, nil
+}
+
+// unpackBeside downloads a's artifact, checks it and unpacks it into final's temporary sibling,
+// which it returns for the caller to move into place; on failure nothing is left behind.
+func (s *Store) unpackBeside(ctx context.Context, a Artifact, u *url.URL, rel, final string) (string, error) {
 	archive, err := s.download(ctx, a, u, rel)
 	if err != nil {
 		return "", err
@@ -216,7 +233,6 @@ func (s *Store) Ensure(ctx context.Context, a Artifact) (string, error) {
 		archive.Close()
 		os.Remove(archive.Name())
 	}()
-
 	tmp := final + tmpSuffix
 	if err := removeTree(tmp); err != nil {
 		return "", fmt.Errorf("release %s: removing stale %s: %w", a.Label, tmp, err)
@@ -233,14 +249,7 @@ func (s *Store) Ensure(ctx context.Context, a Artifact) (string, error) {
 		}
 		return "", fmt.Errorf("release %s: %w", a.Label, err)
 	}
-	if err := os.Rename(tmp, final); err != nil {
-		_ = removeTree(tmp)
-		return "", fmt.Errorf("release %s: %w", a.Label, err)
-	}
-	if err := syncPath(s.Dir); err != nil {
-		return "", fmt.Errorf("release %s: %w", a.Label, err)
-	}
-	return final, nil
+	return tmp, nil
 }
 
 // unpack extracts the verified archive into tmp and makes the result durable.

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"io"
 	"io/fs"
@@ -39,28 +38,9 @@ func (s *Store) Restage(ctx context.Context, a Artifact) (string, error) {
 	if err := s.private(); err != nil {
 		return "", fmt.Errorf("release %s: %w", a.Label, err)
 	}
-	archive, err := s.download(ctx, a, u, rel)
+	tmp, err := s.unpackBeside(ctx, a, u, rel, final)
 	if err != nil {
 		return "", err
-	}
-	defer func() {
-		archive.Close()
-		os.Remove(archive.Name())
-	}()
-	tmp := final + tmpSuffix
-	if err := removeTree(tmp); err != nil {
-		return "", fmt.Errorf("release %s: removing stale %s: %w", a.Label, tmp, err)
-	}
-	if err := os.Mkdir(tmp, 0o755); err != nil { //nolint:gosec // release trees are read by every gateway (DESIGN host layout)
-		return "", fmt.Errorf("release %s: %w", a.Label, err)
-	}
-	if err := s.unpack(ctx, archive, tmp); err != nil {
-		_ = removeTree(tmp)
-		var rej *RejectedError
-		if errors.As(err, &rej) {
-			return "", err
-		}
-		return "", fmt.Errorf("release %s: %w", a.Label, err)
 	}
 	if err := unix.Renameat2(unix.AT_FDCWD, tmp, unix.AT_FDCWD, final, unix.RENAME_EXCHANGE); err != nil {
 		_ = removeTree(tmp)
