@@ -12,9 +12,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
-	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -27,9 +25,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/types"
-	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
@@ -122,34 +118,8 @@ func run(m *testing.M) int {
 	return code
 }
 
-// applyFile creates every object of a multi-document YAML file of the repository.
-func applyFile(ctx context.Context, rel string) error {
-	path, err := repo.Path(rel)
-	if err != nil {
-		return err
-	}
-	f, err := os.Open(path)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	dec := utilyaml.NewYAMLOrJSONDecoder(f, 4096)
-	for {
-		var doc map[string]any
-		if err := dec.Decode(&doc); errors.Is(err, io.EOF) {
-			return nil
-		} else if err != nil {
-			return fmt.Errorf("%s: %w", rel, err)
-		}
-		if len(doc) == 0 {
-			continue
-		}
-		obj := &unstructured.Unstructured{Object: doc}
-		if err := admin.Create(ctx, obj); err != nil {
-			return fmt.Errorf("%s: create %s %s: %w", rel, obj.GetKind(), obj.GetName(), err)
-		}
-	}
-}
+// applyFile creates every object of a YAML file of the repository as the administrator.
+func applyFile(ctx context.Context, rel string) error { return repo.Apply(ctx, admin, rel) }
 
 // issueToken creates a bootstrap token Secret for host, as docs/install.md does, and returns
 // the token. It is deleted when the test ends.

@@ -7,9 +7,7 @@ package security_test
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"io"
 	"os"
 	"strings"
 	"testing"
@@ -21,9 +19,7 @@ import (
 	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/types"
-	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"k8s.io/client-go/rest"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
@@ -99,35 +95,8 @@ func setUp(ctx context.Context) error {
 	return waitForPolicy(ctx)
 }
 
-// applyFile creates every object of a multi-document YAML file of the repository, so the test
-// always runs what is shipped.
-func applyFile(ctx context.Context, rel string) error {
-	path, err := repo.Path(rel)
-	if err != nil {
-		return err
-	}
-	f, err := os.Open(path)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	dec := utilyaml.NewYAMLOrJSONDecoder(f, 4096)
-	for {
-		var doc map[string]any
-		if err := dec.Decode(&doc); errors.Is(err, io.EOF) {
-			return nil
-		} else if err != nil {
-			return fmt.Errorf("%s: %w", rel, err)
-		}
-		if len(doc) == 0 {
-			continue
-		}
-		obj := &unstructured.Unstructured{Object: doc}
-		if err := admin.Create(ctx, obj); err != nil {
-			return fmt.Errorf("%s: create %s %s: %w", rel, obj.GetKind(), obj.GetName(), err)
-		}
-	}
-}
+// applyFile creates every object of a YAML file of the repository as the administrator.
+func applyFile(ctx context.Context, rel string) error { return repo.Apply(ctx, admin, rel) }
 
 // newUser provisions a client-certificate identity. Certificates carry a name and groups only,
 // never userInfo.extra.
