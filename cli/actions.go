@@ -66,14 +66,10 @@ per token and records it in status.lastHandled.` + r.verb + `.`,
 }
 
 func (o *options) request(profile string, r request, w waitFlags) error {
-	if err := v1.ValidateProfileName(profile); err != nil {
-		return err
-	}
-	cl, err := o.client()
+	cl, ctx, cancel, err := o.forProfile(profile)
 	if err != nil {
 		return err
 	}
-	ctx, cancel := o.ctx()
 	defer cancel()
 	token := newToken()
 	patch, err := json.Marshal(map[string]any{"metadata": map[string]any{"annotations": map[string]string{r.annotation: token}}})
@@ -143,14 +139,10 @@ func newPauseCommand(o *options, pause bool) *cobra.Command {
 // patchSpec merge-patches a profile's spec and, with --wait, waits until the controller has
 // observed the new generation and done agrees.
 func (o *options) patchSpec(profile, verb, patch string, w waitFlags, done func(*v1.GatewayProfile) bool) error {
-	if err := v1.ValidateProfileName(profile); err != nil {
-		return err
-	}
-	cl, err := o.client()
+	cl, ctx, cancel, err := o.forProfile(profile)
 	if err != nil {
 		return err
 	}
-	ctx, cancel := o.ctx()
 	defer cancel()
 	gp := &v1.GatewayProfile{}
 	gp.Name = profile
@@ -207,14 +199,10 @@ func rollbackTarget(gp *v1.GatewayProfile) string {
 }
 
 func (o *options) rollback(profile, to string, w waitFlags) error {
-	if err := v1.ValidateProfileName(profile); err != nil {
-		return err
-	}
-	cl, err := o.client()
+	cl, ctx, cancel, err := o.forProfile(profile)
 	if err != nil {
 		return err
 	}
-	ctx, cancel := o.ctx()
 	defer cancel()
 	var gp v1.GatewayProfile
 	if err := cl.Get(ctx, client.ObjectKey{Name: profile}, &gp); err != nil {

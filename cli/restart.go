@@ -37,17 +37,13 @@ The request is the annotation ` + v1.AnnotationRestart + ` on GatewayInstance PR
 }
 
 func (o *options) restart(profile, host string, w waitFlags) error {
-	if err := v1.ValidateProfileName(profile); err != nil {
-		return err
-	}
 	if err := v1.ValidateHostName(host); err != nil {
 		return err
 	}
-	cl, err := o.client()
+	cl, ctx, cancel, err := o.forProfile(profile)
 	if err != nil {
 		return err
 	}
-	ctx, cancel := o.ctx()
 	defer cancel()
 	name := v1.InstanceName(profile, host)
 	var gi v1.GatewayInstance

@@ -101,6 +101,20 @@ func (o *options) ctx() (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.Background(), 5*time.Minute)
 }
 
+// forProfile checks a profile name given on the command line, then returns a client and the
+// command's deadline: what every verb that acts on one profile starts with.
+func (o *options) forProfile(profile string) (client.Client, context.Context, context.CancelFunc, error) {
+	if err := v1.ValidateProfileName(profile); err != nil {
+		return nil, nil, nil, err
+	}
+	cl, err := o.client()
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	ctx, cancel := o.ctx()
+	return cl, ctx, cancel, nil
+}
+
 // explain turns an API error into a sentence an operator can act on. what is the action
 // ("patch gatewayprofile core").
 func explain(err error, what string) error {
