@@ -153,18 +153,23 @@ func TestMaterialDigestRotationAndAccess(t *testing.T) {
 	}
 	eventually(t, "a Role for mat-2", func() (bool, string) { _, err := agentRole("mat-2"); return err == nil, fmt.Sprint(err) })
 	// A binding recreated to another role (roleRef is immutable) is replaced.
-	var rb2 rbacv1.RoleBinding
-	if err := c.Get(ctx, client.ObjectKey{Namespace: materialNS, Name: "gateway-agent-mat-2"}, &rb2); err != nil {
-		t.Fatal(err)
-	}
-	if err := c.Delete(ctx, &rb2); err != nil {
-		t.Fatal(err)
-	}
-	evil := &rbacv1.RoleBinding{ObjectMeta: metav1.ObjectMeta{Namespace: materialNS, Name: rb2.Name, OwnerReferences: rb2.OwnerReferences,
-		Labels: rb2.Labels}, Subjects: rb2.Subjects, RoleRef: rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: "view"}}
-	if err := c.Create(ctx, evil); err != nil {
-		t.Fatal(err)
-	}
+	// The controller recreates a deleted binding at once, so the swap may lose that race;
+	// it is tried again until the foreign binding is in place.
+	eventually(t, "a RoleBinding for mat-2 bound to ClusterRole view", func() (bool, string) {
+		var rb2 rbacv1.RoleBinding
+		if err := c.Get(ctx, client.ObjectKey{Namespace: materialNS, Name: "gateway-agent-mat-2"}, &rb2); err != nil {
+			return false, err.Error()
+		}
+		if err := c.Delete(ctx, &rb2); err != nil && !apierrors.IsNotFound(err) {
+			return false, err.Error()
+		}
+		evil := &rbacv1.RoleBinding{ObjectMeta: metav1.ObjectMeta{Namespace: materialNS, Name: rb2.Name, OwnerReferences: rb2.OwnerReferences,
+			Labels: rb2.Labels}, Subjects: rb2.Subjects, RoleRef: rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: "view"}}
+		if err := c.Create(ctx, evil); err != nil {
+			return false, err.Error()
+		}
+		return true, ""
+	})
 	eventually(t, "mat-2's RoleBinding bound to its own Role again", func() (bool, string) {
 		var cur rbacv1.RoleBinding
 		err := c.Get(ctx, client.ObjectKey{Namespace: materialNS, Name: "gateway-agent-mat-2"}, &cur)
