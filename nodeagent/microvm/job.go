@@ -55,6 +55,26 @@ const (
 	Error Phase = "Error"
 )
 
+// Route is where a run was executed.
+type Route string
+
+// Routes.
+const (
+	// RouteHost is a microVM booted by the node agent on the gateway's own host.
+	RouteHost Route = "Host"
+	// RouteCluster is a ToolRun the node agent created in the cluster on the profile's behalf.
+	RouteCluster Route = "Cluster"
+)
+
+// Start says whether a host-local run got a pre-booted VM from the warm pool or booted one.
+type Start string
+
+// Starts.
+const (
+	StartWarm Start = "Warm"
+	StartCold Start = "Cold"
+)
+
 // Result is what comes back from a run.
 type Result struct {
 	Phase    Phase `json:"phase"`
@@ -68,6 +88,12 @@ type Result struct {
 	Message string `json:"message,omitempty"`
 	// DurationMillis is the wall time from the request to the VM's end.
 	DurationMillis int64 `json:"durationMillis"`
+	// Route is where the run was executed; empty when it was refused before routing.
+	Route Route `json:"route,omitempty"`
+	// Start is Warm or Cold for a host-local run; ColdReason says why a run that could have
+	// been warm was not (the pool was empty, or the profile held its share).
+	Start      Start  `json:"start,omitempty"`
+	ColdReason string `json:"coldReason,omitempty"`
 }
 
 // Validate refuses a request the guest cannot run as written or that exceeds the limits.

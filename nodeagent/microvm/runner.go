@@ -260,6 +260,15 @@ func (r *Runner) Run(ctx context.Context, req Request) (Result, error) {
 	return res, err
 }
 
+// Execute runs req for profile: the host-local Executor.
+func (r *Runner) Execute(ctx context.Context, _ string, req Request) (Result, error) {
+	res, err := r.Run(ctx, req)
+	if res.Phase != Rejected {
+		res.Route, res.Start = RouteHost, StartCold
+	}
+	return res, err
+}
+
 // errExited is the cause of a run's context when QEMU is gone before the run is over.
 var errExited = errors.New("qemu exited before the guest started")
 

@@ -25,9 +25,10 @@ const requestReadTimeout = 10 * time.Second
 // maxRequestBytes bounds one request on the wire: stdin in base64 plus the command.
 const maxRequestBytes = MaxStdinBytes/3*4 + 4 + 2*MaxCommandBytes + 64<<10
 
-// Executor runs one request; *Runner is the real one.
+// Executor runs one request on behalf of a profile; *Runner is the host-local one. The profile
+// is the socket's, never a name the caller sent.
 type Executor interface {
-	Run(ctx context.Context, req Request) (Result, error)
+	Execute(ctx context.Context, profile string, req Request) (Result, error)
 }
 
 // Owner is the profile user a socket belongs to: the only peer it serves.
@@ -279,7 +280,7 @@ func (s *Sockets) handle(srv *server, conn *net.UnixConn, log logr.Logger) {
 		return
 	}
 	_ = conn.SetReadDeadline(time.Time{})
-	res, err := s.Executor.Run(srv.ctx, req)
+	res, err := s.Executor.Execute(srv.ctx, srv.profile, req)
 	if err != nil {
 		log.Error(err, "tool run failed")
 		if res.Message == "" {
