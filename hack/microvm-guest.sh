@@ -9,7 +9,7 @@
 set -euo pipefail
 
 cache=${XDG_CACHE_HOME:-$HOME/.cache}/gateway-operator/microvm
-layout=1 # bump when the guest's content (the init script below) changes
+layout=2 # bump when the guest's content (the init script below) changes
 mkdir -p "$cache"
 
 # An already built guest of this layout needs no mirror at all.
@@ -71,7 +71,8 @@ done
 # The kernel needs a console before /init runs.
 mknod -m 0600 "$root/dev/console" c 5 1
 
-# /init: the only program the guest runs as root. The job archive (appended by the agent) holds
+# /init: the only program the guest runs as root. The job archive (appended by the agent, or
+# sent on the serial line to a warm guest that booted without one) holds
 # /job/cmd (the command, quoted by the agent), /job/stdin, /job/cap (bytes kept per stream) and
 # /job/nonce. The command runs as an unprivileged guest user with the serial line out of its
 # reach; its stdout and stderr are drained to the end but only the first cap+1 bytes are kept.
@@ -86,6 +87,19 @@ mount -t devtmpfs -o mode=0755,nosuid devtmpfs /dev
 mount -t tmpfs -o mode=0700 tmpfs /run
 chmod 0600 /dev/console /dev/ttyS0 2>/dev/null
 ip link set lo up
+if [ ! -e /job/nonce ]; then
+  # Warm: no job was appended. Say so once, before any job exists (nothing else runs yet, so
+  # nothing can forge it), then take the job from the host on the serial line: "job <bytes>"
+  # and that many bytes of the same cpio archive, raw (no echo, no line editing, 8-bit clean).
+  stty -F /dev/ttyS0 raw -echo 115200
+  echo "gwvm ready" >/dev/ttyS0
+  read -r word size </dev/ttyS0
+  case $word:$size in job:[1-9]*) ;; *) poweroff -f ;; esac
+  head -c "$size" </dev/ttyS0 >/run/job.cpio
+  (cd / && cpio -i -d -m -u </run/job.cpio) 2>/dev/null
+  rm -f /run/job.cpio
+  [ -e /job/nonce ] || poweroff -f
+fi
 nonce=$(cat /job/nonce)
 rm -f /job/nonce
 cap=$(cat /job/cap)

@@ -16,6 +16,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -68,8 +69,14 @@ type Config struct {
 	// WorkDir holds one private folder per run. It must be short enough for the unix socket
 	// paths QEMU connects to in it (about 80 bytes).
 	WorkDir string
-	// UID and GID run QEMU; both must be non-zero and known to the host's passwd and group.
+	// UID and GID run QEMU when IDs is empty; both must be non-zero and known to the host's
+	// passwd and group.
 	UID, GID uint32
+	// IDs are the users QEMU runs as, one per VM that may run at once: a VM takes one for its
+	// whole life and no other VM runs as it meanwhile, so one compromised QEMU cannot reach
+	// another VM's sockets or files. Each must be non-zero, known to the host's passwd and
+	// group, and its uid and gid used by no other entry.
+	IDs []ID
 	// Accel is "tcg", "kvm" or "auto" (KVM when /dev/kvm is usable by UID/GID, else TCG).
 	Accel string
 	// MemoryMiB is the guest's RAM; OutputCap the bytes kept per stream.
@@ -77,10 +84,25 @@ type Config struct {
 	// MemoryOverheadMiB is what QEMU may use beyond the guest's RAM: its unit's MemoryMax is
 	// MemoryMiB + MemoryOverheadMiB (default DefaultMemoryOverheadMiB).
 	MemoryOverheadMiB int
-	// MaxConcurrent is how many VMs run at once (default 1); others wait for a slot.
+	// MaxConcurrent is how many VMs exist at once, warm ones included (default and at most
+	// len(IDs)); other runs wait for one to end.
 	MaxConcurrent int
-	Log           logr.Logger
+	// PoolSize is how many pre-booted VMs wait for a job (0: every run boots its own VM). At
+	// most MaxConcurrent.
+	PoolSize int
+	// PoolShare is how many warm VMs one profile may hold at once (default 1): beyond it the
+	// profile's runs boot cold, so one profile cannot take every warm VM.
+	PoolShare int
+	// MaxIdle is how long a warm VM waits for a job before it is replaced (DefaultMaxIdle).
+	MaxIdle time.Duration
+	Log     logr.Logger
 }
+
+// ID is a uid and gid one VM's QEMU runs as.
+type ID struct{ UID, GID uint32 }
+
+// DefaultMaxIdle is how long a warm VM waits for a job before it is replaced by a fresh one.
+const DefaultMaxIdle = 10 * time.Minute
 
 // Runner boots one microVM per request, each QEMU in a transient systemd service of its own.
 type Runner struct {
@@ -89,7 +111,12 @@ type Runner struct {
 	accel      string
 	groups     []uint32
 	kernelArgs string
-	slots      chan struct{}
+	// slots holds the IDs no VM runs as: a VM takes one before it starts and gives it back
+	// once it is gone.
+	slots chan ID
+	// waiting counts runs waiting for a slot: the pool does not refill while one does.
+	waiting atomic.Int32
+	pool    *pool
 }
 
 // NewRunner checks the configuration and prepares the guest files. It does not boot anything.
@@ -97,9 +124,14 @@ func NewRunner(cfg Config) (*Runner, error) {
 	if cfg.Systemd == nil {
 		return nil, errors.New("microvm: a systemd connection is required: every QEMU runs in a transient unit with memory and task limits")
 	}
-	if cfg.UID == 0 || cfg.GID == 0 {
-		return nil, errors.New("microvm: QEMU must run as a non-root user and group")
+	if len(cfg.IDs) == 0 {
+		cfg.IDs = []ID{{cfg.UID, cfg.GID}}
 	}
+	if err := checkIDs(cfg.IDs); err != nil {
+		return nil, err
+	}
+	// The acceleration probe looks at the first user: they all have the same groups.
+	cfg.UID, cfg.GID = cfg.IDs[0].UID, cfg.IDs[0].GID
 	if cfg.Root == "" {
 		cfg.Root = "/"
 	}
@@ -126,7 +158,19 @@ func NewRunner(cfg Config) (*Runner, error) {
 		return nil, fmt.Errorf("microvm: output cap %d is outside 1..%d", cfg.OutputCap, MaxOutputCap)
 	}
 	if cfg.MaxConcurrent <= 0 {
-		cfg.MaxConcurrent = 1
+		cfg.MaxConcurrent = len(cfg.IDs)
+	}
+	if cfg.MaxConcurrent > len(cfg.IDs) {
+		return nil, fmt.Errorf("microvm: %d VMs at once need as many users; %d are given", cfg.MaxConcurrent, len(cfg.IDs))
+	}
+	if cfg.PoolSize < 0 || cfg.PoolSize > cfg.MaxConcurrent {
+		return nil, fmt.Errorf("microvm: pool size %d is outside 0..%d (the VMs at once)", cfg.PoolSize, cfg.MaxConcurrent)
+	}
+	if cfg.PoolShare <= 0 {
+		cfg.PoolShare = 1
+	}
+	if cfg.MaxIdle <= 0 {
+		cfg.MaxIdle = DefaultMaxIdle
 	}
 	if !filepath.IsAbs(cfg.WorkDir) || !filepath.IsAbs(cfg.QEMU) {
 		return nil, fmt.Errorf("microvm: work folder %q and QEMU %q must be absolute paths", cfg.WorkDir, cfg.QEMU)
@@ -136,11 +180,32 @@ func NewRunner(cfg Config) (*Runner, error) {
 	if n := len(cfg.WorkDir) + 1 + 16 + 1 + len(serialSocket); n > 107 {
 		return nil, fmt.Errorf("microvm: work folder %q is too long for unix socket paths", cfg.WorkDir)
 	}
-	r := &Runner{cfg: cfg, slots: make(chan struct{}, cfg.MaxConcurrent)}
+	r := &Runner{cfg: cfg, slots: make(chan ID, cfg.MaxConcurrent)}
+	for _, id := range cfg.IDs[:cfg.MaxConcurrent] {
+		r.slots <- id
+	}
 	if err := r.prepare(); err != nil {
 		return nil, err
 	}
+	if cfg.PoolSize > 0 {
+		r.pool = newPool(r)
+	}
 	return r, nil
+}
+
+// checkIDs refuses root and any uid or gid that two VMs would share.
+func checkIDs(ids []ID) error {
+	uids, gids := map[uint32]bool{}, map[uint32]bool{}
+	for _, id := range ids {
+		if id.UID == 0 || id.GID == 0 {
+			return errors.New("microvm: QEMU must run as a non-root user and group")
+		}
+		if uids[id.UID] || gids[id.GID] {
+			return fmt.Errorf("microvm: uid %d / gid %d is given twice: every VM needs its own", id.UID, id.GID)
+		}
+		uids[id.UID], gids[id.GID] = true, true
+	}
+	return nil
 }
 
 // onHost is where the agent reaches a host path.
@@ -245,90 +310,180 @@ func (r *Runner) Run(ctx context.Context, req Request) (Result, error) {
 	if err := req.Validate(); err != nil {
 		return Result{Phase: Rejected, Message: err.Error(), ExitCode: -1}, nil
 	}
-	deadline := start.Add(req.Timeout())
-	ctx, cancel := context.WithDeadline(ctx, deadline)
+	ctx, cancel := context.WithDeadline(ctx, start.Add(req.Timeout()))
 	defer cancel()
-	select {
-	case r.slots <- struct{}{}:
-		defer func() { <-r.slots }()
-	case <-ctx.Done():
-		return Result{Phase: TimedOut, ExitCode: -1, Message: "no microVM slot became free before the timeout",
-			DurationMillis: time.Since(start).Milliseconds()}, nil
-	}
-	res, err := r.boot(ctx, req)
+	res, err := r.runCold(ctx, req)
 	res.DurationMillis = time.Since(start).Milliseconds()
 	return res, err
 }
 
-// Execute runs req for profile: the host-local Executor.
-func (r *Runner) Execute(ctx context.Context, _ string, req Request) (Result, error) {
-	res, err := r.Run(ctx, req)
-	if res.Phase != Rejected {
-		res.Route, res.Start = RouteHost, StartCold
+// Execute runs req for profile: the host-local Executor. It takes a warm VM from the pool when
+// one is there and the profile holds less than its share; otherwise it boots one.
+func (r *Runner) Execute(ctx context.Context, profile string, req Request) (Result, error) {
+	start := time.Now()
+	if err := req.Validate(); err != nil {
+		return Result{Phase: Rejected, Message: err.Error(), ExitCode: -1}, nil
 	}
+	ctx, cancel := context.WithDeadline(ctx, start.Add(req.Timeout()))
+	defer cancel()
+	var res Result
+	var err error
+	if v, reason := r.pool.claim(profile); v != nil {
+		res, err = r.runWarm(ctx, v, req)
+		r.pool.done(profile)
+		res.Start = StartWarm
+	} else {
+		res, err = r.runCold(ctx, req)
+		res.Start, res.ColdReason = StartCold, reason
+	}
+	res.Route = RouteHost
+	res.DurationMillis = time.Since(start).Milliseconds()
 	return res, err
+}
+
+// Close stops the pool's refill and ends its warm VMs. Runs in progress are not affected.
+func (r *Runner) Close() { r.pool.close() }
+
+// Warm is how many pre-booted VMs wait for a job right now.
+func (r *Runner) Warm() int { return r.pool.idleCount() }
+
+// runCold boots a VM with req's job in its initramfs, once a slot is free.
+func (r *Runner) runCold(ctx context.Context, req Request) (Result, error) {
+	id, ok := r.acquire(ctx)
+	if !ok {
+		return Result{Phase: TimedOut, ExitCode: -1, Message: "no microVM slot became free before the timeout"}, nil
+	}
+	defer r.release(id)
+	nonce, err := newNonce()
+	if err != nil {
+		return Result{Phase: Error, ExitCode: -1}, err
+	}
+	job, err := JobArchive(req, nonce, r.cfg.OutputCap)
+	if err != nil {
+		return Result{Phase: Error, ExitCode: -1}, err
+	}
+	v := &vm{id: id}
+	defer r.destroy(v)
+	if res, err := r.launch(ctx, v, job, req.Timeout()+unitRuntimeSlack); err != nil || res.Phase != "" {
+		return res, err
+	}
+	return r.collect(ctx, v, nonce, req.Timeout(), func() error { return v.qmp.ExecuteCont(ctx) })
+}
+
+// runWarm sends req's job to a warm VM that announced itself ready, reads its report and
+// ends the VM: a warm VM serves one job only.
+func (r *Runner) runWarm(ctx context.Context, v *vm, req Request) (Result, error) {
+	defer r.release(v.id)
+	defer r.destroy(v)
+	nonce, err := newNonce()
+	if err != nil {
+		return Result{Phase: Error, ExitCode: -1}, err
+	}
+	job, err := JobArchive(req, nonce, r.cfg.OutputCap)
+	if err != nil {
+		return Result{Phase: Error, ExitCode: -1}, err
+	}
+	return r.collect(ctx, v, nonce, req.Timeout(), func() error {
+		stop := context.AfterFunc(ctx, func() { _ = v.serial.SetWriteDeadline(time.Now()) })
+		defer stop()
+		_, err := v.serial.Write(append([]byte("job "+strconv.Itoa(len(job))+"\n"), job...))
+		return err
+	})
+}
+
+// acquire takes a free slot (the ID a VM runs as), waiting until ctx ends. When none is free,
+// it has the pool give up one idle warm VM, so a run that must boot cold is not stuck behind a
+// full pool.
+func (r *Runner) acquire(ctx context.Context) (ID, bool) {
+	select {
+	case id := <-r.slots:
+		return id, true
+	default:
+	}
+	r.waiting.Add(1)
+	defer r.waiting.Add(-1)
+	r.pool.evictOne()
+	select {
+	case id := <-r.slots:
+		return id, true
+	case <-ctx.Done():
+		return ID{}, false
+	}
+}
+
+// release gives a slot back once its VM is gone.
+func (r *Runner) release(id ID) {
+	r.slots <- id
+	r.pool.poke()
+}
+
+func newNonce() (string, error) {
+	var b [16]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return "", err
+	}
+	return hex.EncodeToString(b[:]), nil
 }
 
 // errExited is the cause of a run's context when QEMU is gone before the run is over.
 var errExited = errors.New("qemu exited before the guest started")
 
-// vm is one running QEMU.
+// vm is one running QEMU. An idle warm VM holds only this: no buffer of its serial line, which
+// nobody reads until a job is sent.
 type vm struct {
+	id     ID
 	unit   string
+	dir    string // the run's folder, as the agent reaches it
 	qmp    *qemu.QMP
 	qmpOff chan struct{}
 	// exited is closed when QEMU's output reaches end of file: QEMU is gone and systemd has
 	// released the unit's copy of the pipe.
 	exited chan struct{}
 	stderr *tail
+	serial *net.UnixConn
+	ready  time.Time // when a warm VM announced itself ready
 }
 
-func (r *Runner) boot(ctx context.Context, req Request) (Result, error) {
+// launch starts QEMU as v.id with the base initramfs plus job (none for a warm VM) and
+// returns once QEMU's QMP and serial connections are up; the guest's CPU is still stopped.
+// An error means nothing could be started; a Result with a phase describes a VM that broke
+// while starting. Either way the caller ends v with destroy.
+func (r *Runner) launch(ctx context.Context, v *vm, job []byte, runtimeMax time.Duration) (Result, error) {
 	log := r.cfg.Log
 	failed := Result{Phase: Error, ExitCode: -1}
 	var idBytes [8]byte
-	var nonceBytes [16]byte
 	if _, err := rand.Read(idBytes[:]); err != nil {
 		return failed, err
 	}
-	if _, err := rand.Read(nonceBytes[:]); err != nil {
-		return failed, err
-	}
-	id := hex.EncodeToString(idBytes[:])
-	nonce := hex.EncodeToString(nonceBytes[:])
-	job, err := JobArchive(req, nonce, r.cfg.OutputCap)
-	if err != nil {
-		return failed, err
-	}
-
+	name := hex.EncodeToString(idBytes[:])
 	// The run's folder is root's; QEMU's group may only traverse it and read or connect to
 	// what the agent put there, so QEMU cannot swap anything the agent later opens.
-	hostDir := path.Join(r.cfg.WorkDir, id)
+	hostDir := path.Join(r.cfg.WorkDir, name)
 	dir := r.onHost(hostDir)
 	if err := os.Mkdir(dir, 0o700); err != nil {
 		return failed, err
 	}
-	defer os.RemoveAll(dir)
+	v.dir = dir
 	dirFD, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return failed, err
 	}
 	defer unix.Close(dirFD)
-	if err := writeShared(filepath.Join(dir, initrdFile), r.cfg.GID, r.initramfs, job); err != nil {
+	if err := writeShared(filepath.Join(dir, initrdFile), v.id.GID, r.initramfs, job); err != nil {
 		return failed, err
 	}
 	// Short socket addresses through the folder's handle, whatever the root prefix.
-	qmpLn, err := r.listen(dirFD, qmpSocket)
+	qmpLn, err := listen(dirFD, qmpSocket, v.id.GID)
 	if err != nil {
 		return failed, err
 	}
 	defer qmpLn.Close()
-	serialLn, err := r.listen(dirFD, serialSocket)
+	serialLn, err := listen(dirFD, serialSocket, v.id.GID)
 	if err != nil {
 		return failed, err
 	}
 	defer serialLn.Close()
-	if err := unix.Fchownat(dirFD, "", 0, int(r.cfg.GID), unix.AT_EMPTY_PATH); err != nil {
+	if err := unix.Fchownat(dirFD, "", 0, int(v.id.GID), unix.AT_EMPTY_PATH); err != nil {
 		return failed, err
 	}
 	if err := unix.Fchmodat(unix.AT_FDCWD, procFD(dirFD), 0o710, 0); err != nil {
@@ -336,20 +491,12 @@ func (r *Runner) boot(ctx context.Context, req Request) (Result, error) {
 	}
 
 	began := time.Now()
-	var launched, connected, reported time.Duration
-	v, err := r.start(ctx, id, hostDir, req.Timeout())
-	defer func() {
-		log.V(1).Info("microVM done", "unit", v.unit, "launchMillis", launched.Milliseconds(), "qmpReadyMillis", connected.Milliseconds(),
-			"reportMillis", reported.Milliseconds(), "stoppedMillis", time.Since(began).Milliseconds())
-	}()
-	defer r.stop(v)
-	if err != nil {
+	if err := r.start(ctx, v, name, hostDir, runtimeMax); err != nil {
 		v.waitExit(500 * time.Millisecond)
 		return v.failure(err), nil
 	}
-	launched = time.Since(began)
-
-	// QEMU exiting ends every wait below at once, not only the run's timeout.
+	launched := time.Since(began)
+	// QEMU exiting ends every wait below at once, not only ctx.
 	runCtx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	go func() {
@@ -359,31 +506,36 @@ func (r *Runner) boot(ctx context.Context, req Request) (Result, error) {
 		case <-runCtx.Done():
 		}
 	}()
-	if err := v.connectQMP(runCtx, qmpLn, r.cfg.UID, qmpLogger{log: log.WithName("qmp")}); err != nil {
+	if err := v.connectQMP(runCtx, qmpLn, v.id.UID, qmpLogger{log: log.WithName("qmp")}); err != nil {
 		return v.broke(runCtx, err), nil
 	}
-	connected = time.Since(began)
-	serial, err := accept(runCtx, serialLn, r.cfg.UID)
+	serial, err := accept(runCtx, serialLn, v.id.UID)
 	if err != nil {
 		return v.broke(runCtx, fmt.Errorf("serial line: %w", err)), nil
 	}
-	defer serial.Close()
+	v.serial = serial
+	log.V(1).Info("microVM started", "unit", v.unit, "uid", v.id.UID, "launchMillis", launched.Milliseconds(),
+		"connectedMillis", time.Since(began).Milliseconds())
+	return Result{}, nil
+}
+
+// collect has send start the job (resume a cold guest, or deliver the job to a warm one) and
+// reads the guest's report with the output caps, until ctx ends.
+func (r *Runner) collect(ctx context.Context, v *vm, nonce string, timeout time.Duration, send func() error) (Result, error) {
 	type report struct {
 		rep *guestReport
 		err error
 	}
 	reports := make(chan report, 1)
 	go func() {
-		rep, err := readReport(serial, nonce, r.cfg.OutputCap, serialLimit(r.cfg.OutputCap))
+		rep, err := readReport(v.serial, nonce, r.cfg.OutputCap, serialLimit(r.cfg.OutputCap))
 		reports <- report{rep, err}
 	}()
-	if err := v.qmp.ExecuteCont(runCtx); err != nil {
-		return v.broke(runCtx, fmt.Errorf("start the guest: %w", err)), nil
+	if err := send(); err != nil && ctx.Err() == nil {
+		return v.broke(ctx, fmt.Errorf("start the job: %w", err)), nil
 	}
-
 	select {
 	case rp := <-reports:
-		reported = time.Since(began)
 		if rp.err != nil {
 			if errors.Is(rp.err, errSerialLimit) {
 				return Result{Phase: Error, ExitCode: -1, Message: rp.err.Error()}, nil
@@ -396,45 +548,59 @@ func (r *Runner) boot(ctx context.Context, req Request) (Result, error) {
 	case <-ctx.Done():
 		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
 			return Result{Phase: TimedOut, ExitCode: -1,
-				Message: fmt.Sprintf("the run did not finish within %s; the microVM was stopped", req.Timeout())}, nil
+				Message: fmt.Sprintf("the run did not finish within %s; the microVM was stopped", timeout)}, nil
 		}
 		return Result{Phase: Error, ExitCode: -1, Message: "the request was canceled"}, ctx.Err()
 	}
 }
 
-// start asks systemd to run QEMU in a transient unit of its own. The returned vm is valid even
-// with an error, so that the caller stops and forgets whatever was started.
-func (r *Runner) start(ctx context.Context, id, hostDir string, timeout time.Duration) (*vm, error) {
-	v := &vm{unit: UnitPrefix + id + ".service", exited: make(chan struct{}), stderr: &tail{max: stderrTail}}
+// destroy ends v's QEMU (if it was started), closes its serial line and removes its folder.
+func (r *Runner) destroy(v *vm) {
+	if v.exited != nil {
+		r.stop(v)
+	}
+	if v.serial != nil {
+		_ = v.serial.Close()
+	}
+	if v.dir != "" {
+		_ = os.RemoveAll(v.dir)
+	}
+}
+
+// start asks systemd to run QEMU in a transient unit of its own, named after the run. Whatever
+// the error, v can be stopped: its unit and exit channel are set.
+func (r *Runner) start(ctx context.Context, v *vm, name, hostDir string, runtimeMax time.Duration) error {
+	v.unit, v.exited, v.stderr = UnitPrefix+name+".service", make(chan struct{}), &tail{max: stderrTail}
 	out, in, err := os.Pipe()
 	if err != nil {
 		close(v.exited)
-		return v, err
+		return err
 	}
-	err = r.cfg.Systemd.StartTransient(ctx, v.unit, r.unitProperties(id, hostDir, timeout, in))
+	err = r.cfg.Systemd.StartTransient(ctx, v.unit, r.unitProperties(v.id, name, hostDir, runtimeMax, in))
 	// systemd holds its own copy while the unit lives: end of file means QEMU is gone.
 	_ = in.Close()
 	go func() {
-		_, _ = io.Copy(v.stderr, out)
+		// A small buffer: an idle warm VM keeps this goroutine.
+		_, _ = io.CopyBuffer(v.stderr, out, make([]byte, 512))
 		_ = out.Close()
 		close(v.exited)
 	}()
 	if err != nil {
-		return v, fmt.Errorf("start qemu: %w", err)
+		return fmt.Errorf("start qemu: %w", err)
 	}
-	return v, nil
+	return nil
 }
 
 // listen makes a socket QEMU connects to in the run's folder: root's, and connectable by
-// QEMU's group only.
-func (r *Runner) listen(dirFD int, name string) (*net.UnixListener, error) {
+// QEMU's group (gid) only.
+func listen(dirFD int, name string, gid uint32) (*net.UnixListener, error) {
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Net: "unix", Name: procFD(dirFD) + "/" + name})
 	if err != nil {
 		return nil, err
 	}
 	// The folder is removed as a whole.
 	ln.SetUnlinkOnClose(false)
-	if err := unix.Fchownat(dirFD, name, 0, int(r.cfg.GID), unix.AT_SYMLINK_NOFOLLOW); err != nil {
+	if err := unix.Fchownat(dirFD, name, 0, int(gid), unix.AT_SYMLINK_NOFOLLOW); err != nil {
 		_ = ln.Close()
 		return nil, err
 	}

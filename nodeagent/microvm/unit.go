@@ -34,8 +34,8 @@ const (
 	// unitOOMScoreAdjust makes the kernel pick QEMU before the agent when the host itself runs
 	// out of memory (the cgroup limit covers the rest).
 	unitOOMScoreAdjust = 500
-	// unitRuntimeSlack is added to the run's timeout for RuntimeMaxSec: if the agent dies
-	// during a run, systemd still stops the VM.
+	// unitRuntimeSlack is added to the run's timeout (and to a warm VM's idle age plus the
+	// longest timeout) for RuntimeMaxSec: if the agent dies, systemd still stops the VM.
 	unitRuntimeSlack = time.Minute
 )
 
@@ -69,7 +69,7 @@ func (r *Runner) qemuArgs(id, hostDir string) []string {
 // unitProperties describe the transient service one QEMU runs in: its own cgroup with memory,
 // task and CPU limits, QEMU's user, no capabilities, a read-only view of the host, no network,
 // a deadline of its own, and stdout/stderr into output.
-func (r *Runner) unitProperties(id, hostDir string, timeout time.Duration, output *os.File) []systemd.Property {
+func (r *Runner) unitProperties(user ID, id, hostDir string, runtimeMax time.Duration, output *os.File) []systemd.Property {
 	groups := make([]string, 0, len(r.groups))
 	for _, g := range r.groups {
 		groups = append(groups, strconv.FormatUint(uint64(g), 10))
@@ -84,8 +84,8 @@ func (r *Runner) unitProperties(id, hostDir string, timeout time.Duration, outpu
 		sdbus.PropExecStart(r.qemuArgs(id, hostDir), true),
 		// Collected as soon as it stops, whether QEMU exited cleanly or not.
 		prop("CollectMode", "inactive-or-failed"),
-		prop("User", strconv.FormatUint(uint64(r.cfg.UID), 10)),
-		prop("Group", strconv.FormatUint(uint64(r.cfg.GID), 10)),
+		prop("User", strconv.FormatUint(uint64(user.UID), 10)),
+		prop("Group", strconv.FormatUint(uint64(user.GID), 10)),
 		prop("SupplementaryGroups", groups),
 		prop("StandardOutputFileDescriptor", fd),
 		prop("StandardErrorFileDescriptor", fd),
@@ -95,7 +95,7 @@ func (r *Runner) unitProperties(id, hostDir string, timeout time.Duration, outpu
 		prop("CPUQuotaPerSecUSec", uint64(unitCPUQuota/time.Microsecond)),
 		prop("CPUWeight", uint64(unitCPUWeight)),
 		prop("OOMScoreAdjust", int32(unitOOMScoreAdjust)),
-		prop("RuntimeMaxUSec", uint64((timeout+unitRuntimeSlack)/time.Microsecond)), //nolint:gosec // a positive timeout
+		prop("RuntimeMaxUSec", uint64(runtimeMax/time.Microsecond)), //nolint:gosec // a positive duration
 		prop("TimeoutStopUSec", uint64(QuitGrace/time.Microsecond)),
 		prop("NoNewPrivileges", true),
 		prop("CapabilityBoundingSet", uint64(0)),

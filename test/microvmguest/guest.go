@@ -16,8 +16,21 @@ import (
 	"github.com/agent-gateway/gateway-operator/test/systemdhost"
 )
 
-// QEMUUser and QEMUGroup are the unprivileged ids tests run QEMU as.
+// QEMUUser and QEMUGroup are the first of the unprivileged ids tests run QEMU as; VM i of
+// the QEMUUsers that may exist at once runs as QEMUUser+i and QEMUGroup+i.
 const QEMUUser, QEMUGroup = 64531, 64531
+
+// QEMUUsers is how many VMs may exist at once in a test runner: at most 4 on a shared machine.
+const QEMUUsers = 4
+
+// IDs are the users a test runner's VMs run as.
+func IDs() []microvm.ID {
+	ids := make([]microvm.ID, QEMUUsers)
+	for i := range ids {
+		ids[i] = microvm.ID{UID: uint32(QEMUUser + i), GID: uint32(QEMUGroup + i)}
+	}
+	return ids
+}
 
 // Files returns the guest kernel and initramfs, skipping the test when they or QEMU are not
 // available (and failing it instead when GATEWAY_TEST_REQUIRE_ALL is set).
@@ -46,13 +59,15 @@ func Files(t testing.TB) (kernel, initramfs string) {
 // folder itself (not a tmpfs of the sandbox), so the test reaches it under the host's Root.
 const WorkDir = "/var/lib/gwvm"
 
-// AddQEMUUser adds QEMUUser and QEMUGroup to a test host's passwd and group, as "gwvm".
+// AddQEMUUser adds the users of IDs to a test host's passwd and group, as "gwvm_<i>".
 func AddQEMUUser(t testing.TB, h *systemdhost.Host) {
 	t.Helper()
-	for file, line := range map[string]string{
-		"etc/passwd": fmt.Sprintf("gwvm:x:%d:%d::/nonexistent:/usr/sbin/nologin\n", QEMUUser, QEMUGroup),
-		"etc/group":  fmt.Sprintf("gwvm:x:%d:\n", QEMUGroup),
-	} {
+	var passwd, group string
+	for i, id := range IDs() {
+		passwd += fmt.Sprintf("gwvm_%d:x:%d:%d::/nonexistent:/usr/sbin/nologin\n", i, id.UID, id.GID)
+		group += fmt.Sprintf("gwvm_%d:x:%d:\n", i, id.GID)
+	}
+	for file, line := range map[string]string{"etc/passwd": passwd, "etc/group": group} {
 		f, err := os.OpenFile(filepath.Join(h.Root, file), os.O_WRONLY|os.O_APPEND, 0)
 		if err != nil {
 			t.Fatal(err)
@@ -93,8 +108,8 @@ func Start(t testing.TB, cfg microvm.Config) (*microvm.Runner, *systemdhost.Host
 	if cfg.WorkDir == "" {
 		cfg.WorkDir = WorkDir
 	}
-	if cfg.UID == 0 {
-		cfg.UID, cfg.GID = QEMUUser, QEMUGroup
+	if cfg.UID == 0 && len(cfg.IDs) == 0 {
+		cfg.IDs = IDs()
 	}
 	if cfg.Accel == "" {
 		cfg.Accel = "tcg"
@@ -106,5 +121,6 @@ func Start(t testing.TB, cfg microvm.Config) (*microvm.Runner, *systemdhost.Host
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(r.Close)
 	return r, h
 }
