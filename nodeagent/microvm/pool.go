@@ -96,7 +96,15 @@ func (p *pool) evictOne() {
 	}
 }
 
-// discard ends an idle VM in the background and frees its slot. Called with p.mu held.
+// retire ends a VM that served its job in the background and frees its slot.
+func (p *pool) retire(v *vm) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.discard(v)
+}
+
+// discard ends a VM in the background and frees its slot. Called with p.mu held, so that
+// close waits for it.
 func (p *pool) discard(v *vm) {
 	p.wg.Add(1)
 	go func() {

@@ -26,9 +26,36 @@ func run(t *testing.T, r *microvm.Runner, req microvm.Request) microvm.Result {
 	return res
 }
 
+// starts are the two ways a run gets its VM: every isolation check runs against both.
+var starts = []microvm.Start{microvm.StartCold, microvm.StartWarm}
+
+// startRunner returns a runner whose runs start as start: with a pool of one VM for warm.
+func startRunner(t *testing.T, start microvm.Start, cfg microvm.Config) (*microvm.Runner, *systemdhost.Host) {
+	t.Helper()
+	if start == microvm.StartWarm {
+		cfg.PoolSize = 1
+	}
+	return microvmguest.Start(t, cfg)
+}
+
+// runAs runs req through the Executor once a warm VM waits (for warm) and checks how it started.
+func runAs(t *testing.T, r *microvm.Runner, start microvm.Start, req microvm.Request) microvm.Result {
+	t.Helper()
+	if start == microvm.StartWarm {
+		waitWarm(t, r, 1)
+	}
+	return execute(t, r, "vm", start, req)
+}
+
 func TestVMReturnsStdoutStderrAndExitCode(t *testing.T) {
-	r := microvmguest.Runner(t, microvm.Config{})
-	res := run(t, r, microvm.Request{
+	for _, start := range starts {
+		t.Run(string(start), func(t *testing.T) { testStdoutStderrAndExitCode(t, start) })
+	}
+}
+
+func testStdoutStderrAndExitCode(t *testing.T, start microvm.Start) {
+	r, _ := startRunner(t, start, microvm.Config{})
+	res := runAs(t, r, start, microvm.Request{
 		Command: []string{"sh", "-c", `echo "out:$1"; echo "err:$2" >&2; id -u; cat; exit 7`, "sh", "it's", "a \"quoted\" $word"},
 		Stdin:   []byte("from stdin\n"),
 	})
@@ -41,21 +68,36 @@ func TestVMReturnsStdoutStderrAndExitCode(t *testing.T) {
 	if want := "err:a \"quoted\" $word\n"; string(res.Stderr) != want {
 		t.Errorf("stderr %q, want %q", res.Stderr, want)
 	}
-	res = run(t, r, microvm.Request{Command: []string{"true"}})
+	res = runAs(t, r, start, microvm.Request{Command: []string{"true"}})
 	if res.Phase != microvm.Succeeded || res.ExitCode != 0 || len(res.Stdout)+len(res.Stderr) != 0 {
 		t.Fatalf("true: %+v", res)
 	}
 }
 
 func TestVMTimeoutStopsTheVM(t *testing.T) {
-	r, h := microvmguest.Start(t, microvm.Config{})
+	for _, start := range starts {
+		t.Run(string(start), func(t *testing.T) { testTimeoutStopsTheVM(t, start) })
+	}
+}
+
+func testTimeoutStopsTheVM(t *testing.T, start microvm.Start) {
+	r, h := startRunner(t, start, microvm.Config{})
+	var unit string
+	var pid uint32
+	if start == microvm.StartWarm {
+		// The one VM there is the one the run claims.
+		waitWarm(t, r, 1)
+		unit, pid = waitQEMU(t, h)
+	}
 	done := make(chan microvm.Result)
 	go func() {
-		res, _ := r.Run(context.Background(), microvm.Request{Command: []string{"sleep", "600"}, TimeoutSeconds: 5})
+		res, _ := r.Execute(context.Background(), "vm", microvm.Request{Command: []string{"sleep", "600"}, TimeoutSeconds: 5})
 		done <- res
 	}()
+	if start == microvm.StartCold {
+		unit, pid = waitQEMU(t, h)
+	}
 	// While it runs, QEMU is an unprivileged process under a seccomp filter.
-	unit, pid := waitQEMU(t, h)
 	var fields map[string]string
 	poll.Until(t, "QEMU's seccomp filter (QEMU sets it while it starts)", 10*time.Second, func() (bool, string) {
 		fields = procStatus(t, h.ProcPath(pid, "status"))
@@ -74,12 +116,14 @@ func TestVMTimeoutStopsTheVM(t *testing.T) {
 		t.Errorf("QEMU's supplementary groups are %q, want none but its own", g)
 	}
 	res := <-done
-	if res.Phase != microvm.TimedOut {
-		t.Fatalf("phase %s, want TimedOut (%+v)", res.Phase, res)
+	if res.Phase != microvm.TimedOut || res.Start != start {
+		t.Fatalf("phase %s start %s, want TimedOut %s (%+v)", res.Phase, res.Start, start, res)
 	}
 	if _, err := os.Stat(h.ProcPath(pid, "")); err == nil {
 		t.Fatalf("QEMU (pid %d) still runs after the timeout", pid)
 	}
+	// The pool's refill is not part of the run.
+	r.Close()
 	assertUnitGone(t, h, unit)
 	t.Logf("timed out after %d ms: %s", res.DurationMillis, res.Message)
 }
@@ -141,7 +185,13 @@ func assertUnitGone(t *testing.T, h *systemdhost.Host, unit string) {
 }
 
 func TestVMGuestSeesNoHostFileNoNetworkNoDisk(t *testing.T) {
-	r := microvmguest.Runner(t, microvm.Config{})
+	for _, start := range starts {
+		t.Run(string(start), func(t *testing.T) { testGuestSeesNoHostFileNoNetworkNoDisk(t, start) })
+	}
+}
+
+func testGuestSeesNoHostFileNoNetworkNoDisk(t *testing.T, start microvm.Start) {
+	r, _ := startRunner(t, start, microvm.Config{})
 	// A token the host holds in files the guest must not see. The command gets it in two halves,
 	// so the job archive itself never contains it.
 	token := "host-secret-" + strconv.FormatInt(time.Now().UnixNano(), 36)
@@ -165,7 +215,7 @@ echo "uid:$(id -u)"
 for dev in /dev/ttyS0 /dev/console /dev/kmsg /dev/mem; do (echo forged >"$dev") 2>/dev/null && echo "wrote:$dev"; done
 echo "host-os:$(test -e /etc/os-release && echo yes || echo no)"
 `
-	res := run(t, r, microvm.Request{Command: []string{"sh", "-c", probe, "sh", token[:half], token[half:]}})
+	res := runAs(t, r, start, microvm.Request{Command: []string{"sh", "-c", probe, "sh", token[:half], token[half:]}})
 	if res.Phase != microvm.Succeeded {
 		t.Fatalf("probe: %+v", res)
 	}
@@ -191,9 +241,15 @@ echo "host-os:$(test -e /etc/os-release && echo yes || echo no)"
 }
 
 func TestVMOutputFloodIsCapped(t *testing.T) {
+	for _, start := range starts {
+		t.Run(string(start), func(t *testing.T) { testOutputFloodIsCapped(t, start) })
+	}
+}
+
+func testOutputFloodIsCapped(t *testing.T, start microvm.Start) {
 	const capBytes = 32 << 10
-	r := microvmguest.Runner(t, microvm.Config{OutputCap: capBytes})
-	res := run(t, r, microvm.Request{Command: []string{"sh", "-c",
+	r, _ := startRunner(t, start, microvm.Config{OutputCap: capBytes})
+	res := runAs(t, r, start, microvm.Request{Command: []string{"sh", "-c",
 		`head -c 4000000 /dev/zero | tr '\0' o; head -c 4000000 /dev/zero | tr '\0' e >&2; exit 3`}})
 	if res.Phase != microvm.Failed || res.ExitCode != 3 {
 		t.Fatalf("phase %s exit %d, want Failed 3 (%s)", res.Phase, res.ExitCode, res.Message)
