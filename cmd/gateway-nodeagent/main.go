@@ -58,13 +58,16 @@ func main() {
 	zopts := zap.Options{}
 	flag.StringVar(&o.MicroVM.Guest, "microvm-guest", "", "folder with the tool-run microVM's vmlinuz and initramfs.cpio.gz (hack/microvm-guest.sh); empty turns host-local tool runs off")
 	flag.StringVar(&o.MicroVM.QEMU, "microvm-qemu", "", "qemu-system-x86_64 binary (default: from PATH)")
-	flag.StringVar(&o.MicroVM.User, "microvm-user", agent.DefaultMicroVMUser, "unprivileged system user QEMU runs as, created by the agent; an existing user it did not create, and any agent-<profile> name, is refused")
+	flag.StringVar(&o.MicroVM.User, "microvm-user", agent.DefaultMicroVMUser, "base name of the unprivileged system users QEMU runs as: VM slot i runs as <name>_<i>, created by the agent; an existing user it did not create, and any agent-<profile> name, is refused")
 	flag.StringVar(&o.MicroVM.WorkDir, "microvm-work-dir", agent.DefaultMicroVMWorkDir, "folder on the host for per-run microVM files; keep it short")
 	flag.StringVar(&o.MicroVM.Accel, "microvm-accel", "auto", "tcg, kvm, or auto (KVM when QEMU's user can open /dev/kvm)")
 	flag.IntVar(&o.MicroVM.MemoryMiB, "microvm-memory-mib", microvm.DefaultMemoryMiB, "guest RAM per tool run")
 	flag.IntVar(&o.MicroVM.MemoryOverheadMiB, "microvm-memory-overhead-mib", microvm.DefaultMemoryOverheadMiB, "memory QEMU may use beyond the guest's RAM; each VM's transient unit gets MemoryMax = guest RAM + this")
 	flag.IntVar(&o.MicroVM.OutputCap, "microvm-output-cap", microvm.DefaultOutputCap, "bytes of stdout and of stderr kept per tool run")
-	flag.IntVar(&o.MicroVM.MaxConcurrent, "microvm-max-concurrent", 1, "tool-run microVMs running at once on this host")
+	flag.IntVar(&o.MicroVM.MaxConcurrent, "microvm-max-concurrent", 0, "tool-run microVMs that exist at once on this host, warm ones included, each as a user of its own (default: pool size + 1)")
+	flag.IntVar(&o.MicroVM.PoolSize, "microvm-pool-size", 0, "pre-booted microVMs that wait for a tool run; each serves one run and is replaced (0: every run boots its own)")
+	flag.IntVar(&o.MicroVM.PoolShare, "microvm-pool-share", 1, "warm microVMs one profile may hold at once; beyond it the profile's runs boot cold")
+	flag.DurationVar(&o.MicroVM.MaxIdle, "microvm-max-idle", microvm.DefaultMaxIdle, "how long a warm microVM waits for a run before it is replaced by a fresh one")
 	zopts.BindFlags(flag.CommandLine)
 	flag.Parse()
 	o.Version = version

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime/debug"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -99,14 +100,20 @@ type MicroVMOptions struct {
 	Guest string
 	// QEMU is the qemu-system-x86_64 binary (PATH when empty).
 	QEMU string
-	// User is the system user QEMU runs as, created under Root when missing.
+	// User names the system users QEMU runs as: VM slot i runs as <User>_<i>, created under
+	// Root when missing, so no two VMs that exist at once share a uid.
 	User string
 	// WorkDir holds the per-run folders, a path on the host; keep it short (unix socket paths).
 	WorkDir string
 	// Accel is tcg, kvm or auto.
 	Accel string
-	// MemoryMiB, OutputCap and MaxConcurrent size each VM and the host's share.
+	// MemoryMiB and OutputCap size each VM. MaxConcurrent is how many VMs exist at once,
+	// warm ones included (default PoolSize+1).
 	MemoryMiB, OutputCap, MaxConcurrent int
+	// PoolSize is how many pre-booted VMs wait for a job; PoolShare how many of them one
+	// profile may hold at once (default 1); MaxIdle how long one waits before it is replaced.
+	PoolSize, PoolShare int
+	MaxIdle             time.Duration
 	// MemoryOverheadMiB is what QEMU may use beyond the guest's RAM before its unit's
 	// MemoryMax stops it.
 	MemoryOverheadMiB int
@@ -181,11 +188,12 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 		BeforeStep:   o.BeforeStep,
 		Log:          log.WithName("apply"),
 	}
-	toolRuns, err := startMicroVMs(o, sd, log.WithName("microvm"))
+	toolRuns, closeVMs, err := startMicroVMs(o, sd, log.WithName("microvm"))
 	if err != nil {
 		return err
 	}
 	if toolRuns != nil {
+		defer closeVMs()
 		defer toolRuns.Close()
 	}
 	caps := probeCapabilities(host, toolRuns != nil)
@@ -230,12 +238,13 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 	return mgr.Start(ctx)
 }
 
-// startMicroVMs prepares the tool-run runner and its sockets, or returns nil when off. Each
-// QEMU runs in a transient unit of the host's systemd (sd), with its own limits.
-func startMicroVMs(o Options, sd *systemd.Conn, log logr.Logger) (*microvm.Sockets, error) {
+// startMicroVMs prepares the tool-run runner and its sockets, or returns nil when off, with a
+// function that ends the warm VMs. Each QEMU runs in a transient unit of the host's systemd
+// (sd), with its own limits, as a user of its own.
+func startMicroVMs(o Options, sd *systemd.Conn, log logr.Logger) (*microvm.Sockets, func(), error) {
 	m := o.MicroVM
 	if m.Guest == "" {
-		return nil, nil
+		return nil, nil, nil
 	}
 	if m.User == "" {
 		m.User = DefaultMicroVMUser
@@ -243,29 +252,49 @@ func startMicroVMs(o Options, sd *systemd.Conn, log logr.Logger) (*microvm.Socke
 	if m.WorkDir == "" {
 		m.WorkDir = DefaultMicroVMWorkDir
 	}
-	if err := checkMicroVMUser(m.User); err != nil {
-		return nil, err
+	if m.MaxConcurrent <= 0 {
+		m.MaxConcurrent = m.PoolSize + 1
 	}
-	u, err := users.Manager{Root: o.Root, HostTools: o.HostTools}.Ensure(m.User, users.RoleMicroVM)
-	if err != nil {
-		return nil, fmt.Errorf("microVM user: %w", err)
+	if m.MaxConcurrent > MaxMicroVMs || m.PoolSize < 0 {
+		return nil, nil, fmt.Errorf("--microvm-max-concurrent %d / --microvm-pool-size %d: at most %d VMs, and a pool of 0 or more",
+			m.MaxConcurrent, m.PoolSize, MaxMicroVMs)
 	}
-	if u.UID <= 0 || u.GID <= 0 || u.UID > math.MaxUint32 || u.GID > math.MaxUint32 {
-		return nil, fmt.Errorf("microVM user %s has uid %d gid %d: not an unprivileged id", u.Name, u.UID, u.GID)
+	ids := make([]microvm.ID, 0, m.MaxConcurrent)
+	for i := range m.MaxConcurrent {
+		name := MicroVMUser(m.User, i)
+		if err := checkMicroVMUser(name); err != nil {
+			return nil, nil, err
+		}
+		u, err := users.Manager{Root: o.Root, HostTools: o.HostTools}.Ensure(name, users.RoleMicroVM)
+		if err != nil {
+			return nil, nil, fmt.Errorf("microVM user: %w", err)
+		}
+		if u.UID <= 0 || u.GID <= 0 || u.UID > math.MaxUint32 || u.GID > math.MaxUint32 {
+			return nil, nil, fmt.Errorf("microVM user %s has uid %d gid %d: not an unprivileged id", u.Name, u.UID, u.GID)
+		}
+		ids = append(ids, microvm.ID{UID: uint32(u.UID), GID: uint32(u.GID)}) //nolint:gosec // range checked above
 	}
 	runner, err := microvm.NewRunner(microvm.Config{
 		Systemd: sd, Root: o.Root,
 		QEMU: m.QEMU, Kernel: filepath.Join(m.Guest, "vmlinuz"), Initramfs: filepath.Join(m.Guest, "initramfs.cpio.gz"),
-		WorkDir: m.WorkDir, UID: uint32(u.UID), GID: uint32(u.GID), Accel: m.Accel, //nolint:gosec // range checked above
+		WorkDir: m.WorkDir, IDs: ids, Accel: m.Accel,
 		MemoryMiB: m.MemoryMiB, MemoryOverheadMiB: m.MemoryOverheadMiB, OutputCap: m.OutputCap,
-		MaxConcurrent: m.MaxConcurrent, Log: log,
+		MaxConcurrent: m.MaxConcurrent, PoolSize: m.PoolSize, PoolShare: m.PoolShare, MaxIdle: m.MaxIdle, Log: log,
 	})
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	log.Info("host-local tool runs on", "accel", runner.Accel(), "user", m.User, "uid", u.UID)
-	return &microvm.Sockets{Executor: runner, Log: log}, nil
+	log.Info("host-local tool runs on", "accel", runner.Accel(), "users", MicroVMUser(m.User, 0)+"..", "vms", m.MaxConcurrent,
+		"pool", m.PoolSize, "share", m.PoolShare)
+	return &microvm.Sockets{Executor: runner, Log: log}, runner.Close, nil
 }
+
+// MaxMicroVMs bounds the VMs of one host, and so the users the agent creates for them.
+const MaxMicroVMs = 64
+
+// MicroVMUser is the user VM slot i runs as: base_i. The underscore keeps it outside every
+// agent-<profile> name (a profile name is a DNS label).
+func MicroVMUser(base string, i int) string { return base + "_" + strconv.Itoa(i) }
 
 // checkMicroVMUser refuses a QEMU user name that a gateway could also be given: the shared
 // Convenience user, or agent-<p> for any name p a profile may have. The default agent-microvm

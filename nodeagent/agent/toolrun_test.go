@@ -32,7 +32,7 @@ func TestAgentServesToolRunsToItsGateways(t *testing.T) {
 	r1 := agentruntime.MustBuild(t, agentruntime.Options{Version: "1.0.0"})
 	u1 := srv.Add("r1.tar.gz", r1.Data)
 	h := startAgent(t, "node-vm", func(o *agent.Options) {
-		o.MicroVM = agent.MicroVMOptions{Guest: filepath.Dir(kernel), WorkDir: microvmguest.WorkDir, Accel: "tcg"}
+		o.MicroVM = agent.MicroVMOptions{Guest: filepath.Dir(kernel), WorkDir: microvmguest.WorkDir, Accel: "tcg", PoolSize: 1}
 	})
 
 	core, api := newInstance("core", "node-vm", r1, u1), newInstance("api", "node-vm", r1, u1)
@@ -71,14 +71,27 @@ func TestAgentServesToolRunsToItsGateways(t *testing.T) {
 		t.Fatalf("socket mode %v uid %d, want 0600 of agent-core (%d)", fi.Mode(), st.Uid, coreUser.UID)
 	}
 
-	// core's gateway escalates a command to a microVM through its own socket.
-	reply, err := agentruntime.ToolRun(ctx, filepath.Join(home("core"), "run", "status.sock"), "",
-		microvm.Request{Command: []string{"sh", "-c", "echo untrusted code ran as $(id -u); exit 5"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if reply.ConnectError != "" || reply.Phase != microvm.Failed || reply.ExitCode != 5 || string(reply.Stdout) != "untrusted code ran as 1000\n" {
-		t.Fatalf("core's tool run: %+v", reply)
+	// core's gateway escalates a command to a microVM through its own socket; once the pool
+	// has booted its VM, the answer comes from a warm one.
+	var reply *agentruntime.ToolRunReply
+	eventually(t, "a tool run answered by a warm microVM", func() (bool, string) {
+		var err error
+		reply, err = agentruntime.ToolRun(ctx, filepath.Join(home("core"), "run", "status.sock"), "",
+			microvm.Request{Command: []string{"sh", "-c", "echo untrusted code ran as $(id -u); exit 5"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if reply.ConnectError != "" || reply.Phase != microvm.Failed || reply.ExitCode != 5 || string(reply.Stdout) != "untrusted code ran as 1000\n" {
+			t.Fatalf("core's tool run: %+v", reply)
+		}
+		return reply.Start == microvm.StartWarm, fmt.Sprintf("%s start: %s", reply.Start, reply.ColdReason)
+	})
+	// The pool's VMs run as the agent's per-slot users, never as a gateway's.
+	for i := range 2 {
+		u, err := users.Manager{Root: h.Root}.Lookup(agent.MicroVMUser(agent.DefaultMicroVMUser, i))
+		if err != nil || u == nil || u.UID == coreUser.UID {
+			t.Fatalf("microVM user %d: %+v %v", i, u, err)
+		}
 	}
 
 	// api's gateway, hardened as agent-api, cannot reach core's socket.
