@@ -554,16 +554,21 @@ func (r *Runner) collect(ctx context.Context, v *vm, nonce string, timeout time.
 		rep *guestReport
 		err error
 	}
+	begin := time.Now()
+	line := &stamped{r: v.serial}
 	reports := make(chan report, 1)
 	go func() {
-		rep, err := readReport(v.serial, nonce, r.cfg.OutputCap, serialLimit(r.cfg.OutputCap))
+		rep, err := readReport(line, nonce, r.cfg.OutputCap, serialLimit(r.cfg.OutputCap))
 		reports <- report{rep, err}
 	}()
 	if err := send(); err != nil && ctx.Err() == nil {
 		return v.broke(ctx, fmt.Errorf("start the job: %w", err)), nil
 	}
+	sent := time.Since(begin)
 	select {
 	case rp := <-reports:
+		r.cfg.Log.V(1).Info("tool run reported", "unit", v.unit, "warm", !v.ready.IsZero(), "sentMillis", ms(sent),
+			"firstOutputMillis", ms(line.first.Sub(begin)), "reportMillis", ms(time.Since(begin)))
 		if rp.err != nil {
 			if errors.Is(rp.err, errSerialLimit) {
 				return Result{Phase: Error, ExitCode: -1, Message: rp.err.Error()}, nil
@@ -581,6 +586,22 @@ func (r *Runner) collect(ctx context.Context, v *vm, nonce string, timeout time.
 		return Result{Phase: Error, ExitCode: -1, Message: "the request was canceled"}, ctx.Err()
 	}
 }
+
+// stamped notes when the first byte came through it.
+type stamped struct {
+	r     io.Reader
+	first time.Time
+}
+
+func (s *stamped) Read(p []byte) (int, error) {
+	n, err := s.r.Read(p)
+	if n > 0 && s.first.IsZero() {
+		s.first = time.Now()
+	}
+	return n, err
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
 // destroy ends v's QEMU (if it was started), closes its serial line and removes its folder.
 func (r *Runner) destroy(v *vm) {

@@ -153,7 +153,7 @@ func waitQEMU(t *testing.T, h *systemdhost.Host) (string, uint32) {
 }
 
 // procStatus reads a /proc/<pid>/status file into a map.
-func procStatus(t *testing.T, path string) map[string]string {
+func procStatus(t testing.TB, path string) map[string]string {
 	t.Helper()
 	status, err := os.ReadFile(path)
 	if err != nil {
