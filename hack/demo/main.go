@@ -187,7 +187,8 @@ func serve() error {
 	var agentArgs []string
 	guest := os.Getenv("GATEWAY_MICROVM_GUEST")
 	if guest != "" {
-		agentArgs = []string{"--microvm-guest=" + guest, "--microvm-work-dir=" + microVMDir}
+		// One pre-booted VM waits for a tool run; each run takes it and the agent boots the next.
+		agentArgs = []string{"--microvm-guest=" + guest, "--microvm-work-dir=" + microVMDir, "--microvm-pool-size=1"}
 	}
 	s, err := stack.Up(stack.Options{Hosts: []string{hostName}, Dir: stateDir(), BinDir: bin, Progress: say, AgentArgs: agentArgs})
 	if err != nil {
@@ -279,17 +280,30 @@ func proofText(ctx context.Context, s *stack.Stack) string {
 }
 
 // toolRunText asks core's running gateway to escalate a command to a microVM through the node
-// agent's socket, and renders what came back.
+// agent's socket, and renders what came back. The agent's pool boots its VM when the agent
+// starts: while that VM is not ready yet a run boots cold, and the demo asks again.
 func toolRunText(ctx context.Context, s *stack.Stack) string {
 	status := filepath.Join(s.Hosts[hostName].Root, "opt/agent/gateways/core/home/run/status.sock")
 	req := microvm.Request{Command: []string{"sh", "-c", "echo \"$(uname -sr), uid $(id -u), interfaces: $(ls /sys/class/net)\""}}
-	reply, err := agentruntime.ToolRun(ctx, status, "", req)
-	if err != nil {
-		return "\nTool run: " + err.Error() + "\n"
+	var reply *agentruntime.ToolRunReply
+	for range 10 {
+		var err error
+		reply, err = agentruntime.ToolRun(ctx, status, "", req)
+		if err != nil {
+			return "\nTool run: " + err.Error() + "\n"
+		}
+		if reply.ConnectError != "" {
+			return "\nTool run: " + reply.ConnectError + "\n"
+		}
+		if reply.Start == microvm.StartWarm {
+			break
+		}
+		time.Sleep(2 * time.Second)
 	}
-	if reply.ConnectError != "" {
-		return "\nTool run: " + reply.ConnectError + "\n"
+	start := string(reply.Start)
+	if reply.ColdReason != "" {
+		start += " (" + reply.ColdReason + ")"
 	}
-	return fmt.Sprintf("\nTool run from core's gateway via $AGENT_HOME/run/%s, in a QEMU microVM:\n  %s (exit %d) in %d ms: %s",
-		microvm.SocketName, reply.Phase, reply.ExitCode, reply.DurationMillis, reply.Stdout)
+	return fmt.Sprintf("\nTool run from core's gateway via $AGENT_HOME/run/%s, in a QEMU microVM:\n  %s (exit %d) in %d ms from a %s VM: %s",
+		microvm.SocketName, reply.Phase, reply.ExitCode, reply.DurationMillis, start, reply.Stdout)
 }
