@@ -8,6 +8,10 @@
 // the command as an unprivileged guest user and reports its output in nonce-tagged frames on
 // the serial line, which the host reads with a hard byte cap. The host enforces the timeout:
 // QMP quit first, then SIGKILL.
+//
+// With a pool (Config.PoolSize), VMs are booted ahead without a job and wait; a request claims
+// one and its job goes over the serial line instead of into the initramfs. A VM serves one job
+// and runs, from start to end, as a uid and gid no other VM uses meanwhile (Config.IDs).
 package microvm
 
 import (

@@ -328,8 +328,13 @@ func (r *Runner) Execute(ctx context.Context, profile string, req Request) (Resu
 	defer cancel()
 	var res Result
 	var err error
-	v, reason := (*vm)(nil), fmt.Sprintf("the job is over %d KiB: a cold boot carries it faster than the serial line", warmJobMax>>10)
-	if jobSize(req) <= warmJobMax {
+	var v *vm
+	var reason string
+	switch {
+	case r.pool == nil:
+	case jobSize(req) > warmJobMax:
+		reason = fmt.Sprintf("the job is over %d KiB: a cold boot carries it faster than the serial line", warmJobMax>>10)
+	default:
 		v, reason = r.pool.claim(profile)
 	}
 	if v != nil {
