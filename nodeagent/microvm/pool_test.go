@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/agent-gateway/gateway-operator/nodeagent/microvm"
+	"github.com/agent-gateway/gateway-operator/nodeagent/systemd"
 	"github.com/agent-gateway/gateway-operator/test/microvmguest"
 	"github.com/agent-gateway/gateway-operator/test/poll"
 	"github.com/agent-gateway/gateway-operator/test/systemdhost"
@@ -40,10 +41,11 @@ func execute(t *testing.T, r *microvm.Runner, profile string, want microvm.Start
 	return res
 }
 
-// vmUnits returns the tool-run units running on h with the uid each QEMU runs as.
-func vmUnits(t *testing.T, h *systemdhost.Host) map[string]string {
+// vmUnits returns the tool-run units running on h (whose systemd sd is) with the uid each QEMU
+// runs as.
+func vmUnits(t *testing.T, h *systemdhost.Host, sd *systemd.Conn) map[string]string {
 	t.Helper()
-	units, err := h.Dial(t).RunningInstances(context.Background(), microvm.UnitPrefix+"*.service")
+	units, err := sd.RunningInstances(context.Background(), microvm.UnitPrefix+"*.service")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -59,9 +61,9 @@ func vmUnits(t *testing.T, h *systemdhost.Host) map[string]string {
 }
 
 // onlyUnit returns the one tool-run unit on h and its QEMU's uid.
-func onlyUnit(t *testing.T, h *systemdhost.Host) (string, string) {
+func onlyUnit(t *testing.T, h *systemdhost.Host, sd *systemd.Conn) (string, string) {
 	t.Helper()
-	units := vmUnits(t, h)
+	units := vmUnits(t, h, sd)
 	if len(units) != 1 {
 		t.Fatalf("tool-run units %v, want exactly one", units)
 	}
@@ -76,8 +78,9 @@ func onlyUnit(t *testing.T, h *systemdhost.Host) (string, string) {
 // arrives over the serial line byte for byte.
 func TestWarmVMIsNeverReused(t *testing.T) {
 	r, h := microvmguest.Start(t, microvm.Config{PoolSize: 1})
+	sd := h.Dial(t)
 	waitWarm(t, r, 1)
-	unit1, uid1 := onlyUnit(t, h)
+	unit1, uid1 := onlyUnit(t, h, sd)
 	stdin := make([]byte, 256)
 	for i := range stdin {
 		stdin[i] = byte(i)
@@ -90,7 +93,7 @@ func TestWarmVMIsNeverReused(t *testing.T) {
 		t.Fatalf("first run: %s %q, want every byte value back (%s)", res.Phase, res.Stdout, res.Message)
 	}
 	waitWarm(t, r, 1)
-	unit2, uid2 := onlyUnit(t, h)
+	unit2, uid2 := onlyUnit(t, h, sd)
 	res = execute(t, r, "a", microvm.StartWarm, microvm.Request{
 		Command: []string{"sh", "-c", `cat /tmp/work/marker /dev/shm/marker 2>/dev/null || echo fresh`},
 	})
@@ -101,7 +104,7 @@ func TestWarmVMIsNeverReused(t *testing.T) {
 		t.Fatalf("the two warm VMs were %s (uid %s) and %s (uid %s): want two units and two uids", unit1, uid1, unit2, uid2)
 	}
 	poll.Until(t, "the first VM's unit is gone", 20*time.Second, func() (bool, string) {
-		_, ok := vmUnits(t, h)[unit1]
+		_, ok := vmUnits(t, h, sd)[unit1]
 		return !ok, unit1
 	})
 }
@@ -134,6 +137,7 @@ func TestWarmVMTakesALargeJob(t *testing.T) {
 // another profile from a warm VM. The VMs that exist at once run as distinct uids.
 func TestWarmPoolShare(t *testing.T) {
 	r, h := microvmguest.Start(t, microvm.Config{PoolSize: 2, PoolShare: 1, MaxConcurrent: 3})
+	sd := h.Dial(t)
 	waitWarm(t, r, 2)
 	var wg sync.WaitGroup
 	defer wg.Wait()
@@ -161,7 +165,7 @@ func TestWarmPoolShare(t *testing.T) {
 	}()
 	// a's VM and b's VM (and any refill) run at once, each as a uid of its own.
 	poll.Until(t, "a's and b's VMs running", 30*time.Second, func() (bool, string) {
-		units := vmUnits(t, h)
+		units := vmUnits(t, h, sd)
 		seen := map[string]bool{}
 		for _, uid := range units {
 			if uid == "" || seen[uid] {
@@ -174,4 +178,23 @@ func TestWarmPoolShare(t *testing.T) {
 	if res := <-done; res.Start != microvm.StartWarm || res.Phase != microvm.Succeeded || string(res.Stdout) != "b\n" {
 		t.Fatalf("b's run while a holds its share: %+v, want a warm Succeeded run", res)
 	}
+}
+
+// TestWarmVMIsReplacedAfterMaxIdle: a VM nobody claims is replaced by a fresh one once it has
+// waited MaxIdle, and its unit's RuntimeMaxSec leaves room for that wait plus the longest run.
+func TestWarmVMIsReplacedAfterMaxIdle(t *testing.T) {
+	const maxIdle = 4 * time.Second
+	r, h := microvmguest.Start(t, microvm.Config{PoolSize: 1, MaxIdle: maxIdle})
+	sd := h.Dial(t)
+	waitWarm(t, r, 1)
+	unit, _ := onlyUnit(t, h, sd)
+	out, err := h.Systemctl(context.Background(), "show", unit, "-p", "RuntimeMaxUSec", "--value")
+	if want := "11min 4s"; err != nil || strings.TrimSpace(string(out)) != want {
+		t.Errorf("warm unit's RuntimeMaxUSec %q (%v), want %s (max idle + longest run + 1 min)", out, err, want)
+	}
+	poll.Until(t, "the idle VM replaced by a fresh one", time.Minute, func() (bool, string) {
+		units := vmUnits(t, h, sd)
+		_, old := units[unit]
+		return !old && len(units) == 1 && r.Warm() == 1, fmt.Sprint(units)
+	})
 }
