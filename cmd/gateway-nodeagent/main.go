@@ -60,7 +60,7 @@ func main() {
 	flag.StringVar(&o.MicroVM.QEMU, "microvm-qemu", "", "qemu-system-x86_64 binary (default: from PATH)")
 	flag.StringVar(&o.MicroVM.User, "microvm-user", agent.DefaultMicroVMUser, "unprivileged system user QEMU runs as, created by the agent; an existing user it did not create, and any agent-<profile> name, is refused")
 	flag.StringVar(&o.MicroVM.WorkDir, "microvm-work-dir", agent.DefaultMicroVMWorkDir, "folder on the host for per-run microVM files; keep it short")
-	flag.StringVar(&o.MicroVM.Accel, "microvm-accel", "auto", "tcg, kvm, or auto (KVM when QEMU's user can open /dev/kvm)")
+	flag.StringVar(&o.MicroVM.Accel, "microvm-accel", "auto", "tcg, kvm, or auto: KVM once a probe VM has booted under it at start (QEMU's user must be able to open /dev/kvm), else TCG; the GatewayHost's capabilities say which and why")
 	flag.IntVar(&o.MicroVM.MemoryMiB, "microvm-memory-mib", microvm.DefaultMemoryMiB, "guest RAM per tool run")
 	flag.IntVar(&o.MicroVM.MemoryOverheadMiB, "microvm-memory-overhead-mib", microvm.DefaultMemoryOverheadMiB, "memory QEMU may use beyond the guest's RAM; each VM's transient unit gets MemoryMax = guest RAM + this")
 	flag.IntVar(&o.MicroVM.OutputCap, "microvm-output-cap", microvm.DefaultOutputCap, "bytes of stdout and of stderr kept per tool run")

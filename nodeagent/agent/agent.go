@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime/debug"
+	"strings"
 	"syscall"
 	"time"
 
@@ -103,8 +104,10 @@ type MicroVMOptions struct {
 	User string
 	// WorkDir holds the per-run folders, a path on the host; keep it short (unix socket paths).
 	WorkDir string
-	// Accel is tcg, kvm or auto.
+	// Accel is tcg, kvm or auto (KVM once a probe VM has booted under it, else TCG).
 	Accel string
+	// KVMProbeTimeout bounds auto's probe boot (microvm.DefaultKVMProbeTimeout when 0).
+	KVMProbeTimeout time.Duration
 	// MemoryMiB, OutputCap and MaxConcurrent size each VM and the host's share.
 	MemoryMiB, OutputCap, MaxConcurrent int
 	// MemoryOverheadMiB is what QEMU may use beyond the guest's RAM before its unit's
@@ -181,7 +184,7 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 		BeforeStep:   o.BeforeStep,
 		Log:          log.WithName("apply"),
 	}
-	toolRuns, err := startMicroVMs(o, sd, log.WithName("microvm"))
+	toolRuns, runner, err := startMicroVMs(o, sd, log.WithName("microvm"))
 	if err != nil {
 		return err
 	}
@@ -189,6 +192,9 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 		defer toolRuns.Close()
 	}
 	caps := probeCapabilities(host, toolRuns != nil)
+	if runner != nil {
+		caps = withAcceleration(caps, runner.Acceleration())
+	}
 	reported, err := ReportedLabels(caps, o.HostLabels)
 	if err != nil {
 		return err
@@ -227,15 +233,39 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 			return err
 		}
 	}
+	if runner != nil {
+		// Acceleration auto boots a probe VM under KVM in the background; tool runs use TCG
+		// until it is done, and the host's capabilities say so.
+		probed := make(chan struct{})
+		go func() {
+			defer close(probed)
+			beat.SetCapabilities(withAcceleration(caps, runner.ProbeAccel(ctx)))
+		}()
+		// Before the systemd connection closes: the probe's VM is stopped through it.
+		defer func() { <-probed }()
+	}
 	return mgr.Start(ctx)
 }
 
-// startMicroVMs prepares the tool-run runner and its sockets, or returns nil when off. Each
+// withAcceleration adds what the microVMs run under, and why, to c.
+func withAcceleration(c v1.HostCapabilities, a microvm.Acceleration) v1.HostCapabilities {
+	c.MicroVMAcceleration = v1.AccelerationTCG
+	if a.Accel == microvm.AccelKVM {
+		c.MicroVMAcceleration = v1.AccelerationKVM
+	}
+	c.MicroVMAccelerationReason = a.Reason
+	if len(c.MicroVMAccelerationReason) > v1.MaxAccelerationReasonLength {
+		c.MicroVMAccelerationReason = strings.ToValidUTF8(c.MicroVMAccelerationReason[:v1.MaxAccelerationReasonLength], "")
+	}
+	return c
+}
+
+// startMicroVMs prepares the tool-run runner and its sockets, or returns nils when off. Each
 // QEMU runs in a transient unit of the host's systemd (sd), with its own limits.
-func startMicroVMs(o Options, sd *systemd.Conn, log logr.Logger) (*microvm.Sockets, error) {
+func startMicroVMs(o Options, sd *systemd.Conn, log logr.Logger) (*microvm.Sockets, *microvm.Runner, error) {
 	m := o.MicroVM
 	if m.Guest == "" {
-		return nil, nil
+		return nil, nil, nil
 	}
 	if m.User == "" {
 		m.User = DefaultMicroVMUser
@@ -244,27 +274,27 @@ func startMicroVMs(o Options, sd *systemd.Conn, log logr.Logger) (*microvm.Socke
 		m.WorkDir = DefaultMicroVMWorkDir
 	}
 	if err := checkMicroVMUser(m.User); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	u, err := users.Manager{Root: o.Root, HostTools: o.HostTools}.Ensure(m.User, users.RoleMicroVM)
 	if err != nil {
-		return nil, fmt.Errorf("microVM user: %w", err)
+		return nil, nil, fmt.Errorf("microVM user: %w", err)
 	}
 	if u.UID <= 0 || u.GID <= 0 || u.UID > math.MaxUint32 || u.GID > math.MaxUint32 {
-		return nil, fmt.Errorf("microVM user %s has uid %d gid %d: not an unprivileged id", u.Name, u.UID, u.GID)
+		return nil, nil, fmt.Errorf("microVM user %s has uid %d gid %d: not an unprivileged id", u.Name, u.UID, u.GID)
 	}
 	runner, err := microvm.NewRunner(microvm.Config{
 		Systemd: sd, Root: o.Root,
 		QEMU: m.QEMU, Kernel: filepath.Join(m.Guest, "vmlinuz"), Initramfs: filepath.Join(m.Guest, "initramfs.cpio.gz"),
 		WorkDir: m.WorkDir, UID: uint32(u.UID), GID: uint32(u.GID), Accel: m.Accel, //nolint:gosec // range checked above
 		MemoryMiB: m.MemoryMiB, MemoryOverheadMiB: m.MemoryOverheadMiB, OutputCap: m.OutputCap,
-		MaxConcurrent: m.MaxConcurrent, Log: log,
+		MaxConcurrent: m.MaxConcurrent, KVMProbeTimeout: m.KVMProbeTimeout, Log: log,
 	})
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	log.Info("host-local tool runs on", "accel", runner.Accel(), "user", m.User, "uid", u.UID)
-	return &microvm.Sockets{Executor: runner, Log: log}, nil
+	log.Info("host-local tool runs on", "user", m.User, "uid", u.UID)
+	return &microvm.Sockets{Executor: runner, Log: log}, runner, nil
 }
 
 // checkMicroVMUser refuses a QEMU user name that a gateway could also be given: the shared
