@@ -112,8 +112,8 @@ func (r *Runner) settle(m *accelMode) {
 
 // ProbeAccel decides acceleration auto: it boots one VM under KVM that runs `true`, through
 // the same path as a tool run (its own transient unit, QEMU's user, seccomp), and switches the
-// Runner to KVM only if that VM reports within Config.KVMProbeTimeout. It waits for a free VM
-// slot first (that wait is not part of the timeout). Tool runs meanwhile use TCG. Otherwise,
+// Runner to KVM only if that VM reports within Config.KVMProbeTimeout. Tool runs meanwhile use
+// TCG and do not wait for it (the probe VM is not counted in MaxConcurrent). Otherwise,
 // or with an acceleration that needs no probe, it returns at once. It probes once per Runner;
 // later calls return the outcome.
 func (r *Runner) ProbeAccel(ctx context.Context) Acceleration {
@@ -141,14 +141,8 @@ func (r *Runner) probeKVM(ctx context.Context) (bool, string) {
 	if timeout <= 0 {
 		timeout = DefaultKVMProbeTimeout
 	}
-	// The probe counts against the host's VMs at once, like any run.
-	select {
-	case r.slots <- struct{}{}:
-		defer func() { <-r.slots }()
-	case <-ctx.Done():
-		return false, failed + ": the agent stopped before a VM slot was free"
-	}
-	// A Runner of its own, sharing the guest files and work folder, whose only mode is KVM.
+	// A Runner of its own, sharing the guest files and work folder, whose only mode is KVM. Its
+	// slot is its own too, so tool runs never wait for it: one VM more, once, for a bounded time.
 	p := &Runner{cfg: r.cfg, initramfs: r.initramfs, slots: make(chan struct{}, 1)}
 	p.cfg.Log = r.cfg.Log.WithName("kvm-probe")
 	p.acc.cur.Store(r.acc.probe)

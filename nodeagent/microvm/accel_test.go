@@ -30,8 +30,20 @@ func TestAutoAccelProbesRealKVM(t *testing.T) {
 	if a := r.Acceleration(); a.Accel != microvm.AccelTCG || a.Final || !strings.Contains(a.Reason, "under way") {
 		t.Fatalf("before the probe: %+v, want TCG while a probe is under way", a)
 	}
+	// A tool run while the probe is under way works (under whatever mode it started with).
+	during := make(chan microvm.Result, 1)
+	go func() {
+		res, err := r.Run(context.Background(), microvm.Request{Command: []string{"echo", "during the probe"}, TimeoutSeconds: 30})
+		if err != nil {
+			res.Message += " / " + err.Error()
+		}
+		during <- res
+	}()
 	a := r.ProbeAccel(context.Background())
 	t.Logf("acceleration: %+v", a)
+	if res := <-during; res.Phase != microvm.Succeeded || string(res.Stdout) != "during the probe\n" {
+		t.Fatalf("a run during the probe: %+v", res)
+	}
 	switch {
 	case !a.Final:
 		t.Fatalf("after the probe: %+v, want a final choice", a)
@@ -51,7 +63,7 @@ func TestAutoAccelProbesRealKVM(t *testing.T) {
 	}
 	// The probe's VM is gone, and a tool run works under the choice.
 	assertUnitGone(t, h, "")
-	res := run(t, r, microvm.Request{Command: []string{"echo", "after the probe"}})
+	res := run(t, r, microvm.Request{Command: []string{"echo", "after the probe"}, TimeoutSeconds: 30})
 	if res.Phase != microvm.Succeeded || string(res.Stdout) != "after the probe\n" {
 		t.Fatalf("a run under %s: %+v", a.Accel, res)
 	}
