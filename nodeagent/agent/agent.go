@@ -236,13 +236,14 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 	if runner != nil {
 		// Acceleration auto boots a probe VM under KVM in the background; tool runs use TCG
 		// until it is done, and the host's capabilities say so.
+		probeCtx, cancelProbe := context.WithCancel(ctx)
 		probed := make(chan struct{})
 		go func() {
 			defer close(probed)
-			beat.SetCapabilities(withAcceleration(caps, runner.ProbeAccel(ctx)))
+			beat.SetCapabilities(withAcceleration(caps, runner.ProbeAccel(probeCtx)))
 		}()
 		// Before the systemd connection closes: the probe's VM is stopped through it.
-		defer func() { <-probed }()
+		defer func() { cancelProbe(); <-probed }()
 	}
 	return mgr.Start(ctx)
 }
