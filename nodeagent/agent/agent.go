@@ -82,6 +82,8 @@ type Options struct {
 	RunAgain bool
 	// MicroVM turns on the host-local tool-run path when its guest is set.
 	MicroVM MicroVMOptions
+	// ToolRuns say which routes the host offers its profiles' tool runs.
+	ToolRuns ToolRunOptions
 	// ConcurrentApplies is how many profiles are applied at once (DefaultConcurrentApplies).
 	ConcurrentApplies int
 	// ApplyTimeout bounds one apply of one profile (DefaultApplyTimeout).
@@ -111,6 +113,21 @@ type MicroVMOptions struct {
 	// MemoryMax stops it.
 	MemoryOverheadMiB int
 }
+
+// ToolRunOptions configure the routes of the tool-run sockets.
+type ToolRunOptions struct {
+	// Route is RouteAuto (the default), RouteHost or RouteCluster.
+	Route string
+	// Namespace holds the ToolRuns of the cluster route (DefaultToolRunNamespace): the
+	// namespace where the controller manager grants each host its slots.
+	Namespace string
+	// Grace is how long a cluster run may take beyond its timeout (DefaultToolRunGrace).
+	Grace time.Duration
+}
+
+// DefaultToolRunNamespace is the operator's namespace in config/, where the manager keeps each
+// host's Role (its --material-namespace).
+const DefaultToolRunNamespace = "gateway-operator-system"
 
 // Scheme has the kinds the agent reads and writes.
 func Scheme() *runtime.Scheme {
@@ -181,14 +198,18 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 		BeforeStep:   o.BeforeStep,
 		Log:          log.WithName("apply"),
 	}
-	toolRuns, err := startMicroVMs(o, sd, log.WithName("microvm"))
+	local, err := startMicroVMs(o, sd, log.WithName("microvm"))
+	if err != nil {
+		return err
+	}
+	router, toolRuns, err := toolRunDoor(o, mgr, local, log.WithName("toolruns"))
 	if err != nil {
 		return err
 	}
 	if toolRuns != nil {
 		defer toolRuns.Close()
 	}
-	caps := probeCapabilities(host, toolRuns != nil)
+	caps := probeCapabilities(host, local != nil)
 	reported, err := ReportedLabels(caps, o.HostLabels)
 	if err != nil {
 		return err
@@ -212,7 +233,7 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 	if err := (&InstanceReconciler{
 		Drift: tracker, Watcher: watcher, ReproveInterval: o.ReproveInterval,
 		Hold:   beat.Duplicate,
-		Client: mgr.GetClient(), Reader: mgr.GetAPIReader(), Host: o.HostName, Applier: applier, ToolRuns: toolRuns,
+		Client: mgr.GetClient(), Reader: mgr.GetAPIReader(), Host: o.HostName, Applier: applier, ToolRuns: toolRuns, Router: router,
 		ConcurrentApplies: o.ConcurrentApplies, ApplyTimeout: o.ApplyTimeout,
 		Recorder: mgr.GetEventRecorder("gateway-agent-" + o.HostName),
 	}).SetupWithManager(mgr); err != nil {
@@ -230,9 +251,29 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 	return mgr.Start(ctx)
 }
 
-// startMicroVMs prepares the tool-run runner and its sockets, or returns nil when off. Each
-// QEMU runs in a transient unit of the host's systemd (sd), with its own limits.
-func startMicroVMs(o Options, sd *systemd.Conn, log logr.Logger) (*microvm.Sockets, error) {
+// toolRunDoor makes the router of the profiles' tool-run sockets and the sockets, both nil when
+// the host offers no route.
+func toolRunDoor(o Options, mgr manager.Manager, local *microvm.Runner, log logr.Logger) (*ToolRouter, *microvm.Sockets, error) {
+	var exec microvm.Executor
+	if local != nil {
+		exec = local
+	}
+	ns := o.ToolRuns.Namespace
+	if ns == "" {
+		ns = DefaultToolRunNamespace
+	}
+	cluster := &ClusterRuns{Client: mgr.GetClient(), Reader: mgr.GetAPIReader(), Namespace: ns, Host: o.HostName, Grace: o.ToolRuns.Grace}
+	router, err := NewToolRouter(o.ToolRuns.Route, exec, cluster)
+	if err != nil || router == nil {
+		return nil, nil, err
+	}
+	log.Info("tool-run sockets on", "route", router.Policy, "hostLocal", router.Local != nil, "cluster", router.Cluster != nil, "namespace", ns)
+	return router, &microvm.Sockets{Executor: router, Log: log}, nil
+}
+
+// startMicroVMs prepares the host-local tool-run runner, or returns nil when off. Each QEMU
+// runs in a transient unit of the host's systemd (sd), with its own limits.
+func startMicroVMs(o Options, sd *systemd.Conn, log logr.Logger) (*microvm.Runner, error) {
 	m := o.MicroVM
 	if m.Guest == "" {
 		return nil, nil
@@ -264,7 +305,7 @@ func startMicroVMs(o Options, sd *systemd.Conn, log logr.Logger) (*microvm.Socke
 		return nil, err
 	}
 	log.Info("host-local tool runs on", "accel", runner.Accel(), "user", m.User, "uid", u.UID)
-	return &microvm.Sockets{Executor: runner, Log: log}, nil
+	return runner, nil
 }
 
 // checkMicroVMUser refuses a QEMU user name that a gateway could also be given: the shared
