@@ -268,7 +268,7 @@ func toolRunDoor(o Options, mgr manager.Manager, local *microvm.Runner, log logr
 		return nil, nil, err
 	}
 	log.Info("tool-run sockets on", "route", router.Policy, "hostLocal", router.Local != nil, "cluster", router.Cluster != nil, "namespace", ns)
-	return router, &microvm.Sockets{Executor: router, Log: log}, nil
+	return router, &microvm.Sockets{Executor: router, PerProfile: SocketsPerProfile, Log: log}, nil
 }
 
 // startMicroVMs prepares the host-local tool-run runner, or returns nil when off. Each QEMU

@@ -57,10 +57,19 @@ type ToolRouter struct {
 	Cluster *ClusterRuns
 	// Policy is the host's route policy: RouteAuto, RouteHost or RouteCluster.
 	Policy string
+	// HostPerProfile is how many host-local runs of one profile run at once (default 1); more
+	// are refused, so one gateway cannot hold every microVM of the host. Cluster runs are
+	// bounded by the profile's slots instead.
+	HostPerProfile int
 
 	mu       sync.Mutex
 	settings map[string]*v1.ToolRunSettings
+	hostBusy map[string]int
 }
+
+// SocketsPerProfile is how many requests of one profile the socket takes at once: enough for
+// every cluster slot; the router refuses what a route cannot take.
+const SocketsPerProfile = v1.MaxToolRunSlots
 
 // NewToolRouter checks the host's policy against what the host has; nil when it offers no
 // route at all (then no profile gets a socket).
@@ -148,6 +157,11 @@ func (r *ToolRouter) Execute(ctx context.Context, profile string, req microvm.Re
 		return microvm.Result{Phase: microvm.Rejected, ExitCode: -1, Message: why}, nil
 	}
 	if route == microvm.RouteHost {
+		if !r.takeHost(profile) {
+			return microvm.Result{Phase: microvm.Rejected, ExitCode: -1, Route: microvm.RouteHost,
+				Message: fmt.Sprintf("profile %s already has %d host-local tool runs in progress", profile, r.hostLimit())}, nil
+		}
+		defer r.releaseHost(profile)
 		res, err := r.Local.Execute(ctx, profile, req)
 		res.Route = microvm.RouteHost
 		return res, err
@@ -155,6 +169,29 @@ func (r *ToolRouter) Execute(ctx context.Context, profile string, req microvm.Re
 	res, err := r.Cluster.Run(ctx, profile, s, req)
 	res.Route = microvm.RouteCluster
 	return res, err
+}
+
+func (r *ToolRouter) hostLimit() int { return max(r.HostPerProfile, 1) }
+
+func (r *ToolRouter) takeHost(profile string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.hostBusy == nil {
+		r.hostBusy = map[string]int{}
+	}
+	if r.hostBusy[profile] >= r.hostLimit() {
+		return false
+	}
+	r.hostBusy[profile]++
+	return true
+}
+
+func (r *ToolRouter) releaseHost(profile string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.hostBusy[profile]--; r.hostBusy[profile] <= 0 {
+		delete(r.hostBusy, profile)
+	}
 }
 
 // ClusterRuns runs requests as ToolRuns the agent creates on a profile's behalf, under the
@@ -349,6 +386,10 @@ func (c *ClusterRuns) wait(ctx context.Context, tr *v1.ToolRun, limit time.Durat
 			return c.result(&cur), nil
 		case apierrors.IsNotFound(err):
 			return microvm.Result{Phase: microvm.Error, ExitCode: -1, Message: "the run's ToolRun was deleted before it ended"}, nil
+		case apierrors.IsForbidden(err):
+			// The slot was revoked: the host left the profile's selection, or the profile its
+			// cluster runs.
+			return microvm.Result{Phase: microvm.Error, ExitCode: -1, Message: "the host may no longer read its run: " + err.Error()}, nil
 		}
 		select {
 		case <-ctx.Done():

@@ -80,6 +80,52 @@ func TestToolRouterRoutes(t *testing.T) {
 	}
 }
 
+// blockingStub is a host-local runner whose runs last until release is closed.
+type blockingStub struct{ started, release chan struct{} }
+
+func (b blockingStub) Execute(context.Context, string, microvm.Request) (microvm.Result, error) {
+	b.started <- struct{}{}
+	<-b.release
+	return microvm.Result{Phase: microvm.Succeeded}, nil
+}
+
+// TestToolRouterHostShare: one profile runs one host-local run at a time (the socket takes
+// more requests, for cluster slots); another profile is not held up by it.
+func TestToolRouterHostShare(t *testing.T) {
+	stub := blockingStub{started: make(chan struct{}, 2), release: make(chan struct{})}
+	r, err := agent.NewToolRouter(agent.RouteAuto, stub, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.SetProfile("core", nil)
+	r.SetProfile("api", nil)
+	first := make(chan microvm.Result, 1)
+	go func() {
+		res, _ := r.Execute(context.Background(), "core", microvm.Request{Command: []string{"true"}})
+		first <- res
+	}()
+	<-stub.started
+	res, _ := r.Execute(context.Background(), "core", microvm.Request{Command: []string{"true"}})
+	if res.Phase != microvm.Rejected || !strings.Contains(res.Message, "already has 1 host-local tool runs in progress") {
+		t.Errorf("a second run of core: %+v", res)
+	}
+	other := make(chan microvm.Result, 1)
+	go func() {
+		res, _ := r.Execute(context.Background(), "api", microvm.Request{Command: []string{"true"}})
+		other <- res
+	}()
+	<-stub.started
+	close(stub.release)
+	for _, ch := range []chan microvm.Result{first, other} {
+		if res := <-ch; res.Phase != microvm.Succeeded || res.Route != microvm.RouteHost {
+			t.Errorf("%+v", res)
+		}
+	}
+	if res, _ := r.Execute(context.Background(), "core", microvm.Request{Command: []string{"true"}}); res.Phase != microvm.Succeeded {
+		t.Errorf("core after its run ended: %+v", res)
+	}
+}
+
 func clusterRuns(host string) *agent.ClusterRuns {
 	return &agent.ClusterRuns{Client: cp.Client, Reader: cp.Client, Namespace: leaseNS, Host: host,
 		Grace: 300 * time.Millisecond, PollInterval: 50 * time.Millisecond, OutputCap: 8}
