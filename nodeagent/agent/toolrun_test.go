@@ -208,6 +208,7 @@ func TestAgentRoutesToolRunsToTheCluster_FakeKubelet(t *testing.T) {
 		string(reply.Stdout) != "answer from the cluster\n" {
 		t.Fatalf("tools' tool run: %+v (stdout %q)", reply, reply.Stdout)
 	}
+	t.Logf("cluster route: %d ms from request to result", reply.DurationMillis)
 	eventually(t, "the agent to delete its ToolRun", func() (bool, string) {
 		err := c.Get(ctx, client.ObjectKey{Namespace: leaseNS, Name: slot}, &v1.ToolRun{})
 		return apierrors.IsNotFound(err), fmt.Sprint(err)

@@ -246,6 +246,7 @@ func TestToolRunRoutedToTheCluster_FakeKubelet(t *testing.T) {
 	if reply.Route != microvm.RouteCluster || reply.Phase != microvm.Failed || reply.ExitCode != 5 || string(reply.Stdout) != "ran in the cluster\n" {
 		t.Fatalf("reply %+v (stdout %q)", reply, reply.Stdout)
 	}
+	t.Logf("cluster route: %d ms from request to result", reply.DurationMillis)
 	poll.Until(t, "the agent to delete its run", 30*time.Second, func() (bool, string) {
 		err := admin.Get(ctx, client.ObjectKey{Namespace: materialNS, Name: slot}, &v1.ToolRun{})
 		return apierrors.IsNotFound(err), fmt.Sprint(err)
