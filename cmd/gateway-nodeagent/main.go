@@ -65,6 +65,9 @@ func main() {
 	flag.IntVar(&o.MicroVM.MemoryOverheadMiB, "microvm-memory-overhead-mib", microvm.DefaultMemoryOverheadMiB, "memory QEMU may use beyond the guest's RAM; each VM's transient unit gets MemoryMax = guest RAM + this")
 	flag.IntVar(&o.MicroVM.OutputCap, "microvm-output-cap", microvm.DefaultOutputCap, "bytes of stdout and of stderr kept per tool run")
 	flag.IntVar(&o.MicroVM.MaxConcurrent, "microvm-max-concurrent", 1, "tool-run microVMs running at once on this host")
+	flag.StringVar(&o.ToolRuns.Route, "toolrun-route", agent.RouteAuto, "routes this host offers its gateways' tool runs (their $AGENT_HOME/run/toolrun.sock): auto (a profile's spec.toolRuns.route, else a host-local microVM when --microvm-guest is set, else the cluster), host (microVMs only) or cluster (ToolRuns only)")
+	flag.StringVar(&o.ToolRuns.Namespace, "toolrun-namespace", agent.DefaultToolRunNamespace, "namespace of the ToolRuns the agent creates for the cluster route: the manager's --material-namespace, where it grants each host its ToolRun slots")
+	flag.DurationVar(&o.ToolRuns.Grace, "toolrun-grace", agent.DefaultToolRunGrace, "how long a cluster tool run may take beyond its own timeout (scheduling, image pull) before the agent gives up on it")
 	zopts.BindFlags(flag.CommandLine)
 	flag.Parse()
 	o.Version = version

@@ -83,6 +83,8 @@ type Options struct {
 	RunAgain bool
 	// MicroVM turns on the host-local tool-run path when its guest is set.
 	MicroVM MicroVMOptions
+	// ToolRuns say which routes the host offers its profiles' tool runs.
+	ToolRuns ToolRunOptions
 	// ConcurrentApplies is how many profiles are applied at once (DefaultConcurrentApplies).
 	ConcurrentApplies int
 	// ApplyTimeout bounds one apply of one profile (DefaultApplyTimeout).
@@ -114,6 +116,21 @@ type MicroVMOptions struct {
 	// MemoryMax stops it.
 	MemoryOverheadMiB int
 }
+
+// ToolRunOptions configure the routes of the tool-run sockets.
+type ToolRunOptions struct {
+	// Route is RouteAuto (the default), RouteHost or RouteCluster.
+	Route string
+	// Namespace holds the ToolRuns of the cluster route (DefaultToolRunNamespace): the
+	// namespace where the controller manager grants each host its slots.
+	Namespace string
+	// Grace is how long a cluster run may take beyond its timeout (DefaultToolRunGrace).
+	Grace time.Duration
+}
+
+// DefaultToolRunNamespace is the operator's namespace in config/, where the manager keeps each
+// host's Role (its --material-namespace).
+const DefaultToolRunNamespace = "gateway-operator-system"
 
 // Scheme has the kinds the agent reads and writes.
 func Scheme() *runtime.Scheme {
@@ -184,14 +201,18 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 		BeforeStep:   o.BeforeStep,
 		Log:          log.WithName("apply"),
 	}
-	toolRuns, runner, err := startMicroVMs(o, sd, log.WithName("microvm"))
+	runner, err := startMicroVMs(o, sd, log.WithName("microvm"))
+	if err != nil {
+		return err
+	}
+	router, toolRuns, err := toolRunDoor(o, mgr, runner, log.WithName("toolruns"))
 	if err != nil {
 		return err
 	}
 	if toolRuns != nil {
 		defer toolRuns.Close()
 	}
-	caps := probeCapabilities(host, toolRuns != nil)
+	caps := probeCapabilities(host, runner != nil)
 	if runner != nil {
 		caps = withAcceleration(caps, runner.Acceleration())
 	}
@@ -218,7 +239,7 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 	if err := (&InstanceReconciler{
 		Drift: tracker, Watcher: watcher, ReproveInterval: o.ReproveInterval,
 		Hold:   beat.Duplicate,
-		Client: mgr.GetClient(), Reader: mgr.GetAPIReader(), Host: o.HostName, Applier: applier, ToolRuns: toolRuns,
+		Client: mgr.GetClient(), Reader: mgr.GetAPIReader(), Host: o.HostName, Applier: applier, ToolRuns: toolRuns, Router: router,
 		ConcurrentApplies: o.ConcurrentApplies, ApplyTimeout: o.ApplyTimeout,
 		Recorder: mgr.GetEventRecorder("gateway-agent-" + o.HostName),
 	}).SetupWithManager(mgr); err != nil {
@@ -261,12 +282,32 @@ func withAcceleration(c v1.HostCapabilities, a microvm.Acceleration) v1.HostCapa
 	return c
 }
 
-// startMicroVMs prepares the tool-run runner and its sockets, or returns nils when off. Each
-// QEMU runs in a transient unit of the host's systemd (sd), with its own limits.
-func startMicroVMs(o Options, sd *systemd.Conn, log logr.Logger) (*microvm.Sockets, *microvm.Runner, error) {
+// toolRunDoor makes the router of the profiles' tool-run sockets and the sockets, both nil when
+// the host offers no route.
+func toolRunDoor(o Options, mgr manager.Manager, local *microvm.Runner, log logr.Logger) (*ToolRouter, *microvm.Sockets, error) {
+	var exec microvm.Executor
+	if local != nil {
+		exec = local
+	}
+	ns := o.ToolRuns.Namespace
+	if ns == "" {
+		ns = DefaultToolRunNamespace
+	}
+	cluster := &ClusterRuns{Client: mgr.GetClient(), Reader: mgr.GetAPIReader(), Namespace: ns, Host: o.HostName, Grace: o.ToolRuns.Grace}
+	router, err := NewToolRouter(o.ToolRuns.Route, exec, cluster)
+	if err != nil || router == nil {
+		return nil, nil, err
+	}
+	log.Info("tool-run sockets on", "route", router.Policy, "hostLocal", router.Local != nil, "cluster", router.Cluster != nil, "namespace", ns)
+	return router, &microvm.Sockets{Executor: router, PerProfile: SocketsPerProfile, Log: log}, nil
+}
+
+// startMicroVMs prepares the host-local tool-run runner, or returns nil when off. Each QEMU
+// runs in a transient unit of the host's systemd (sd), with its own limits.
+func startMicroVMs(o Options, sd *systemd.Conn, log logr.Logger) (*microvm.Runner, error) {
 	m := o.MicroVM
 	if m.Guest == "" {
-		return nil, nil, nil
+		return nil, nil
 	}
 	if m.User == "" {
 		m.User = DefaultMicroVMUser
@@ -275,14 +316,14 @@ func startMicroVMs(o Options, sd *systemd.Conn, log logr.Logger) (*microvm.Socke
 		m.WorkDir = DefaultMicroVMWorkDir
 	}
 	if err := checkMicroVMUser(m.User); err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	u, err := users.Manager{Root: o.Root, HostTools: o.HostTools}.Ensure(m.User, users.RoleMicroVM)
 	if err != nil {
-		return nil, nil, fmt.Errorf("microVM user: %w", err)
+		return nil, fmt.Errorf("microVM user: %w", err)
 	}
 	if u.UID <= 0 || u.GID <= 0 || u.UID > math.MaxUint32 || u.GID > math.MaxUint32 {
-		return nil, nil, fmt.Errorf("microVM user %s has uid %d gid %d: not an unprivileged id", u.Name, u.UID, u.GID)
+		return nil, fmt.Errorf("microVM user %s has uid %d gid %d: not an unprivileged id", u.Name, u.UID, u.GID)
 	}
 	runner, err := microvm.NewRunner(microvm.Config{
 		Systemd: sd, Root: o.Root,
@@ -292,10 +333,10 @@ func startMicroVMs(o Options, sd *systemd.Conn, log logr.Logger) (*microvm.Socke
 		MaxConcurrent: m.MaxConcurrent, KVMProbeTimeout: m.KVMProbeTimeout, Log: log,
 	})
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	log.Info("host-local tool runs on", "user", m.User, "uid", u.UID)
-	return &microvm.Sockets{Executor: runner, Log: log}, runner, nil
+	return runner, nil
 }
 
 // checkMicroVMUser refuses a QEMU user name that a gateway could also be given: the shared
