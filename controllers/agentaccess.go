@@ -143,7 +143,7 @@ func (r *AgentAccessReconciler) Reconcile(ctx context.Context, req ctrl.Request)
 	if configMaps, err = r.labeled(ctx, configMaps, func() client.Object { return &corev1.ConfigMap{} }); err != nil {
 		return ctrl.Result{}, err
 	}
-	role := AgentRole(&h, r.Namespace, secrets, configMaps)
+	role := AgentRole(&h, r.Namespace, secrets, configMaps, hostToolRunSlots(list.Items, h.Name))
 	if role == nil {
 		return ctrl.Result{}, r.revoke(ctx, h.Name)
 	}
@@ -186,11 +186,36 @@ func hostMaterial(instances []v1.GatewayInstance, ns string) (secrets, configMap
 	return slices.Compact(secrets), slices.Compact(configMaps)
 }
 
+// hostToolRunSlots lists the ToolRun names under which the host's agent may run its live
+// instances' cluster tool runs: ClusterSlots per profile that names an image.
+func hostToolRunSlots(instances []v1.GatewayInstance, host string) []string {
+	var slots []string
+	for i := range instances {
+		gi := &instances[i]
+		if !gi.DeletionTimestamp.IsZero() || gi.Spec.Host != host {
+			continue
+		}
+		for k := range gi.Spec.ToolRuns.Slots() {
+			if n := v1.ToolRunSlot(gi.Spec.Profile, host, k); n != "" {
+				slots = append(slots, n)
+			}
+		}
+	}
+	sort.Strings(slots)
+	return slices.Compact(slots)
+}
+
 // AgentRole is the Role that lets host h's agent get exactly the named Secrets and ConfigMaps
-// of ns, nil when it needs none (a rule without resourceNames would grant every object). The
-// GatewayHost owns it, so the garbage collector removes it with the host.
-func AgentRole(h *v1.GatewayHost, ns string, secrets, configMaps []string) *rbacv1.Role {
+// of ns, and get, watch and delete its ToolRun slots there (creating under a slot name is
+// allowed by the gateway-agent-own-host policy only to whoever may get it). Nil when it needs
+// none (a rule without resourceNames would grant every object). The GatewayHost owns it, so the
+// garbage collector removes it with the host.
+func AgentRole(h *v1.GatewayHost, ns string, secrets, configMaps, toolRunSlots []string) *rbacv1.Role {
 	var rules []rbacv1.PolicyRule
+	if len(toolRunSlots) > 0 {
+		rules = append(rules, rbacv1.PolicyRule{APIGroups: []string{v1.GroupVersion.Group}, Resources: []string{"toolruns"},
+			Verbs: []string{"get", "watch", "delete"}, ResourceNames: toolRunSlots})
+	}
 	if len(secrets) > 0 {
 		rules = append(rules, rbacv1.PolicyRule{APIGroups: []string{""}, Resources: []string{"secrets"},
 			Verbs: []string{"get"}, ResourceNames: secrets})

@@ -17,8 +17,9 @@ type GatewayHostSpec struct {
 
 // HostCapabilities are what a host can offer beyond running gateways.
 type HostCapabilities struct {
-	// KVM is true when the node agent can open /dev/kvm for reading and writing. Whether a
-	// guest actually boots under it (nested virtualization may refuse) is not probed here.
+	// KVM is true when the node agent (root) can open /dev/kvm for reading and writing. It
+	// does not say that a guest boots under it (nested virtualization may refuse): see
+	// MicroVMAcceleration for what the agent's own microVMs use.
 	// +optional
 	KVM bool `json:"kvm,omitempty"`
 
@@ -31,7 +32,33 @@ type HostCapabilities struct {
 	// --microvm-guest is set and the runner started).
 	// +optional
 	MicroVM bool `json:"microVM,omitempty"`
+
+	// MicroVMAcceleration is what the agent's tool-run microVMs run under, when MicroVM is
+	// true: KVM, or TCG (QEMU's software emulation, several times slower to boot). With
+	// --microvm-accel=auto it is TCG until a probe VM has booted under KVM.
+	// +optional
+	MicroVMAcceleration MicroVMAcceleration `json:"microVMAcceleration,omitempty"`
+
+	// MicroVMAccelerationReason says in one sentence why MicroVMAcceleration is what it is,
+	// e.g. "no /dev/kvm on the host" or why the probe boot under KVM did not complete.
+	// +kubebuilder:validation:MaxLength=256
+	// +optional
+	MicroVMAccelerationReason string `json:"microVMAccelerationReason,omitempty"`
 }
+
+// MicroVMAcceleration is how QEMU runs a host's microVMs.
+// +kubebuilder:validation:Enum=KVM;TCG
+type MicroVMAcceleration string
+
+const (
+	// AccelerationKVM runs guests with the host CPU's virtualization (/dev/kvm).
+	AccelerationKVM MicroVMAcceleration = "KVM"
+	// AccelerationTCG runs guests under QEMU's software emulation.
+	AccelerationTCG MicroVMAcceleration = "TCG"
+)
+
+// MaxAccelerationReasonLength bounds HostCapabilities.MicroVMAccelerationReason.
+const MaxAccelerationReasonLength = 256
 
 // GatewayHostStatus is written by the host's node agent (and the Reachable condition by the
 // controller manager).
@@ -87,6 +114,7 @@ type GatewayHostStatus struct {
 // +kubebuilder:printcolumn:name="Reachable",type=string,JSONPath=`.status.conditions[?(@.type=="Reachable")].status`
 // +kubebuilder:printcolumn:name="Agent",type=string,JSONPath=`.status.agentVersion`
 // +kubebuilder:printcolumn:name="Systemd",type=string,JSONPath=`.status.systemdVersion`,priority=1
+// +kubebuilder:printcolumn:name="MicroVM",type=string,JSONPath=`.status.capabilities.microVMAcceleration`,priority=1
 // +kubebuilder:printcolumn:name="Heartbeat",type=date,JSONPath=`.status.lastHeartbeatTime`
 // +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
 type GatewayHost struct {

@@ -90,6 +90,12 @@ type GatewaySettings struct {
 	// +kubebuilder:default={}
 	// +optional
 	Resources GatewayResources `json:"resources,omitempty"`
+
+	// ToolRuns says where the untrusted tool code this profile's gateway sends on its tool-run
+	// socket runs, and what a run in the cluster gets. Unset: the host's route, and no cluster
+	// runs (they need an image).
+	// +optional
+	ToolRuns *ToolRunSettings `json:"toolRuns,omitempty"`
 }
 
 // GatewayResources caps what one gateway's processes may use together on a host. systemd

@@ -135,6 +135,42 @@ func TestHostNameValidation(t *testing.T) {
 	mustReject(t, &v1.GatewayHost{ObjectMeta: metav1.ObjectMeta{Name: strings.Repeat("h", 64)}}, "metadata.name")
 }
 
+// TestHostAccelerationValidation: the microVM acceleration a host reports is KVM or TCG, and
+// its reason is one bounded sentence.
+func TestHostAccelerationValidation(t *testing.T) {
+	ctx := context.Background()
+	gh := &v1.GatewayHost{ObjectMeta: metav1.ObjectMeta{Name: "node-accel"}}
+	mustCreate(t, gh)
+	write := func(accel v1.MicroVMAcceleration, reason string) error {
+		var got v1.GatewayHost
+		if err := cp.Client.Get(ctx, client.ObjectKeyFromObject(gh), &got); err != nil {
+			t.Fatal(err)
+		}
+		got.Status.Capabilities = v1.HostCapabilities{MicroVM: true, MicroVMAcceleration: accel, MicroVMAccelerationReason: reason}
+		return cp.Client.Status().Update(ctx, &got)
+	}
+	if err := write(v1.AccelerationTCG, strings.Repeat("r", v1.MaxAccelerationReasonLength)); err != nil {
+		t.Fatalf("TCG with a reason of the longest length: %v", err)
+	}
+	if err := write(v1.AccelerationKVM, "a probe VM booted under KVM"); err != nil {
+		t.Fatalf("KVM: %v", err)
+	}
+	for _, tc := range []struct {
+		accel  v1.MicroVMAcceleration
+		reason string
+		want   string
+	}{
+		{"kvm", "", "microVMAcceleration"},
+		{"HVF", "", "microVMAcceleration"},
+		{v1.AccelerationTCG, strings.Repeat("r", v1.MaxAccelerationReasonLength+1), "microVMAccelerationReason"},
+	} {
+		err := write(tc.accel, tc.reason)
+		if !apierrors.IsInvalid(err) || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q with a %d-byte reason: %v, want Invalid about %s", tc.accel, len(tc.reason), err, tc.want)
+		}
+	}
+}
+
 func TestReleaseIsImmutable(t *testing.T) {
 	ctx := context.Background()
 	r := release("agent-1-0-0")

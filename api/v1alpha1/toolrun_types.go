@@ -1,6 +1,8 @@
 package v1alpha1
 
 import (
+	"strconv"
+
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
@@ -177,4 +179,75 @@ type ToolRunList struct {
 
 func init() {
 	register(&ToolRun{}, &ToolRunList{})
+}
+
+// ToolRunRoute is where a gateway's tool-run request is executed.
+// +kubebuilder:validation:Enum=Auto;Host;Cluster
+type ToolRunRoute string
+
+// Tool-run routes.
+const (
+	// ToolRunRouteAuto follows the host's --toolrun-route.
+	ToolRunRouteAuto ToolRunRoute = "Auto"
+	// ToolRunRouteHost runs every request in a microVM on the gateway's own host.
+	ToolRunRouteHost ToolRunRoute = "Host"
+	// ToolRunRouteCluster runs every request as a ToolRun the host's agent creates.
+	ToolRunRouteCluster ToolRunRoute = "Cluster"
+)
+
+// MaxToolRunSlots bounds ToolRunSettings.ClusterSlots: a slot is a one-digit suffix of a
+// ToolRun name.
+const MaxToolRunSlots = 9
+
+// ToolRunSettings are a profile's tool-run settings. A request on the gateway's socket says only
+// the command, stdin and timeout; everything else a cluster run needs is stated here, where the
+// gateway cannot change it.
+// +kubebuilder:validation:XValidation:rule="!has(self.route) || self.route != 'Cluster' || has(self.image)",message="route Cluster needs an image: cluster runs are ToolRuns, which name one"
+type ToolRunSettings struct {
+	// Route is Auto (the default: the host's --toolrun-route decides), Host (a microVM on the
+	// gateway's own host, refused where there is none) or Cluster (a ToolRun the host's agent
+	// creates on the profile's behalf).
+	// +kubebuilder:default=Auto
+	// +optional
+	Route ToolRunRoute `json:"route,omitempty"`
+
+	// Image is the container image cluster runs use. Without it, no request of this profile goes
+	// to the cluster.
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:MaxLength=512
+	// +optional
+	Image string `json:"image,omitempty"`
+
+	// Resources of each cluster run; default limits cpu 1 and memory 512Mi.
+	// +kubebuilder:validation:XValidation:rule="has(self.limits) && 'cpu' in self.limits && 'memory' in self.limits",message="resources.limits.cpu and resources.limits.memory are required: the microVM is sized from them"
+	// +optional
+	Resources *corev1.ResourceRequirements `json:"resources,omitempty"`
+
+	// ClusterSlots is how many cluster runs of this profile one host may hold at once, from 1 to
+	// 9 (default 1). Each slot is a ToolRun name <profile>.<host>.<k> that only that host's agent
+	// may create, read and delete.
+	// +kubebuilder:validation:Minimum=1
+	// +kubebuilder:validation:Maximum=9
+	// +kubebuilder:default=1
+	// +optional
+	ClusterSlots int32 `json:"clusterSlots,omitempty"`
+}
+
+// ToolRunSlot is the name of slot k of profile's cluster tool runs from host: the only names
+// under which host's agent may create a ToolRun for profile. Empty when the name would not fit
+// a ToolRun's 63 characters.
+func ToolRunSlot(profile, host string, k int) string {
+	n := profile + "." + host + "." + strconv.Itoa(k)
+	if len(n) > 63 || k < 0 || k >= MaxToolRunSlots {
+		return ""
+	}
+	return n
+}
+
+// Slots is how many cluster slots the settings give a host (0 without an image).
+func (s *ToolRunSettings) Slots() int {
+	if s == nil || s.Image == "" {
+		return 0
+	}
+	return min(max(int(s.ClusterSlots), 1), MaxToolRunSlots)
 }

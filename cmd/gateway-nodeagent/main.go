@@ -60,7 +60,7 @@ func main() {
 	flag.StringVar(&o.MicroVM.QEMU, "microvm-qemu", "", "qemu-system-x86_64 binary (default: from PATH)")
 	flag.StringVar(&o.MicroVM.User, "microvm-user", agent.DefaultMicroVMUser, "base name of the unprivileged system users QEMU runs as: VM slot i runs as <name>_<i>, created by the agent; an existing user it did not create, and any agent-<profile> name, is refused")
 	flag.StringVar(&o.MicroVM.WorkDir, "microvm-work-dir", agent.DefaultMicroVMWorkDir, "folder on the host for per-run microVM files; keep it short")
-	flag.StringVar(&o.MicroVM.Accel, "microvm-accel", "auto", "tcg, kvm, or auto (KVM when QEMU's user can open /dev/kvm)")
+	flag.StringVar(&o.MicroVM.Accel, "microvm-accel", "auto", "tcg, kvm, or auto: KVM once a probe VM has booted under it at start (QEMU's user must be able to open /dev/kvm), else TCG; the GatewayHost's capabilities say which and why")
 	flag.IntVar(&o.MicroVM.MemoryMiB, "microvm-memory-mib", microvm.DefaultMemoryMiB, "guest RAM per tool run")
 	flag.IntVar(&o.MicroVM.MemoryOverheadMiB, "microvm-memory-overhead-mib", microvm.DefaultMemoryOverheadMiB, "memory QEMU may use beyond the guest's RAM; each VM's transient unit gets MemoryMax = guest RAM + this")
 	flag.IntVar(&o.MicroVM.OutputCap, "microvm-output-cap", microvm.DefaultOutputCap, "bytes of stdout and of stderr kept per tool run")
@@ -68,6 +68,9 @@ func main() {
 	flag.IntVar(&o.MicroVM.PoolSize, "microvm-pool-size", 0, "pre-booted microVMs that wait for a tool run; each serves one run and is replaced (0: every run boots its own)")
 	flag.IntVar(&o.MicroVM.PoolShare, "microvm-pool-share", 1, "warm microVMs one profile may hold at once; beyond it the profile's runs boot cold")
 	flag.DurationVar(&o.MicroVM.MaxIdle, "microvm-max-idle", microvm.DefaultMaxIdle, "how long a warm microVM waits for a run before it is replaced by a fresh one")
+	flag.StringVar(&o.ToolRuns.Route, "toolrun-route", agent.RouteAuto, "routes this host offers its gateways' tool runs (their $AGENT_HOME/run/toolrun.sock): auto (a profile's spec.toolRuns.route, else a host-local microVM when --microvm-guest is set, else the cluster), host (microVMs only) or cluster (ToolRuns only)")
+	flag.StringVar(&o.ToolRuns.Namespace, "toolrun-namespace", agent.DefaultToolRunNamespace, "namespace of the ToolRuns the agent creates for the cluster route: the manager's --material-namespace, where it grants each host its ToolRun slots")
+	flag.DurationVar(&o.ToolRuns.Grace, "toolrun-grace", agent.DefaultToolRunGrace, "how long a cluster tool run may take beyond its own timeout (scheduling, image pull) before the agent gives up on it")
 	zopts.BindFlags(flag.CommandLine)
 	flag.Parse()
 	o.Version = version

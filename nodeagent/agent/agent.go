@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"runtime/debug"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -83,6 +84,8 @@ type Options struct {
 	RunAgain bool
 	// MicroVM turns on the host-local tool-run path when its guest is set.
 	MicroVM MicroVMOptions
+	// ToolRuns say which routes the host offers its profiles' tool runs.
+	ToolRuns ToolRunOptions
 	// ConcurrentApplies is how many profiles are applied at once (DefaultConcurrentApplies).
 	ConcurrentApplies int
 	// ApplyTimeout bounds one apply of one profile (DefaultApplyTimeout).
@@ -105,8 +108,10 @@ type MicroVMOptions struct {
 	User string
 	// WorkDir holds the per-run folders, a path on the host; keep it short (unix socket paths).
 	WorkDir string
-	// Accel is tcg, kvm or auto.
+	// Accel is tcg, kvm or auto (KVM once a probe VM has booted under it, else TCG).
 	Accel string
+	// KVMProbeTimeout bounds auto's probe boot (microvm.DefaultKVMProbeTimeout when 0).
+	KVMProbeTimeout time.Duration
 	// MemoryMiB and OutputCap size each VM. MaxConcurrent is how many VMs exist at once,
 	// warm ones included (default PoolSize+1).
 	MemoryMiB, OutputCap, MaxConcurrent int
@@ -118,6 +123,21 @@ type MicroVMOptions struct {
 	// MemoryMax stops it.
 	MemoryOverheadMiB int
 }
+
+// ToolRunOptions configure the routes of the tool-run sockets.
+type ToolRunOptions struct {
+	// Route is RouteAuto (the default), RouteHost or RouteCluster.
+	Route string
+	// Namespace holds the ToolRuns of the cluster route (DefaultToolRunNamespace): the
+	// namespace where the controller manager grants each host its slots.
+	Namespace string
+	// Grace is how long a cluster run may take beyond its timeout (DefaultToolRunGrace).
+	Grace time.Duration
+}
+
+// DefaultToolRunNamespace is the operator's namespace in config/, where the manager keeps each
+// host's Role (its --material-namespace).
+const DefaultToolRunNamespace = "gateway-operator-system"
 
 // Scheme has the kinds the agent reads and writes.
 func Scheme() *runtime.Scheme {
@@ -188,15 +208,25 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 		BeforeStep:   o.BeforeStep,
 		Log:          log.WithName("apply"),
 	}
-	toolRuns, closeVMs, err := startMicroVMs(o, sd, log.WithName("microvm"))
+	runner, err := startMicroVMs(o, sd, log.WithName("microvm"))
+	if err != nil {
+		return err
+	}
+	if runner != nil {
+		// After the sockets: the warm VMs go once nothing can claim one.
+		defer runner.Close()
+	}
+	router, toolRuns, err := toolRunDoor(o, mgr, runner, log.WithName("toolruns"))
 	if err != nil {
 		return err
 	}
 	if toolRuns != nil {
-		defer closeVMs()
 		defer toolRuns.Close()
 	}
-	caps := probeCapabilities(host, toolRuns != nil)
+	caps := probeCapabilities(host, runner != nil)
+	if runner != nil {
+		caps = withAcceleration(caps, runner.Acceleration())
+	}
 	reported, err := ReportedLabels(caps, o.HostLabels)
 	if err != nil {
 		return err
@@ -220,7 +250,7 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 	if err := (&InstanceReconciler{
 		Drift: tracker, Watcher: watcher, ReproveInterval: o.ReproveInterval,
 		Hold:   beat.Duplicate,
-		Client: mgr.GetClient(), Reader: mgr.GetAPIReader(), Host: o.HostName, Applier: applier, ToolRuns: toolRuns,
+		Client: mgr.GetClient(), Reader: mgr.GetAPIReader(), Host: o.HostName, Applier: applier, ToolRuns: toolRuns, Router: router,
 		ConcurrentApplies: o.ConcurrentApplies, ApplyTimeout: o.ApplyTimeout,
 		Recorder: mgr.GetEventRecorder("gateway-agent-" + o.HostName),
 	}).SetupWithManager(mgr); err != nil {
@@ -235,16 +265,61 @@ func Run(ctx context.Context, cfg *rest.Config, o Options, log logr.Logger) erro
 			return err
 		}
 	}
+	if runner != nil {
+		// Acceleration auto boots a probe VM under KVM in the background; tool runs use TCG
+		// until it is done, and the host's capabilities say so.
+		probeCtx, cancelProbe := context.WithCancel(ctx)
+		probed := make(chan struct{})
+		go func() {
+			defer close(probed)
+			beat.SetCapabilities(withAcceleration(caps, runner.ProbeAccel(probeCtx)))
+		}()
+		// Before the systemd connection closes: the probe's VM is stopped through it.
+		defer func() { cancelProbe(); <-probed }()
+	}
 	return mgr.Start(ctx)
 }
 
-// startMicroVMs prepares the tool-run runner and its sockets, or returns nil when off, with a
-// function that ends the warm VMs. Each QEMU runs in a transient unit of the host's systemd
-// (sd), with its own limits, as a user of its own.
-func startMicroVMs(o Options, sd *systemd.Conn, log logr.Logger) (*microvm.Sockets, func(), error) {
+// withAcceleration adds what the microVMs run under, and why, to c.
+func withAcceleration(c v1.HostCapabilities, a microvm.Acceleration) v1.HostCapabilities {
+	c.MicroVMAcceleration = v1.AccelerationTCG
+	if a.Accel == microvm.AccelKVM {
+		c.MicroVMAcceleration = v1.AccelerationKVM
+	}
+	c.MicroVMAccelerationReason = a.Reason
+	if len(c.MicroVMAccelerationReason) > v1.MaxAccelerationReasonLength {
+		c.MicroVMAccelerationReason = strings.ToValidUTF8(c.MicroVMAccelerationReason[:v1.MaxAccelerationReasonLength], "")
+	}
+	return c
+}
+
+// toolRunDoor makes the router of the profiles' tool-run sockets and the sockets, both nil when
+// the host offers no route.
+func toolRunDoor(o Options, mgr manager.Manager, local *microvm.Runner, log logr.Logger) (*ToolRouter, *microvm.Sockets, error) {
+	var exec microvm.Executor
+	if local != nil {
+		exec = local
+	}
+	ns := o.ToolRuns.Namespace
+	if ns == "" {
+		ns = DefaultToolRunNamespace
+	}
+	cluster := &ClusterRuns{Client: mgr.GetClient(), Reader: mgr.GetAPIReader(), Namespace: ns, Host: o.HostName, Grace: o.ToolRuns.Grace}
+	router, err := NewToolRouter(o.ToolRuns.Route, exec, cluster)
+	if err != nil || router == nil {
+		return nil, nil, err
+	}
+	log.Info("tool-run sockets on", "route", router.Policy, "hostLocal", router.Local != nil, "cluster", router.Cluster != nil, "namespace", ns)
+	return router, &microvm.Sockets{Executor: router, PerProfile: SocketsPerProfile, Log: log}, nil
+}
+
+// startMicroVMs prepares the host-local tool-run runner, or returns nil when off. Each QEMU
+// runs in a transient unit of the host's systemd (sd), with its own limits, as a user of its
+// own. Its warm pool, if any, starts booting at once; Close ends it.
+func startMicroVMs(o Options, sd *systemd.Conn, log logr.Logger) (*microvm.Runner, error) {
 	m := o.MicroVM
 	if m.Guest == "" {
-		return nil, nil, nil
+		return nil, nil
 	}
 	if m.User == "" {
 		m.User = DefaultMicroVMUser
@@ -256,21 +331,26 @@ func startMicroVMs(o Options, sd *systemd.Conn, log logr.Logger) (*microvm.Socke
 		m.MaxConcurrent = m.PoolSize + 1
 	}
 	if m.MaxConcurrent > MaxMicroVMs || m.PoolSize < 0 {
-		return nil, nil, fmt.Errorf("--microvm-max-concurrent %d / --microvm-pool-size %d: at most %d VMs, and a pool of 0 or more",
+		return nil, fmt.Errorf("--microvm-max-concurrent %d / --microvm-pool-size %d: at most %d VMs, and a pool of 0 or more",
 			m.MaxConcurrent, m.PoolSize, MaxMicroVMs)
 	}
-	ids := make([]microvm.ID, 0, m.MaxConcurrent)
-	for i := range m.MaxConcurrent {
+	// Acceleration auto boots one probe VM besides the tool runs: it gets a user of its own too.
+	accounts := m.MaxConcurrent
+	if m.Accel == "" || m.Accel == microvm.AccelAuto {
+		accounts++
+	}
+	ids := make([]microvm.ID, 0, accounts)
+	for i := range accounts {
 		name := MicroVMUser(m.User, i)
 		if err := checkMicroVMUser(name); err != nil {
-			return nil, nil, err
+			return nil, err
 		}
 		u, err := users.Manager{Root: o.Root, HostTools: o.HostTools}.Ensure(name, users.RoleMicroVM)
 		if err != nil {
-			return nil, nil, fmt.Errorf("microVM user: %w", err)
+			return nil, fmt.Errorf("microVM user: %w", err)
 		}
 		if u.UID <= 0 || u.GID <= 0 || u.UID > math.MaxUint32 || u.GID > math.MaxUint32 {
-			return nil, nil, fmt.Errorf("microVM user %s has uid %d gid %d: not an unprivileged id", u.Name, u.UID, u.GID)
+			return nil, fmt.Errorf("microVM user %s has uid %d gid %d: not an unprivileged id", u.Name, u.UID, u.GID)
 		}
 		ids = append(ids, microvm.ID{UID: uint32(u.UID), GID: uint32(u.GID)}) //nolint:gosec // range checked above
 	}
@@ -279,14 +359,15 @@ func startMicroVMs(o Options, sd *systemd.Conn, log logr.Logger) (*microvm.Socke
 		QEMU: m.QEMU, Kernel: filepath.Join(m.Guest, "vmlinuz"), Initramfs: filepath.Join(m.Guest, "initramfs.cpio.gz"),
 		WorkDir: m.WorkDir, IDs: ids, Accel: m.Accel,
 		MemoryMiB: m.MemoryMiB, MemoryOverheadMiB: m.MemoryOverheadMiB, OutputCap: m.OutputCap,
-		MaxConcurrent: m.MaxConcurrent, PoolSize: m.PoolSize, PoolShare: m.PoolShare, MaxIdle: m.MaxIdle, Log: log,
+		MaxConcurrent: m.MaxConcurrent, KVMProbeTimeout: m.KVMProbeTimeout,
+		PoolSize: m.PoolSize, PoolShare: m.PoolShare, MaxIdle: m.MaxIdle, Log: log,
 	})
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
-	log.Info("host-local tool runs on", "accel", runner.Accel(), "users", MicroVMUser(m.User, 0)+"..", "vms", m.MaxConcurrent,
+	log.Info("host-local tool runs on", "users", MicroVMUser(m.User, 0)+"..", "vms", m.MaxConcurrent,
 		"pool", m.PoolSize, "share", m.PoolShare)
-	return &microvm.Sockets{Executor: runner, Log: log}, runner.Close, nil
+	return runner, nil
 }
 
 // MaxMicroVMs bounds the VMs of one host, and so the users the agent creates for them.

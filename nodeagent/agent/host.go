@@ -81,7 +81,8 @@ type Heartbeat struct {
 	// StatusRefresh bounds how long the status goes unwritten while nothing in it changes
 	// (its lastHeartbeatTime says when it was last written); DefaultStatusRefresh when 0.
 	StatusRefresh time.Duration
-	// Capabilities are reported on every heartbeat (see HostCapabilities).
+	// Capabilities are reported on every heartbeat (see HostCapabilities); SetCapabilities
+	// changes them once the heartbeat runs.
 	Capabilities v1.HostCapabilities
 	// Space measures what the releases' filesystem keeps for the agent alone; it sets the
 	// StagingSpace condition when not nil.
@@ -96,6 +97,13 @@ type Heartbeat struct {
 	lastWrite time.Time // when this agent last wrote the heartbeat (Lease or status)
 	foreignAt time.Time // when another agent's heartbeat was last seen
 	foreignID string
+}
+
+// SetCapabilities replaces the capabilities the next heartbeats report.
+func (h *Heartbeat) SetCapabilities(c v1.HostCapabilities) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.Capabilities = c
 }
 
 // Duplicate is true while another agent heart-beats this host too (seen within the last three
@@ -278,7 +286,9 @@ func (h *Heartbeat) report(ctx context.Context, reader client.Reader, force bool
 	gh.Status.AgentID = h.ID
 	gh.Status.AgentVersion = h.Version
 	gh.Status.ObservedGeneration = gh.Generation
+	h.mu.Lock()
 	gh.Status.Capabilities = h.Capabilities
+	h.mu.Unlock()
 	if v, err := h.Systemd.Version(); err == nil {
 		gh.Status.SystemdVersion = v
 		v1.SetCondition(&gh, v1.ConditionReady, metav1.ConditionTrue, "AgentRunning", "the agent runs and reaches systemd")

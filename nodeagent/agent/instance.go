@@ -45,8 +45,10 @@ type InstanceReconciler struct {
 	Host     string
 	Applier  *apply.Applier
 	Recorder recorder.EventRecorder
-	// ToolRuns serves each profile's tool-run socket; nil when the microVM path is off.
+	// ToolRuns serves each profile's tool-run socket, whose requests Router routes; both nil
+	// when the host offers no tool-run route.
 	ToolRuns *microvm.Sockets
+	Router   *ToolRouter
 	// ConcurrentApplies is how many profiles are applied at once (DefaultConcurrentApplies).
 	ConcurrentApplies int
 	// ApplyTimeout bounds one apply (DefaultApplyTimeout).
@@ -323,6 +325,9 @@ func (r *InstanceReconciler) serveToolRuns(gi *v1.GatewayInstance, out *apply.Ou
 	if err != nil {
 		return
 	}
+	if r.Router != nil {
+		r.Router.SetProfile(p.Name, gi.Spec.ToolRuns)
+	}
 	if err := r.ToolRuns.Ensure(p.Name, r.Applier.Host.On(p.Home), microvm.Owner{UID: out.User.UID, GID: out.User.GID}); err != nil {
 		r.Recorder.Eventf(gi, nil, corev1.EventTypeWarning, "ToolRunSocketFailed", "Apply", "%v", err)
 	}
@@ -333,9 +338,7 @@ func (r *InstanceReconciler) reconcileDelete(ctx context.Context, gi *v1.Gateway
 	if !controllerutil.ContainsFinalizer(gi, v1.FinalizerInstanceUnits) {
 		return ctrl.Result{}, nil
 	}
-	if r.ToolRuns != nil {
-		r.ToolRuns.Remove(gi.Spec.Profile)
-	}
+	r.stopToolRuns(gi.Spec.Profile)
 	r.forgetDrift(gi.Spec.Profile)
 	if err := r.Applier.Remove(ctx, gi.Spec.Profile, gi.Spec.HomeRetention == v1.HomePurge); err != nil {
 		r.Recorder.Eventf(gi, nil, corev1.EventTypeWarning, "RemoveFailed", "Remove", "removing %s: %v", gi.Spec.Profile, err)
@@ -348,4 +351,14 @@ func (r *InstanceReconciler) reconcileDelete(ctx context.Context, gi *v1.Gateway
 		return ctrl.Result{}, err
 	}
 	return ctrl.Result{}, nil
+}
+
+// stopToolRuns takes a profile's tool-run socket away and forgets its settings.
+func (r *InstanceReconciler) stopToolRuns(profile string) {
+	if r.ToolRuns != nil {
+		r.ToolRuns.Remove(profile)
+	}
+	if r.Router != nil {
+		r.Router.Forget(profile)
+	}
 }

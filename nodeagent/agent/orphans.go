@@ -32,9 +32,7 @@ func (r *InstanceReconciler) removeOrphan(ctx context.Context, name string) (ctr
 		return ctrl.Result{}, nil //nolint:nilerr // not a profile name: nothing of it can be on the host
 	}
 	ctrl.LoggerFrom(ctx).Info("removing a profile no instance asks for", "profile", profile)
-	if r.ToolRuns != nil {
-		r.ToolRuns.Remove(profile)
-	}
+	r.stopToolRuns(profile)
 	r.forgetDrift(profile)
 	// The home stays: whether the profile asked to purge it went with the instance.
 	if err := r.Applier.Remove(ctx, profile, false); err != nil {

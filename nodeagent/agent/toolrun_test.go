@@ -8,11 +8,20 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	nodev1 "k8s.io/api/node/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/config"
+	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	v1 "github.com/agent-gateway/gateway-operator/api/v1alpha1"
+	"github.com/agent-gateway/gateway-operator/controllers"
 	"github.com/agent-gateway/gateway-operator/nodeagent/agent"
 	"github.com/agent-gateway/gateway-operator/nodeagent/microvm"
 	"github.com/agent-gateway/gateway-operator/nodeagent/users"
@@ -81,7 +90,8 @@ func TestAgentServesToolRunsToItsGateways(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if reply.ConnectError != "" || reply.Phase != microvm.Failed || reply.ExitCode != 5 || string(reply.Stdout) != "untrusted code ran as 1000\n" {
+		if reply.ConnectError != "" || reply.Phase != microvm.Failed || reply.ExitCode != 5 || string(reply.Stdout) != "untrusted code ran as 1000\n" ||
+			reply.Route != microvm.RouteHost {
 			t.Fatalf("core's tool run: %+v", reply)
 		}
 		return reply.Start == microvm.StartWarm, fmt.Sprintf("%s start: %s", reply.Start, reply.ColdReason)
@@ -111,5 +121,109 @@ func TestAgentServesToolRunsToItsGateways(t *testing.T) {
 	eventually(t, "core's socket to be removed", func() (bool, string) {
 		_, err := os.Lstat(sock)
 		return os.IsNotExist(err), fmt.Sprint(err)
+	})
+}
+
+// TestAgentRoutesToolRunsToTheCluster_FakeKubelet: on a host without microVMs, a real gateway's
+// request on its tool-run socket takes the cluster route: the agent creates a ToolRun in its
+// slot, the ToolRun controller makes the run's Pod, a kubelet stand-in completes it, and the
+// gateway gets the output with route Cluster; the agent deletes the run.
+func TestAgentRoutesToolRunsToTheCluster_FakeKubelet(t *testing.T) {
+	ctx := context.Background()
+	c := cp.Client
+	if err := c.Create(ctx, &nodev1.RuntimeClass{ObjectMeta: metav1.ObjectMeta{Name: "kata"}, Handler: "kata"}); err != nil && !apierrors.IsAlreadyExists(err) {
+		t.Fatal(err)
+	}
+	again := true
+	mgr, err := ctrl.NewManager(cp.Config, ctrl.Options{Scheme: agent.Scheme(), Metrics: metricsserver.Options{BindAddress: "0"},
+		Controller: config.Controller{SkipNameValidation: &again}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := (&controllers.ToolRunReconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(),
+		Recorder: mgr.GetEventRecorder("toolrun-test"), RuntimeClass: "kata", TTL: time.Hour}).SetupWithManager(mgr); err != nil {
+		t.Fatal(err)
+	}
+	mctx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- mgr.Start(mctx) }()
+	t.Cleanup(func() {
+		stop()
+		if err := <-done; err != nil {
+			t.Errorf("ToolRun controller: %v", err)
+		}
+	})
+
+	srv := agentruntime.Serve(t)
+	r1 := agentruntime.MustBuild(t, agentruntime.Options{Version: "1.0.0"})
+	u1 := srv.Add("r1.tar.gz", r1.Data)
+	h := startAgent(t, "node-cl", func(o *agent.Options) {
+		o.ToolRuns = agent.ToolRunOptions{Route: agent.RouteAuto, Namespace: leaseNS}
+	})
+	gi := newInstance("tools", "node-cl", r1, u1)
+	gi.Spec.ToolRuns = &v1.ToolRunSettings{Image: "busybox:1.36", ClusterSlots: 1}
+	if err := c.Create(ctx, gi); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = c.Delete(context.Background(), gi)
+		eventually(t, "tools.node-cl to go", func() (bool, string) {
+			err := c.Get(context.Background(), client.ObjectKeyFromObject(gi), &v1.GatewayInstance{})
+			return apierrors.IsNotFound(err), fmt.Sprint(err)
+		})
+	})
+	home := filepath.Join(h.Root, "opt/agent/gateways/tools/home")
+	eventually(t, "the tool-run socket of tools", func() (bool, string) {
+		_, err := os.Lstat(filepath.Join(home, "run", microvm.SocketName))
+		return err == nil, fmt.Sprint(err)
+	})
+
+	slot := v1.ToolRunSlot("tools", "node-cl", 0)
+	pod := "trun-" + slot
+	t.Cleanup(func() {
+		for _, o := range []client.Object{
+			&corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: leaseNS, Name: pod}},
+			&networkingv1.NetworkPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: leaseNS, Name: pod}},
+			&v1.ToolRun{ObjectMeta: metav1.ObjectMeta{Namespace: leaseNS, Name: slot}},
+		} {
+			_ = c.Delete(context.Background(), o, client.GracePeriodSeconds(0))
+		}
+	})
+	// The kubelet stand-in completes the run's Pod once the controller has made it.
+	kubelet := make(chan error, 1)
+	go func() {
+		var p corev1.Pod
+		for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+			err := c.Get(ctx, client.ObjectKey{Namespace: leaseNS, Name: pod}, &p)
+			if err == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				kubelet <- fmt.Errorf("no pod %s: %w", pod, err)
+				return
+			}
+		}
+		now := metav1.Now()
+		p.Status.StartTime, p.Status.Phase = &now, corev1.PodSucceeded
+		p.Status.ContainerStatuses = []corev1.ContainerStatus{{Name: "tool", Image: p.Spec.Containers[0].Image,
+			State: corev1.ContainerState{Terminated: &corev1.ContainerStateTerminated{ExitCode: 0, Message: "answer from the cluster\n", Reason: "Completed"}}}}
+		kubelet <- c.Status().Update(ctx, &p)
+	}()
+	reply, err := agentruntime.ToolRun(ctx, filepath.Join(home, "run", "status.sock"), "",
+		microvm.Request{Command: []string{"sh", "-c", "echo answer from the cluster"}, TimeoutSeconds: 30})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := <-kubelet; err != nil {
+		t.Fatal(err)
+	}
+	if reply.ConnectError != "" || reply.Route != microvm.RouteCluster || reply.Phase != microvm.Succeeded || reply.ExitCode != 0 ||
+		string(reply.Stdout) != "answer from the cluster\n" {
+		t.Fatalf("tools' tool run: %+v (stdout %q)", reply, reply.Stdout)
+	}
+	t.Logf("cluster route: %d ms from request to result", reply.DurationMillis)
+	eventually(t, "the agent to delete its ToolRun", func() (bool, string) {
+		err := c.Get(ctx, client.ObjectKey{Namespace: leaseNS, Name: slot}, &v1.ToolRun{})
+		return apierrors.IsNotFound(err), fmt.Sprint(err)
 	})
 }

@@ -75,10 +75,14 @@ type Config struct {
 	// IDs are the users QEMU runs as, one per VM that may run at once: a VM takes one for its
 	// whole life and no other VM runs as it meanwhile, so one compromised QEMU cannot reach
 	// another VM's sockets or files. Each must be non-zero, known to the host's passwd and
-	// group, and its uid and gid used by no other entry.
+	// group, and its uid and gid used by no other entry. One more than MaxConcurrent is the
+	// KVM probe VM's own, so that tool runs never wait for the probe.
 	IDs []ID
-	// Accel is "tcg", "kvm" or "auto" (KVM when /dev/kvm is usable by UID/GID, else TCG).
+	// Accel is "tcg", "kvm" or "auto" (the default): KVM once a probe VM has booted under it
+	// (see Runner.ProbeAccel), else TCG.
 	Accel string
+	// KVMProbeTimeout bounds auto's probe boot (DefaultKVMProbeTimeout when 0).
+	KVMProbeTimeout time.Duration
 	// MemoryMiB is the guest's RAM; OutputCap the bytes kept per stream.
 	MemoryMiB, OutputCap int
 	// MemoryOverheadMiB is what QEMU may use beyond the guest's RAM: its unit's MemoryMax is
@@ -106,11 +110,9 @@ const DefaultMaxIdle = 10 * time.Minute
 
 // Runner boots one microVM per request, each QEMU in a transient systemd service of its own.
 type Runner struct {
-	cfg        Config
-	initramfs  []byte // the base initramfs, padded to 4 bytes
-	accel      string
-	groups     []uint32
-	kernelArgs string
+	cfg       Config
+	initramfs []byte // the base initramfs, padded to 4 bytes
+	acc       accelState
 	// slots holds the IDs no VM runs as: a VM takes one before it starts and gives it back
 	// once it is gone.
 	slots chan ID
@@ -234,53 +236,7 @@ func (r *Runner) prepare() error {
 	}
 	// The kernel finds the next archive only at a 4-byte boundary.
 	r.initramfs = append(base, make([]byte, (4-len(base)%4)%4)...) //nolint:gocritic // base is not used again
-
-	r.accel, r.groups = r.cfg.Accel, nil
-	if r.accel == "" || r.accel == "auto" {
-		r.accel, r.groups = pickAccel(r.onHost("/dev/kvm"), r.cfg.UID, r.cfg.GID)
-	}
-	if r.accel != "tcg" && r.accel != "kvm" {
-		return fmt.Errorf("microvm: acceleration %q is not tcg, kvm or auto", r.cfg.Accel)
-	}
-	args := []string{"console=ttyS0", "quiet", "loglevel=1", "panic=-1", "reboot=t", "rdinit=/init"}
-	if r.accel == "tcg" {
-		// Without it a microvm guest under TCG hangs calibrating its clock.
-		if khz := hostKHz(); khz > 0 {
-			args = append(args, "tsc_early_khz="+strconv.Itoa(khz))
-		}
-	}
-	r.kernelArgs = strings.Join(args, " ")
-	return nil
-}
-
-// Accel is the acceleration the Runner uses.
-func (r *Runner) Accel() string { return r.accel }
-
-// KernelArgs is the guest kernel's command line.
-func (r *Runner) KernelArgs() string { return r.kernelArgs }
-
-// pickAccel uses KVM when QEMU's user could open the KVM device through its group (the usual
-// `kvm` group), adding that group to QEMU's credentials.
-func pickAccel(kvm string, uid, gid uint32) (string, []uint32) {
-	fi, err := os.Stat(kvm)
-	if err != nil {
-		return "tcg", nil
-	}
-	st, ok := fi.Sys().(*syscall.Stat_t)
-	if !ok {
-		return "tcg", nil
-	}
-	perm := fi.Mode().Perm()
-	switch {
-	case st.Uid == uid && perm&0o600 == 0o600, perm&0o006 == 0o006:
-		return "kvm", nil
-	case perm&0o060 == 0o060 && st.Gid != 0:
-		if st.Gid == gid {
-			return "kvm", nil
-		}
-		return "kvm", []uint32{st.Gid}
-	}
-	return "tcg", nil
+	return r.initAccel()
 }
 
 // hostKHz reads the CPU clock from /proc/cpuinfo.

@@ -44,12 +44,12 @@ const UnitPrefix = "gateway-toolrun-"
 
 // qemuArgs is QEMU's command line for one run, in host paths. QEMU connects as a client to the
 // QMP and serial sockets the agent listens on, so QEMU never writes to its run folder.
-func (r *Runner) qemuArgs(id, hostDir string) []string {
+func (r *Runner) qemuArgs(m *accelMode, id, hostDir string) []string {
 	return []string{
 		r.cfg.QEMU,
 		"-name", "toolrun-" + id,
 		"-machine", "microvm",
-		"-accel", r.accel,
+		"-accel", m.Accel,
 		"-m", strconv.Itoa(r.cfg.MemoryMiB) + "M",
 		"-smp", "1",
 		// No default devices (no NIC, no disk), no user config, no display, exit on reboot,
@@ -61,7 +61,7 @@ func (r *Runner) qemuArgs(id, hostDir string) []string {
 		"-serial", "chardev:serial0",
 		"-kernel", path.Join(r.cfg.WorkDir, kernelFile),
 		"-initrd", path.Join(hostDir, initrdFile),
-		"-append", r.kernelArgs,
+		"-append", m.kernelArgs,
 		"-sandbox", seccompSandbox,
 	}
 }
@@ -70,8 +70,10 @@ func (r *Runner) qemuArgs(id, hostDir string) []string {
 // task and CPU limits, QEMU's user, no capabilities, a read-only view of the host, no network,
 // a deadline of its own, and stdout/stderr into output.
 func (r *Runner) unitProperties(user ID, id, hostDir string, runtimeMax time.Duration, output *os.File) []systemd.Property {
-	groups := make([]string, 0, len(r.groups))
-	for _, g := range r.groups {
+	// One mode for the whole unit: a probe may switch the Runner's meanwhile.
+	m := r.mode()
+	groups := make([]string, 0, len(m.groups))
+	for _, g := range m.groups {
 		groups = append(groups, strconv.FormatUint(uint64(g), 10))
 	}
 	prop := func(name string, v any) systemd.Property {
@@ -81,7 +83,7 @@ func (r *Runner) unitProperties(user ID, id, hostDir string, runtimeMax time.Dur
 	return []systemd.Property{
 		sdbus.PropDescription("gateway tool-run microVM " + id),
 		sdbus.PropType("exec"),
-		sdbus.PropExecStart(r.qemuArgs(id, hostDir), true),
+		sdbus.PropExecStart(r.qemuArgs(m, id, hostDir), true),
 		// Collected as soon as it stops, whether QEMU exited cleanly or not.
 		prop("CollectMode", "inactive-or-failed"),
 		prop("User", strconv.FormatUint(uint64(user.UID), 10)),

@@ -11,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/go-logr/logr/testr"
+	"golang.org/x/sys/unix"
 
 	"github.com/agent-gateway/gateway-operator/nodeagent/microvm"
 	"github.com/agent-gateway/gateway-operator/test/systemdhost"
@@ -95,9 +96,17 @@ func Runner(t testing.TB, cfg microvm.Config) *microvm.Runner {
 // test defaults.
 func Start(t testing.TB, cfg microvm.Config) (*microvm.Runner, *systemdhost.Host) {
 	t.Helper()
-	kernel, initramfs := Files(t)
+	Files(t)
 	h := systemdhost.Start(t, systemdhost.Options{})
 	AddQEMUUser(t, h)
+	return RunnerOn(t, h, cfg), h
+}
+
+// RunnerOn returns a runner whose QEMUs run on h, a host AddQEMUUser prepared, with cfg's
+// non-zero fields taking precedence over the test defaults.
+func RunnerOn(t testing.TB, h *systemdhost.Host, cfg microvm.Config) *microvm.Runner {
+	t.Helper()
+	kernel, initramfs := Files(t)
 	if cfg.Systemd == nil {
 		cfg.Systemd = h.Dial(t)
 	}
@@ -110,6 +119,10 @@ func Start(t testing.TB, cfg microvm.Config) (*microvm.Runner, *systemdhost.Host
 	}
 	if cfg.UID == 0 && len(cfg.IDs) == 0 {
 		cfg.IDs = IDs()
+		if cfg.MaxConcurrent == 0 {
+			// The last user is the KVM probe VM's own, as the agent sets it up.
+			cfg.MaxConcurrent = QEMUUsers - 1
+		}
 	}
 	if cfg.Accel == "" {
 		cfg.Accel = "tcg"
@@ -122,5 +135,39 @@ func Start(t testing.TB, cfg microvm.Config) (*microvm.Runner, *systemdhost.Host
 		t.Fatal(err)
 	}
 	t.Cleanup(r.Close)
-	return r, h
+	return r
+}
+
+// KVMGroup is the group AddKVMDevice gives /dev/kvm, as Debian's udev rules give it `kvm`.
+const KVMGroup = 64530
+
+// AddKVMDevice gives a test host the machine's real KVM device (10:232) as /dev/kvm, root's
+// and read-write for group `kvm` (KVMGroup), the way a Debian host has it: once inside the
+// sandbox, where its QEMUs open it, and once under h.Root, where an agent with that root
+// prefix looks for it. Both go with the host.
+func AddKVMDevice(t testing.TB, h *systemdhost.Host) {
+	t.Helper()
+	f, err := os.OpenFile(filepath.Join(h.Root, "etc/group"), os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = fmt.Fprintf(f, "kvm:x:%d:\n", KVMGroup)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The sandbox's /dev is a tmpfs of its own mount namespace, reached through its PID 1.
+	for _, dev := range []string{fmt.Sprintf("/proc/%d/root/dev/kvm", h.PID), filepath.Join(h.Root, "dev/kvm")} {
+		if err := unix.Mknod(dev, unix.S_IFCHR|0o660, int(unix.Mkdev(10, 232))); err != nil { //nolint:gosec // a device number fits
+			t.Fatalf("make %s: %v", dev, err)
+		}
+		if err := os.Chown(dev, 0, KVMGroup); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(dev, 0o660); err != nil {
+			t.Fatal(err)
+		}
+	}
 }

@@ -221,6 +221,10 @@ func TestManagerGrantsOnlyAgentAccess(t *testing.T) {
 			return manager.Create(ctx, b)
 		}
 	}
+	slots := func(names ...string) rbacv1.PolicyRule {
+		return rbacv1.PolicyRule{APIGroups: []string{v1.GroupVersion.Group}, Resources: []string{"toolruns"},
+			Verbs: []string{"get", "watch", "delete"}, ResourceNames: names}
+	}
 	user := func(n string) rbacv1.Subject {
 		return rbacv1.Subject{APIGroup: rbacv1.GroupName, Kind: "User", Name: n}
 	}
@@ -234,6 +238,13 @@ func TestManagerGrantsOnlyAgentAccess(t *testing.T) {
 		{"list Secrets", role("gateway-agent-node-p3", rbacv1.PolicyRule{APIGroups: []string{""}, Resources: []string{"secrets"},
 			Verbs: []string{"list"}, ResourceNames: []string{"a"}}), byAccessPolicy(roleMsg)},
 		{"get Pods", role("gateway-agent-node-p4", get("pods", "a")), byAccessPolicy(roleMsg)},
+		{"ToolRun slots of its host", role("gateway-agent-node-p9", slots("core.node-p9.0", "api.node-p9.1")), verdict{}},
+		{"a ToolRun slot of another host", role("gateway-agent-node-p10", slots("core.node-p9.0")), byAccessPolicy(roleMsg, "<profile>.node-p10.<k>")},
+		{"a ToolRun that is not a slot", role("gateway-agent-node-p11", slots("core.node-p11")), byAccessPolicy(roleMsg)},
+		{"every ToolRun", role("gateway-agent-node-p12", slots()), byAccessPolicy(roleMsg)},
+		{"create ToolRuns", role("gateway-agent-node-p13", rbacv1.PolicyRule{APIGroups: []string{v1.GroupVersion.Group},
+			Resources: []string{"toolruns"}, Verbs: []string{"create", "get", "watch", "delete"}, ResourceNames: []string{"core.node-p13.0"}}),
+			byAccessPolicy(roleMsg)},
 		// The manager holds neither escalate nor bind: RBAC refuses it what it does not hold.
 		{"update a Secret", role("gateway-agent-node-p5", rbacv1.PolicyRule{APIGroups: []string{""}, Resources: []string{"secrets"},
 			Verbs: []string{"get", "update"}, ResourceNames: []string{"a"}}), byEscalationCheck()},

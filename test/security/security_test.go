@@ -722,7 +722,7 @@ func TestPolicyHoldsWhenRBACIsWider(t *testing.T) {
 	}
 	other := func(what string) verdict {
 		return byPolicy("gateway agent for host node-a may not " + what +
-			": an agent writes only its own GatewayHost and heartbeat Lease, its GatewayInstances' status and finalizer, and events about them")
+			": an agent writes only its own GatewayHost and heartbeat Lease, its GatewayInstances' status and finalizer, events about them, and its ToolRun slots")
 	}
 	runSteps(t, []step{
 		{"node-a labels a Release", func(_ *testing.T, ctx context.Context) error {
