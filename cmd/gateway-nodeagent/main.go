@@ -70,6 +70,7 @@ func main() {
 	flag.DurationVar(&o.MicroVM.MaxIdle, "microvm-max-idle", microvm.DefaultMaxIdle, "how long a warm microVM waits for a run before it is replaced by a fresh one")
 	flag.StringVar(&o.ToolRuns.Route, "toolrun-route", agent.RouteAuto, "routes this host offers its gateways' tool runs (their $AGENT_HOME/run/toolrun.sock): auto (a profile's spec.toolRuns.route, else a host-local microVM when --microvm-guest is set, else the cluster), host (microVMs only) or cluster (ToolRuns only)")
 	flag.StringVar(&o.ToolRuns.Namespace, "toolrun-namespace", agent.DefaultToolRunNamespace, "namespace of the ToolRuns the agent creates for the cluster route: the manager's --material-namespace, where it grants each host its ToolRun slots")
+	flag.IntVar(&o.ToolRuns.HostPerProfile, "toolrun-host-per-profile", 1, "host-local tool runs one profile may have at once, warm or cold; more are refused (its warm ones are bounded by --microvm-pool-share too)")
 	flag.DurationVar(&o.ToolRuns.Grace, "toolrun-grace", agent.DefaultToolRunGrace, "how long a cluster tool run may take beyond its own timeout (scheduling, image pull) before the agent gives up on it")
 	zopts.BindFlags(flag.CommandLine)
 	flag.Parse()

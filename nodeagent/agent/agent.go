@@ -133,6 +133,9 @@ type ToolRunOptions struct {
 	Namespace string
 	// Grace is how long a cluster run may take beyond its timeout (DefaultToolRunGrace).
 	Grace time.Duration
+	// HostPerProfile is how many host-local runs, warm or cold, one profile may have at once
+	// (default 1); its warm ones are bounded by MicroVMOptions.PoolShare as well.
+	HostPerProfile int
 }
 
 // DefaultToolRunNamespace is the operator's namespace in config/, where the manager keeps each
@@ -309,6 +312,7 @@ func toolRunDoor(o Options, mgr manager.Manager, local *microvm.Runner, log logr
 	if err != nil || router == nil {
 		return nil, nil, err
 	}
+	router.HostPerProfile = o.ToolRuns.HostPerProfile
 	log.Info("tool-run sockets on", "route", router.Policy, "hostLocal", router.Local != nil, "cluster", router.Cluster != nil, "namespace", ns)
 	return router, &microvm.Sockets{Executor: router, PerProfile: SocketsPerProfile, Log: log}, nil
 }
