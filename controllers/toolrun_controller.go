@@ -132,6 +132,17 @@ func (r *ToolRunReconciler) reconcileRun(ctx context.Context, tr *v1.ToolRun) (c
 		r.Recorder.Eventf(tr, nil, corev1.EventTypeWarning, "Rejected", "Admit", "%s", msg)
 		return ctrl.Result{}, nil
 	}
+	if tr.Status.PodName == "" {
+		why, err := r.notTheProfiles(ctx, tr)
+		if err != nil {
+			return ctrl.Result{}, err
+		}
+		if why != "" {
+			r.finish(tr, v1.ToolRunRejected, "NotTheProfilesRun", why)
+			r.Recorder.Eventf(tr, nil, corev1.EventTypeWarning, "Rejected", "Admit", "%s", why)
+			return ctrl.Result{}, nil
+		}
+	}
 	res, err := r.ensureRun(ctx, tr)
 	var c *conflict
 	if errors.As(err, &c) {
@@ -140,6 +151,35 @@ func (r *ToolRunReconciler) reconcileRun(ctx context.Context, tr *v1.ToolRun) (c
 		return ctrl.Result{}, nil
 	}
 	return res, err
+}
+
+// notTheProfiles says why a run of a host's cluster route (labeled with the host) is not what
+// its profile's instance on that host allows, "" when it is or when the run is no such run. The
+// host's agent chose only the command, stdin and timeout; admission checks those, and image and
+// resources must be the profile's, which admission cannot read.
+func (r *ToolRunReconciler) notTheProfiles(ctx context.Context, tr *v1.ToolRun) (string, error) {
+	host, ok := tr.Labels[v1.LabelHost]
+	if !ok {
+		return "", nil
+	}
+	var gi v1.GatewayInstance
+	err := r.Client.Get(ctx, client.ObjectKey{Name: tr.Spec.Profile + "." + host}, &gi)
+	if apierrors.IsNotFound(err) || (err == nil && !gi.DeletionTimestamp.IsZero()) {
+		return fmt.Sprintf("profile %s runs no instance on host %s, whose cluster tool runs this run claims to be", tr.Spec.Profile, host), nil
+	}
+	if err != nil {
+		return "", err
+	}
+	s := gi.Spec.ToolRuns
+	switch {
+	case s.Slots() == 0:
+		return fmt.Sprintf("profile %s has no cluster tool runs (spec.toolRuns.image)", tr.Spec.Profile), nil
+	case tr.Spec.Image != s.Image:
+		return fmt.Sprintf("image %q is not the profile's (spec.toolRuns.image of instance %s)", tr.Spec.Image, gi.Name), nil
+	case !equality.Semantic.DeepEqual(tr.Spec.Resources, s.ClusterResources()):
+		return fmt.Sprintf("resources are not the profile's (spec.toolRuns.resources of instance %s)", gi.Name), nil
+	}
+	return "", nil
 }
 
 // ensureRun makes the run's NetworkPolicy, stdin and Pod, or reads the Pod it made.

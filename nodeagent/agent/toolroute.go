@@ -8,10 +8,8 @@ import (
 	"time"
 	"unicode/utf8"
 
-	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
-	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
@@ -215,11 +213,6 @@ type ClusterRuns struct {
 	held map[string]bool
 }
 
-// Default resources of a cluster run whose profile names none.
-var defaultClusterResources = corev1.ResourceRequirements{Limits: corev1.ResourceList{
-	corev1.ResourceCPU: resource.MustParse("1"), corev1.ResourceMemory: resource.MustParse("512Mi"),
-}}
-
 func rejected(format string, a ...any) microvm.Result {
 	return microvm.Result{Phase: microvm.Rejected, ExitCode: -1, Message: fmt.Sprintf(format, a...)}
 }
@@ -241,13 +234,9 @@ func clusterSpec(profile string, s *v1.ToolRunSettings, req microvm.Request) (v1
 	if len(req.Stdin) > maxClusterStdin || !utf8.Valid(req.Stdin) {
 		return v1.ToolRunSpec{}, fmt.Errorf("a cluster run takes stdin of at most %d bytes of UTF-8 text", maxClusterStdin)
 	}
-	res := defaultClusterResources
-	if s.Resources != nil {
-		res = *s.Resources
-	}
 	return v1.ToolRunSpec{
 		Profile: profile, Image: s.Image, Command: req.Command, Stdin: string(req.Stdin),
-		Resources: *res.DeepCopy(), TimeoutSeconds: int32(req.Timeout() / time.Second), //nolint:gosec // at most MaxTimeout (Validate)
+		Resources: s.ClusterResources(), TimeoutSeconds: int32(req.Timeout() / time.Second), //nolint:gosec // at most MaxTimeout (Validate)
 	}, nil
 }
 
