@@ -36,6 +36,8 @@ const (
 	// DefaultClusterOutputCap bounds what the agent relays of a cluster run's output (a
 	// ToolRun's status holds at most 16 KiB anyway).
 	DefaultClusterOutputCap = 16 << 10
+	// createTimeout bounds placing a run in a slot: the create, and replacing a stale run.
+	createTimeout = 30 * time.Second
 )
 
 // Limits of a ToolRun's spec (api/v1alpha1/toolrun_types.go): a request beyond them cannot take
@@ -252,7 +254,11 @@ func (c *ClusterRuns) Run(ctx context.Context, profile string, s *v1.ToolRunSett
 	if err != nil {
 		return rejected("invalid request: %v", err), nil
 	}
-	tr, res, err := c.create(ctx, profile, slots, spec)
+	// Every API call has a deadline: a stalled API server must not hold the request, its slot
+	// and its share of the socket for ever. The wait below has its own.
+	cctx, cancel := context.WithTimeout(ctx, createTimeout)
+	defer cancel()
+	tr, res, err := c.create(cctx, profile, slots, spec)
 	if tr == nil {
 		res.DurationMillis = time.Since(start).Milliseconds()
 		return res, err
