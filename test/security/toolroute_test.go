@@ -202,7 +202,7 @@ func TestAgentCreatesToolRunsOnlyInItsSlots(t *testing.T) {
 
 // TestAgentToolRunIsOnlyTheRoutesRun: in its own slot, an agent creates only the run its
 // router makes of a gateway's request (labeled with its host and profile, no network, no
-// args, a timeout the socket allows, no finalizer); a compromised agent cannot use a slot for a
+// args, a timeout the socket allows, no finalizer or owner); a compromised agent cannot use a slot for a
 // run with egress, or one that outlives what a gateway may ask for.
 func TestAgentToolRunIsOnlyTheRoutesRun(t *testing.T) {
 	e := setUpToolRoute(t, "tra")
@@ -234,6 +234,13 @@ func TestAgentToolRunIsOnlyTheRoutesRun(t *testing.T) {
 		{"args", create(func(tr *v1.ToolRun) { tr.Spec.Args = []string{"-c", "id"} }), byPolicy(deny, "no args")},
 		{"a day's timeout", create(func(tr *v1.ToolRun) { tr.Spec.TimeoutSeconds = 86400 }), byPolicy(deny, "at most 600")},
 		{"a finalizer", create(func(tr *v1.ToolRun) { tr.Finalizers = []string{"example.com/keep"} }), byPolicy(deny, "no finalizer")},
+		{"an owner", create(func(tr *v1.ToolRun) {
+			var gh v1.GatewayHost
+			if err := admin.Get(context.Background(), client.ObjectKey{Name: h1}, &gh); err != nil {
+				t.Fatal(err)
+			}
+			tr.OwnerReferences = []metav1.OwnerReference{{APIVersion: v1.GroupVersion.String(), Kind: "GatewayHost", Name: h1, UID: gh.UID}}
+		}), byPolicy(deny, "no finalizer or owner")},
 		{"no host label", create(func(tr *v1.ToolRun) { delete(tr.Labels, v1.LabelHost) }), byPolicy(deny, "labeled")},
 		{"another profile's label", create(func(tr *v1.ToolRun) { tr.Labels[v1.LabelProfile] = e.plain }), byPolicy(deny, "labeled")},
 		{"the route's run", create(func(*v1.ToolRun) {}), allowed},
