@@ -29,6 +29,9 @@ const (
 	stdinPath = "/run/toolrun/stdin"
 )
 
+// DefaultToolRunStartGrace is how long a run's Pod may wait for a node to start it.
+const DefaultToolRunStartGrace = 10 * time.Minute
+
 // ToolRunReconciler runs each ToolRun as one Pod with the Kata RuntimeClass: untrusted code
 // gets a microVM of its own, never a gateway's process or a runc container.
 type ToolRunReconciler struct {
@@ -41,6 +44,9 @@ type ToolRunReconciler struct {
 	RuntimeClass string
 	// TTL is how long a finished run is kept.
 	TTL time.Duration
+	// StartGrace is how long a run's Pod may wait for a node to start it before the run ends
+	// TimedOut (DefaultToolRunStartGrace when 0).
+	StartGrace time.Duration
 	// Now is the clock; time.Now when nil.
 	Now func() time.Time
 }
@@ -228,7 +234,29 @@ func (r *ToolRunReconciler) ensureRun(ctx context.Context, tr *v1.ToolRun) (ctrl
 		r.Recorder.Eventf(tr, &pod, corev1.EventTypeNormal, string(tr.Status.Phase), "Run", "tool run finished: %s", tr.Status.Phase)
 		return ctrl.Result{RequeueAfter: r.TTL}, nil
 	}
-	return ctrl.Result{}, nil
+	if tr.Status.StartTime != nil {
+		return ctrl.Result{}, nil
+	}
+	// The Pod's deadline counts only once a kubelet has taken it; a Pod no node takes would
+	// keep its run Pending for ever, and nobody may be left to delete it.
+	if left := tr.CreationTimestamp.Add(r.startGrace()).Sub(r.now()); left > 0 {
+		return ctrl.Result{RequeueAfter: left}, nil
+	}
+	uid := pod.UID
+	if err := r.Client.Delete(ctx, &pod, client.Preconditions{UID: &uid}); client.IgnoreNotFound(err) != nil {
+		return ctrl.Result{}, err
+	}
+	msg := fmt.Sprintf("no node started pod %s within %s of the run's creation", pod.Name, r.startGrace())
+	r.finish(tr, v1.ToolRunTimedOut, "NotStarted", msg)
+	r.Recorder.Eventf(tr, &pod, corev1.EventTypeWarning, "NotStarted", "Run", "%s", msg)
+	return ctrl.Result{RequeueAfter: r.TTL}, nil
+}
+
+func (r *ToolRunReconciler) startGrace() time.Duration {
+	if r.StartGrace > 0 {
+		return r.StartGrace
+	}
+	return DefaultToolRunStartGrace
 }
 
 // observe copies what the kubelet reported into the run's status.

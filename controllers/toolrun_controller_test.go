@@ -325,3 +325,26 @@ func TestClusterRouteRunIsTheProfiles(t *testing.T) {
 		t.Errorf("pod image %s", pod.Spec.Containers[0].Image)
 	}
 }
+
+// TestToolRunThatNeverStartsTimesOut: a run whose Pod no kubelet ever takes (no node can run
+// it) ends TimedOut once its start grace has passed, and its Pod goes, so the run expires
+// like any other, even when whoever created it is no longer there to delete it.
+func TestToolRunThatNeverStartsTimesOut(t *testing.T) {
+	ensureKata(t)
+	r := &controllers.ToolRunReconciler{Client: c, RuntimeClass: "kata", TTL: time.Hour, Recorder: nopRecorder{},
+		Now: func() time.Time { return time.Now().Add(controllers.DefaultToolRunStartGrace + time.Minute) }}
+	tr := toolRun("nostart")
+	mustCreate(t, tr)
+	waitPod(t, "trun-nostart")
+	waitRun(t, "nostart", v1.ToolRunPending)
+	if _, err := r.Reconcile(context.Background(), reqFor(tr)); err != nil {
+		t.Fatal(err)
+	}
+	got := waitRun(t, "nostart", v1.ToolRunTimedOut)
+	jobLike(t, got, false, true, false)
+	eventually(t, "its pod to go", func() (bool, string) {
+		var pod corev1.Pod
+		err := c.Get(context.Background(), client.ObjectKey{Namespace: "default", Name: "trun-nostart"}, &pod)
+		return apierrors.IsNotFound(err) || (err == nil && !pod.DeletionTimestamp.IsZero()), fmt.Sprint(err)
+	})
+}
