@@ -168,8 +168,10 @@ func (r *ToolRunReconciler) notTheProfiles(ctx context.Context, tr *v1.ToolRun) 
 	if !ok {
 		return "", nil
 	}
+	// Straight from the API server: the agent acts on the instance it sees, which the cache
+	// may not hold yet.
 	var gi v1.GatewayInstance
-	err := r.Client.Get(ctx, client.ObjectKey{Name: tr.Spec.Profile + "." + host}, &gi)
+	err := r.reader().Get(ctx, client.ObjectKey{Name: tr.Spec.Profile + "." + host}, &gi)
 	if apierrors.IsNotFound(err) || (err == nil && !gi.DeletionTimestamp.IsZero()) {
 		return fmt.Sprintf("profile %s runs no instance on host %s, whose cluster tool runs this run claims to be", tr.Spec.Profile, host), nil
 	}

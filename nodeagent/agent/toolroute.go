@@ -236,6 +236,9 @@ func clusterSpec(profile string, s *v1.ToolRunSettings, req microvm.Request) (v1
 	if len(req.Stdin) > maxClusterStdin || !utf8.Valid(req.Stdin) {
 		return v1.ToolRunSpec{}, fmt.Errorf("a cluster run takes stdin of at most %d bytes of UTF-8 text", maxClusterStdin)
 	}
+	// The run carries the profile's image and resources, which the ToolRun controller checks
+	// against the instance, and a timeout of at most microvm.MaxTimeout, the most the agent
+	// policy admits (600 s).
 	return v1.ToolRunSpec{
 		Profile: profile, Image: s.Image, Command: req.Command, Stdin: string(req.Stdin),
 		Resources: s.ClusterResources(), TimeoutSeconds: int32(req.Timeout() / time.Second), //nolint:gosec // at most MaxTimeout (Validate)
