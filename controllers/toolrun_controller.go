@@ -12,6 +12,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/validation"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/recorder"
@@ -167,6 +168,9 @@ func (r *ToolRunReconciler) notTheProfiles(ctx context.Context, tr *v1.ToolRun) 
 	host, ok := tr.Labels[v1.LabelHost]
 	if !ok {
 		return "", nil
+	}
+	if len(validation.IsDNS1123Label(host)) > 0 {
+		return fmt.Sprintf("label %s=%q is not a host name", v1.LabelHost, host), nil
 	}
 	// Straight from the API server: the agent acts on the instance it sees, which the cache
 	// may not hold yet.

@@ -305,6 +305,7 @@ func TestClusterRouteRunIsTheProfiles(t *testing.T) {
 			tr.Spec.Resources.Limits[corev1.ResourceCPU] = resource.MustParse("64")
 		}), "resources are not the profile's"},
 		{route("cr-host", "cr-2", func(*v1.ToolRun) {}), "profile cr runs no instance on host cr-2"},
+		{route("cr-label", "CR_1", func(*v1.ToolRun) {}), `label gateway.agent.dev/host="CR_1" is not a host name`},
 	} {
 		mustCreate(t, tc.run)
 		got := waitRun(t, tc.run.Name, v1.ToolRunRejected)
