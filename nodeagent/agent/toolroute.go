@@ -314,9 +314,14 @@ func (c *ClusterRuns) create(ctx context.Context, profile string, slots int, spe
 			Labels: map[string]string{v1.LabelProfile: profile, v1.LabelHost: c.Host}}, Spec: spec}
 		err := c.Client.Create(ctx, tr)
 		if apierrors.IsAlreadyExists(err) {
-			if derr := c.remove(ctx, name); derr == nil {
+			derr := c.remove(ctx, name)
+			if derr == nil {
 				tr.ResourceVersion = ""
 				err = c.Client.Create(ctx, tr)
+			} else if apierrors.IsForbidden(derr) {
+				// Not an agent's run of this host (made by hand): left alone.
+				c.release(name)
+				return nil, rejected("ToolRun slot %s/%s holds a run this host's agent did not create: %v", c.Namespace, name, derr), nil
 			}
 		}
 		if err == nil {

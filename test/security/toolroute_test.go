@@ -245,6 +245,31 @@ func TestAgentToolRunIsOnlyTheRoutesRun(t *testing.T) {
 		{"another profile's label", create(func(tr *v1.ToolRun) { tr.Labels[v1.LabelProfile] = e.plain }), byPolicy(deny, "labeled")},
 		{"the route's run", create(func(*v1.ToolRun) {}), allowed},
 	})
+
+	// A run in its slot that no agent of its host created (made by hand, unlabeled) is not the
+	// agent's to delete.
+	ctx := context.Background()
+	byHand := agentToolRun(materialNS, own, e.tools)
+	byHand.Labels = nil
+	if err := admin.Create(ctx, byHand); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { removeRun(t, materialNS, own) })
+	runSteps(t, []step{
+		{"delete a run made by hand in its slot", func(_ *testing.T, ctx context.Context) error {
+			return a1.Delete(ctx, &v1.ToolRun{ObjectMeta: metav1.ObjectMeta{Namespace: materialNS, Name: own}})
+		}, byPolicy("it is not a run of host " + h1)},
+	})
+	// The route says so, and leaves the run alone.
+	cluster := &agent.ClusterRuns{Client: a1, Reader: a1, Namespace: materialNS, Host: h1}
+	res, err := cluster.Run(ctx, e.tools, &v1.ToolRunSettings{Image: "busybox:1.36"}, microvm.Request{Command: []string{"true"}})
+	if err != nil || res.Phase != microvm.Rejected || !strings.Contains(res.Message, "holds a run this host's agent did not create") {
+		t.Errorf("a run in a slot held by a hand-made run: %+v %v", res, err)
+	}
+	var still v1.ToolRun
+	if err := admin.Get(ctx, client.ObjectKeyFromObject(byHand), &still); err != nil || still.UID != byHand.UID {
+		t.Errorf("the hand-made run: %v", err)
+	}
 }
 
 // TestToolRunRoutedToTheCluster_FakeKubelet: a gateway's request on its tool-run socket takes
