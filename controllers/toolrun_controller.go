@@ -12,6 +12,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/validation"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/recorder"
@@ -29,6 +30,9 @@ const (
 	stdinPath = "/run/toolrun/stdin"
 )
 
+// DefaultToolRunStartGrace is how long a run's Pod may wait for a node to start it.
+const DefaultToolRunStartGrace = 10 * time.Minute
+
 // ToolRunReconciler runs each ToolRun as one Pod with the Kata RuntimeClass: untrusted code
 // gets a microVM of its own, never a gateway's process or a runc container.
 type ToolRunReconciler struct {
@@ -41,6 +45,9 @@ type ToolRunReconciler struct {
 	RuntimeClass string
 	// TTL is how long a finished run is kept.
 	TTL time.Duration
+	// StartGrace is how long a run's Pod may wait for a node to start it before the run ends
+	// TimedOut (DefaultToolRunStartGrace when 0).
+	StartGrace time.Duration
 	// Now is the clock; time.Now when nil.
 	Now func() time.Time
 }
@@ -132,6 +139,17 @@ func (r *ToolRunReconciler) reconcileRun(ctx context.Context, tr *v1.ToolRun) (c
 		r.Recorder.Eventf(tr, nil, corev1.EventTypeWarning, "Rejected", "Admit", "%s", msg)
 		return ctrl.Result{}, nil
 	}
+	if tr.Status.PodName == "" {
+		why, err := r.notTheProfiles(ctx, tr)
+		if err != nil {
+			return ctrl.Result{}, err
+		}
+		if why != "" {
+			r.finish(tr, v1.ToolRunRejected, "NotTheProfilesRun", why)
+			r.Recorder.Eventf(tr, nil, corev1.EventTypeWarning, "Rejected", "Admit", "%s", why)
+			return ctrl.Result{}, nil
+		}
+	}
 	res, err := r.ensureRun(ctx, tr)
 	var c *conflict
 	if errors.As(err, &c) {
@@ -140,6 +158,40 @@ func (r *ToolRunReconciler) reconcileRun(ctx context.Context, tr *v1.ToolRun) (c
 		return ctrl.Result{}, nil
 	}
 	return res, err
+}
+
+// notTheProfiles says why a run of a host's cluster route (labeled with the host) is not what
+// its profile's instance on that host allows, "" when it is or when the run is no such run. The
+// host's agent chose only the command, stdin and timeout; admission checks those, and image and
+// resources must be the profile's, which admission cannot read.
+func (r *ToolRunReconciler) notTheProfiles(ctx context.Context, tr *v1.ToolRun) (string, error) {
+	host, ok := tr.Labels[v1.LabelHost]
+	if !ok {
+		return "", nil
+	}
+	if len(validation.IsDNS1123Label(host)) > 0 {
+		return fmt.Sprintf("label %s=%q is not a host name", v1.LabelHost, host), nil
+	}
+	// Straight from the API server: the agent acts on the instance it sees, which the cache
+	// may not hold yet.
+	var gi v1.GatewayInstance
+	err := r.reader().Get(ctx, client.ObjectKey{Name: tr.Spec.Profile + "." + host}, &gi)
+	if apierrors.IsNotFound(err) || (err == nil && !gi.DeletionTimestamp.IsZero()) {
+		return fmt.Sprintf("profile %s runs no instance on host %s, whose cluster tool runs this run claims to be", tr.Spec.Profile, host), nil
+	}
+	if err != nil {
+		return "", err
+	}
+	s := gi.Spec.ToolRuns
+	switch {
+	case s.Slots() == 0:
+		return fmt.Sprintf("profile %s has no cluster tool runs (spec.toolRuns.image)", tr.Spec.Profile), nil
+	case tr.Spec.Image != s.Image:
+		return fmt.Sprintf("image %q is not the profile's (spec.toolRuns.image of instance %s)", tr.Spec.Image, gi.Name), nil
+	case !equality.Semantic.DeepEqual(tr.Spec.Resources, s.ClusterResources()):
+		return fmt.Sprintf("resources are not the profile's (spec.toolRuns.resources of instance %s)", gi.Name), nil
+	}
+	return "", nil
 }
 
 // ensureRun makes the run's NetworkPolicy, stdin and Pod, or reads the Pod it made.
@@ -188,7 +240,29 @@ func (r *ToolRunReconciler) ensureRun(ctx context.Context, tr *v1.ToolRun) (ctrl
 		r.Recorder.Eventf(tr, &pod, corev1.EventTypeNormal, string(tr.Status.Phase), "Run", "tool run finished: %s", tr.Status.Phase)
 		return ctrl.Result{RequeueAfter: r.TTL}, nil
 	}
-	return ctrl.Result{}, nil
+	if tr.Status.StartTime != nil {
+		return ctrl.Result{}, nil
+	}
+	// The Pod's deadline counts only once a kubelet has taken it; a Pod no node takes would
+	// keep its run Pending for ever, and nobody may be left to delete it.
+	if left := tr.CreationTimestamp.Add(r.startGrace()).Sub(r.now()); left > 0 {
+		return ctrl.Result{RequeueAfter: left}, nil
+	}
+	uid := pod.UID
+	if err := r.Client.Delete(ctx, &pod, client.Preconditions{UID: &uid}); client.IgnoreNotFound(err) != nil {
+		return ctrl.Result{}, err
+	}
+	msg := fmt.Sprintf("no node started pod %s within %s of the run's creation", pod.Name, r.startGrace())
+	r.finish(tr, v1.ToolRunTimedOut, "NotStarted", msg)
+	r.Recorder.Eventf(tr, &pod, corev1.EventTypeWarning, "NotStarted", "Run", "%s", msg)
+	return ctrl.Result{RequeueAfter: r.TTL}, nil
+}
+
+func (r *ToolRunReconciler) startGrace() time.Duration {
+	if r.StartGrace > 0 {
+		return r.StartGrace
+	}
+	return DefaultToolRunStartGrace
 }
 
 // observe copies what the kubelet reported into the run's status.

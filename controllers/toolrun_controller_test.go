@@ -270,3 +270,82 @@ func kubectlApply(t *testing.T, file string) {
 		t.Fatalf("kubectl apply %s: %v\n%s", file, err, out)
 	}
 }
+
+// TestClusterRouteRunIsTheProfiles: a run labeled with a host is a gateway's request on that
+// host's cluster route, whose agent chose only the command, stdin and timeout: it runs only
+// with the image and resources its profile's instance on that host states, else it is
+// Rejected and makes no Pod.
+func TestClusterRouteRunIsTheProfiles(t *testing.T) {
+	ensureKata(t)
+	mustCreate(t, host("cr-1", map[string]string{"pool": "cr"}))
+	simulatedAgentHeartbeats(t, "cr-1")
+	mustCreate(t, rel("cr-r1", "1.0.0", shaA))
+	p := profile("cr", "cr-r1", map[string]string{"pool": "cr"})
+	p.Spec.ToolRuns = &v1.ToolRunSettings{Route: v1.ToolRunRouteCluster, Image: "registry.example.com/tools/python:3.12"}
+	mustCreate(t, p)
+	eventually(t, "cr.cr-1 to carry the profile's tool-run settings", func() (bool, string) {
+		gi, err := getInstance("cr.cr-1")
+		return err == nil && gi.Spec.ToolRuns != nil, fmt.Sprint(err)
+	})
+	route := func(name, hostName string, edit func(*v1.ToolRun)) *v1.ToolRun {
+		tr := toolRun(name)
+		tr.Spec.Profile = "cr"
+		tr.Labels = map[string]string{v1.LabelHost: hostName, v1.LabelProfile: "cr"}
+		tr.Spec.Resources = p.Spec.ToolRuns.ClusterResources()
+		edit(tr)
+		return tr
+	}
+	for _, tc := range []struct {
+		run  *v1.ToolRun
+		want string
+	}{
+		{route("cr-image", "cr-1", func(tr *v1.ToolRun) { tr.Spec.Image = "registry.example.com/miner:1" }),
+			`image "registry.example.com/miner:1" is not the profile's`},
+		{route("cr-res", "cr-1", func(tr *v1.ToolRun) {
+			tr.Spec.Resources.Limits[corev1.ResourceCPU] = resource.MustParse("64")
+		}), "resources are not the profile's"},
+		{route("cr-host", "cr-2", func(*v1.ToolRun) {}), "profile cr runs no instance on host cr-2"},
+		{route("cr-label", "CR_1", func(*v1.ToolRun) {}), `label gateway.agent.dev/host="CR_1" is not a host name`},
+	} {
+		mustCreate(t, tc.run)
+		got := waitRun(t, tc.run.Name, v1.ToolRunRejected)
+		found := false
+		for _, cond := range got.Status.Conditions {
+			found = found || strings.Contains(cond.Message, tc.want)
+		}
+		if !found {
+			t.Errorf("%s: conditions do not say %q: %+v", tc.run.Name, tc.want, got.Status.Conditions)
+		}
+		if err := c.Get(context.Background(), client.ObjectKey{Namespace: "default", Name: "trun-" + tc.run.Name}, &corev1.Pod{}); !apierrors.IsNotFound(err) {
+			t.Errorf("%s: a pod was made: %v", tc.run.Name, err)
+		}
+	}
+	ok := route("cr-ok", "cr-1", func(*v1.ToolRun) {})
+	mustCreate(t, ok)
+	if pod := waitPod(t, "trun-cr-ok"); pod.Spec.Containers[0].Image != p.Spec.ToolRuns.Image {
+		t.Errorf("pod image %s", pod.Spec.Containers[0].Image)
+	}
+}
+
+// TestToolRunThatNeverStartsTimesOut: a run whose Pod no kubelet ever takes (no node can run
+// it) ends TimedOut once its start grace has passed, and its Pod goes, so the run expires
+// like any other, even when whoever created it is no longer there to delete it.
+func TestToolRunThatNeverStartsTimesOut(t *testing.T) {
+	ensureKata(t)
+	r := &controllers.ToolRunReconciler{Client: c, RuntimeClass: "kata", TTL: time.Hour, Recorder: nopRecorder{},
+		Now: func() time.Time { return time.Now().Add(controllers.DefaultToolRunStartGrace + time.Minute) }}
+	tr := toolRun("nostart")
+	mustCreate(t, tr)
+	waitPod(t, "trun-nostart")
+	waitRun(t, "nostart", v1.ToolRunPending)
+	if _, err := r.Reconcile(context.Background(), reqFor(tr)); err != nil {
+		t.Fatal(err)
+	}
+	got := waitRun(t, "nostart", v1.ToolRunTimedOut)
+	jobLike(t, got, false, true, false)
+	eventually(t, "its pod to go", func() (bool, string) {
+		var pod corev1.Pod
+		err := c.Get(context.Background(), client.ObjectKey{Namespace: "default", Name: "trun-nostart"}, &pod)
+		return apierrors.IsNotFound(err) || (err == nil && !pod.DeletionTimestamp.IsZero()), fmt.Sprint(err)
+	})
+}

@@ -4,6 +4,7 @@ import (
 	"strconv"
 
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
@@ -242,6 +243,17 @@ func ToolRunSlot(profile, host string, k int) string {
 		return ""
 	}
 	return n
+}
+
+// ClusterResources are the resources of each of the profile's cluster runs: its Resources, else
+// limits cpu 1 and memory 512Mi.
+func (s *ToolRunSettings) ClusterResources() corev1.ResourceRequirements {
+	if s != nil && s.Resources != nil {
+		return *s.Resources.DeepCopy()
+	}
+	return corev1.ResourceRequirements{Limits: corev1.ResourceList{
+		corev1.ResourceCPU: resource.MustParse("1"), corev1.ResourceMemory: resource.MustParse("512Mi"),
+	}}
 }
 
 // Slots is how many cluster slots the settings give a host (0 without an image).

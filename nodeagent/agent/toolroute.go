@@ -8,10 +8,8 @@ import (
 	"time"
 	"unicode/utf8"
 
-	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
-	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
@@ -38,6 +36,8 @@ const (
 	// DefaultClusterOutputCap bounds what the agent relays of a cluster run's output (a
 	// ToolRun's status holds at most 16 KiB anyway).
 	DefaultClusterOutputCap = 16 << 10
+	// createTimeout bounds placing a run in a slot: the create, and replacing a stale run.
+	createTimeout = 30 * time.Second
 )
 
 // Limits of a ToolRun's spec (api/v1alpha1/toolrun_types.go): a request beyond them cannot take
@@ -215,11 +215,6 @@ type ClusterRuns struct {
 	held map[string]bool
 }
 
-// Default resources of a cluster run whose profile names none.
-var defaultClusterResources = corev1.ResourceRequirements{Limits: corev1.ResourceList{
-	corev1.ResourceCPU: resource.MustParse("1"), corev1.ResourceMemory: resource.MustParse("512Mi"),
-}}
-
 func rejected(format string, a ...any) microvm.Result {
 	return microvm.Result{Phase: microvm.Rejected, ExitCode: -1, Message: fmt.Sprintf(format, a...)}
 }
@@ -241,13 +236,12 @@ func clusterSpec(profile string, s *v1.ToolRunSettings, req microvm.Request) (v1
 	if len(req.Stdin) > maxClusterStdin || !utf8.Valid(req.Stdin) {
 		return v1.ToolRunSpec{}, fmt.Errorf("a cluster run takes stdin of at most %d bytes of UTF-8 text", maxClusterStdin)
 	}
-	res := defaultClusterResources
-	if s.Resources != nil {
-		res = *s.Resources
-	}
+	// The run carries the profile's image and resources, which the ToolRun controller checks
+	// against the instance, and a timeout of at most microvm.MaxTimeout, the most the agent
+	// policy admits (600 s).
 	return v1.ToolRunSpec{
 		Profile: profile, Image: s.Image, Command: req.Command, Stdin: string(req.Stdin),
-		Resources: *res.DeepCopy(), TimeoutSeconds: int32(req.Timeout() / time.Second), //nolint:gosec // at most MaxTimeout (Validate)
+		Resources: s.ClusterResources(), TimeoutSeconds: int32(req.Timeout() / time.Second), //nolint:gosec // at most MaxTimeout (Validate)
 	}, nil
 }
 
@@ -263,7 +257,11 @@ func (c *ClusterRuns) Run(ctx context.Context, profile string, s *v1.ToolRunSett
 	if err != nil {
 		return rejected("invalid request: %v", err), nil
 	}
-	tr, res, err := c.create(ctx, profile, slots, spec)
+	// Every API call has a deadline: a stalled API server must not hold the request, its slot
+	// and its share of the socket for ever. The wait below has its own.
+	cctx, cancel := context.WithTimeout(ctx, createTimeout)
+	defer cancel()
+	tr, res, err := c.create(cctx, profile, slots, spec)
 	if tr == nil {
 		res.DurationMillis = time.Since(start).Milliseconds()
 		return res, err
@@ -316,9 +314,14 @@ func (c *ClusterRuns) create(ctx context.Context, profile string, slots int, spe
 			Labels: map[string]string{v1.LabelProfile: profile, v1.LabelHost: c.Host}}, Spec: spec}
 		err := c.Client.Create(ctx, tr)
 		if apierrors.IsAlreadyExists(err) {
-			if derr := c.remove(ctx, name); derr == nil {
+			derr := c.remove(ctx, name)
+			if derr == nil {
 				tr.ResourceVersion = ""
 				err = c.Client.Create(ctx, tr)
+			} else if apierrors.IsForbidden(derr) {
+				// Not an agent's run of this host (made by hand): left alone.
+				c.release(name)
+				return nil, rejected("ToolRun slot %s/%s holds a run this host's agent did not create: %v", c.Namespace, name, derr), nil
 			}
 		}
 		if err == nil {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -243,4 +244,63 @@ func TestClusterRunRefusals(t *testing.T) {
 		t.Errorf("the first run: %+v", res)
 	}
 	gone(t, slot)
+}
+
+// deadlines records the API calls made without a deadline.
+type deadlines struct {
+	client.Client
+	mu      sync.Mutex
+	without []string
+}
+
+func (d *deadlines) check(ctx context.Context, call string) {
+	if _, ok := ctx.Deadline(); !ok {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		d.without = append(d.without, call)
+	}
+}
+
+func (d *deadlines) Get(ctx context.Context, key client.ObjectKey, obj client.Object, opts ...client.GetOption) error {
+	d.check(ctx, "get")
+	return d.Client.Get(ctx, key, obj, opts...)
+}
+
+func (d *deadlines) Create(ctx context.Context, obj client.Object, opts ...client.CreateOption) error {
+	d.check(ctx, "create")
+	return d.Client.Create(ctx, obj, opts...)
+}
+
+func (d *deadlines) Delete(ctx context.Context, obj client.Object, opts ...client.DeleteOption) error {
+	d.check(ctx, "delete")
+	return d.Client.Delete(ctx, obj, opts...)
+}
+
+// TestClusterRunCallsHaveDeadlines: every API call of a cluster run, replacing a stale run
+// included, is bounded, so a stalled API server cannot hold a gateway's request (and its
+// socket share) forever.
+func TestClusterRunCallsHaveDeadlines(t *testing.T) {
+	ctx := context.Background()
+	d := &deadlines{Client: cp.Client}
+	c := clusterRuns("node-u4")
+	c.Client, c.Reader = d, d
+	slot := v1.ToolRunSlot("core", "node-u4", 0)
+	stale := &v1.ToolRun{ObjectMeta: metav1.ObjectMeta{Namespace: leaseNS, Name: slot}, Spec: v1.ToolRunSpec{
+		Profile: "core", Image: "busybox:1.36", Resources: image.ClusterResources()}}
+	if err := cp.Client.Create(ctx, stale); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cp.Client.Delete(context.Background(), &v1.ToolRun{ObjectMeta: stale.ObjectMeta}) })
+	done := finishRun(t, slot, stale.UID, "ok")
+	res, err := c.Run(ctx, "core", image, microvm.Request{Command: []string{"true"}, TimeoutSeconds: 30})
+	if derr := <-done; derr != nil {
+		t.Fatal(derr)
+	}
+	if err != nil || res.Phase != microvm.Succeeded {
+		t.Fatalf("%+v %v", res, err)
+	}
+	gone(t, slot)
+	if len(d.without) > 0 {
+		t.Errorf("API calls without a deadline: %v", d.without)
+	}
 }

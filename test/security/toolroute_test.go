@@ -102,10 +102,21 @@ func setUpToolRoute(t *testing.T, prefix string) *toolRouteEnv {
 
 // agentToolRun is the ToolRun an agent would create for profile under name.
 func agentToolRun(ns, name, profile string) *v1.ToolRun {
-	return &v1.ToolRun{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name}, Spec: v1.ToolRunSpec{
+	return &v1.ToolRun{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name,
+		Labels: map[string]string{v1.LabelProfile: profile, v1.LabelHost: hostOfSlot(name)}}, Spec: v1.ToolRunSpec{
 		Profile: profile, Image: "busybox:1.36", Command: []string{"true"}, TimeoutSeconds: 30,
 		Resources: corev1.ResourceRequirements{Limits: corev1.ResourceList{
 			corev1.ResourceCPU: resource.MustParse("100m"), corev1.ResourceMemory: resource.MustParse("64Mi")}}}}
+}
+
+// hostOfSlot is the host part of a slot name <profile>.<host>.<k> (profile and host are DNS
+// labels), or the name itself when it has no such form.
+func hostOfSlot(name string) string {
+	parts := strings.Split(name, ".")
+	if len(parts) != 3 {
+		return name
+	}
+	return parts[1]
 }
 
 // removeRun deletes a run and what the ToolRun controller made for it (envtest has no garbage
@@ -187,6 +198,78 @@ func TestAgentCreatesToolRunsOnlyInItsSlots(t *testing.T) {
 	runSteps(t, []step{
 		{"a host that left the selection", create(a2, materialNS, slot, e.tools), byPolicy("is not granted to host " + h2)},
 	})
+}
+
+// TestAgentToolRunIsOnlyTheRoutesRun: in its own slot, an agent creates only the run its
+// router makes of a gateway's request (labeled with its host and profile, no network, no
+// args, a timeout the socket allows, no finalizer or owner); a compromised agent cannot use a slot for a
+// run with egress, or one that outlives what a gateway may ask for.
+func TestAgentToolRunIsOnlyTheRoutesRun(t *testing.T) {
+	e := setUpToolRoute(t, "tra")
+	h1, a1 := e.hosts[0], e.agents[0]
+	own := v1.ToolRunSlot(e.tools, h1, 0)
+	create := func(edit func(*v1.ToolRun)) func(*testing.T, context.Context) error {
+		return func(t *testing.T, ctx context.Context) error {
+			tr := agentToolRun(materialNS, own, e.tools)
+			edit(tr)
+			err := a1.Create(ctx, tr)
+			if err == nil {
+				if tr.Finalizers != nil {
+					_ = admin.Patch(ctx, tr, mergePatch(`{"metadata":{"finalizers":null}}`))
+				}
+				removeRun(t, materialNS, own)
+				poll.Until(t, "the run to be gone", 30*time.Second, func() (bool, string) {
+					err := admin.Get(ctx, client.ObjectKeyFromObject(tr), &v1.ToolRun{})
+					return apierrors.IsNotFound(err), fmt.Sprint(err)
+				})
+			}
+			return err
+		}
+	}
+	deny := "gateway agent for host " + h1 + " may not create ToolRun " + materialNS + "/" + own
+	runSteps(t, []step{
+		{"network egress", create(func(tr *v1.ToolRun) {
+			tr.Spec.Network = v1.ToolRunNetwork{Mode: v1.ToolRunNetworkAllowlist, Allow: []string{"10.0.0.0/8"}}
+		}), byPolicy(deny, "no network")},
+		{"args", create(func(tr *v1.ToolRun) { tr.Spec.Args = []string{"-c", "id"} }), byPolicy(deny, "no args")},
+		{"a day's timeout", create(func(tr *v1.ToolRun) { tr.Spec.TimeoutSeconds = 86400 }), byPolicy(deny, "at most 600")},
+		{"a finalizer", create(func(tr *v1.ToolRun) { tr.Finalizers = []string{"example.com/keep"} }), byPolicy(deny, "no finalizer")},
+		{"an owner", create(func(tr *v1.ToolRun) {
+			var gh v1.GatewayHost
+			if err := admin.Get(context.Background(), client.ObjectKey{Name: h1}, &gh); err != nil {
+				t.Fatal(err)
+			}
+			tr.OwnerReferences = []metav1.OwnerReference{{APIVersion: v1.GroupVersion.String(), Kind: "GatewayHost", Name: h1, UID: gh.UID}}
+		}), byPolicy(deny, "no finalizer or owner")},
+		{"no host label", create(func(tr *v1.ToolRun) { delete(tr.Labels, v1.LabelHost) }), byPolicy(deny, "labeled")},
+		{"another profile's label", create(func(tr *v1.ToolRun) { tr.Labels[v1.LabelProfile] = e.plain }), byPolicy(deny, "labeled")},
+		{"the route's run", create(func(*v1.ToolRun) {}), allowed},
+	})
+
+	// A run in its slot that no agent of its host created (made by hand, unlabeled) is not the
+	// agent's to delete.
+	ctx := context.Background()
+	byHand := agentToolRun(materialNS, own, e.tools)
+	byHand.Labels = nil
+	if err := admin.Create(ctx, byHand); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { removeRun(t, materialNS, own) })
+	runSteps(t, []step{
+		{"delete a run made by hand in its slot", func(_ *testing.T, ctx context.Context) error {
+			return a1.Delete(ctx, &v1.ToolRun{ObjectMeta: metav1.ObjectMeta{Namespace: materialNS, Name: own}})
+		}, byPolicy("it is not a run of host " + h1)},
+	})
+	// The route says so, and leaves the run alone.
+	cluster := &agent.ClusterRuns{Client: a1, Reader: a1, Namespace: materialNS, Host: h1}
+	res, err := cluster.Run(ctx, e.tools, &v1.ToolRunSettings{Image: "busybox:1.36"}, microvm.Request{Command: []string{"true"}})
+	if err != nil || res.Phase != microvm.Rejected || !strings.Contains(res.Message, "holds a run this host's agent did not create") {
+		t.Errorf("a run in a slot held by a hand-made run: %+v %v", res, err)
+	}
+	var still v1.ToolRun
+	if err := admin.Get(ctx, client.ObjectKeyFromObject(byHand), &still); err != nil || still.UID != byHand.UID {
+		t.Errorf("the hand-made run: %v", err)
+	}
 }
 
 // TestToolRunRoutedToTheCluster_FakeKubelet: a gateway's request on its tool-run socket takes
