@@ -11,6 +11,7 @@ import (
 	nodev1 "k8s.io/api/node/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/validation"
 	ctrl "sigs.k8s.io/controller-runtime"
@@ -127,6 +128,9 @@ func terminal(p v1.ToolRunPhase) bool {
 
 func (r *ToolRunReconciler) reconcileRun(ctx context.Context, tr *v1.ToolRun) (ctrl.Result, error) {
 	if terminal(tr.Status.Phase) {
+		if err := r.removeUnstarted(ctx, tr); err != nil {
+			return ctrl.Result{}, err
+		}
 		return r.expire(ctx, tr)
 	}
 	var rc nodev1.RuntimeClass
@@ -248,14 +252,37 @@ func (r *ToolRunReconciler) ensureRun(ctx context.Context, tr *v1.ToolRun) (ctrl
 	if left := tr.CreationTimestamp.Add(r.startGrace()).Sub(r.now()); left > 0 {
 		return ctrl.Result{RequeueAfter: left}, nil
 	}
-	uid := pod.UID
-	if err := r.Client.Delete(ctx, &pod, client.Preconditions{UID: &uid}); client.IgnoreNotFound(err) != nil {
-		return ctrl.Result{}, err
-	}
+	// The run ends first and its Pod goes in the next reconcile, which sees the run ended: a
+	// reconcile woken by the Pod's deletion before the cache has the ended run would make the
+	// Pod again.
 	msg := fmt.Sprintf("no node started pod %s within %s of the run's creation", pod.Name, r.startGrace())
-	r.finish(tr, v1.ToolRunTimedOut, "NotStarted", msg)
-	r.Recorder.Eventf(tr, &pod, corev1.EventTypeWarning, "NotStarted", "Run", "%s", msg)
-	return ctrl.Result{RequeueAfter: r.TTL}, nil
+	r.finish(tr, v1.ToolRunTimedOut, reasonNotStarted, msg)
+	r.Recorder.Eventf(tr, &pod, corev1.EventTypeWarning, reasonNotStarted, "Run", "%s", msg)
+	return ctrl.Result{RequeueAfter: time.Second}, nil
+}
+
+// reasonNotStarted ends a run whose Pod no node started within the start grace.
+const reasonNotStarted = "NotStarted"
+
+// removeUnstarted deletes the Pod of a run that ended NotStarted, so a node that turns up later
+// does not run what nobody waits for any more.
+func (r *ToolRunReconciler) removeUnstarted(ctx context.Context, tr *v1.ToolRun) error {
+	if tr.Status.Phase != v1.ToolRunTimedOut || tr.Status.StartTime != nil || tr.Status.PodName == "" {
+		return nil
+	}
+	if c := meta.FindStatusCondition(tr.Status.Conditions, v1.ConditionFailed); c == nil || c.Reason != reasonNotStarted {
+		return nil
+	}
+	var pod corev1.Pod
+	err := r.Client.Get(ctx, client.ObjectKey{Namespace: tr.Namespace, Name: tr.Status.PodName}, &pod)
+	if apierrors.IsNotFound(err) || (err == nil && (!metav1.IsControlledBy(&pod, tr) || !pod.DeletionTimestamp.IsZero())) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	uid := pod.UID
+	return client.IgnoreNotFound(r.Client.Delete(ctx, &pod, client.Preconditions{UID: &uid}))
 }
 
 func (r *ToolRunReconciler) startGrace() time.Duration {
