@@ -99,15 +99,17 @@ func ParseArchive(b []byte) (map[string][]byte, error) {
 		if magic := string(h[:6]); magic != "070701" && magic != "070702" {
 			return nil, errors.New("the job archive is not a newc cpio archive")
 		}
-		field := func(i int) (int, error) {
+		var fields [13]int
+		for i := range fields {
 			v, err := strconv.ParseUint(string(h[6+8*i:14+8*i]), 16, 32)
-			return int(v), err
+			if err != nil {
+				return nil, errors.New("the job archive has an invalid header")
+			}
+			fields[i] = int(v)
 		}
-		mode, err1 := field(1)
-		size, err2 := field(6)
-		nameLen, err3 := field(11)
-		if err := errors.Join(err1, err2, err3); err != nil || nameLen < 1 {
-			return nil, errors.New("the job archive has an invalid header")
+		mode, size, nameLen := fields[1], fields[6], fields[11]
+		if nameLen < 1 {
+			return nil, errors.New("the job archive has an invalid name")
 		}
 		nameStart := off + headerLen
 		if nameLen > len(b)-nameStart || b[nameStart+nameLen-1] != 0 {
@@ -161,7 +163,10 @@ func Argv(script []byte) (argv []string, ok bool) {
 		}
 		s = s[1:]
 		var word strings.Builder
-		// One word: quoted runs and escaped quotes ('\'') up to the next space.
+		// One word: quoted runs and escaped quotes ('\'') up to the next space; at least one.
+		if s == "" || s[0] == ' ' {
+			return nil, false
+		}
 		for s != "" && s[0] != ' ' {
 			switch {
 			case s[0] == '\'':
