@@ -161,6 +161,9 @@ func takeJob() (*Job, *os.File, error) {
 	if err := makeRaw(int(serial.Fd())); err != nil {
 		return nil, nil, err
 	}
+	if err := rehearse(); err != nil {
+		return nil, nil, err
+	}
 	// Said once, before any job exists: nothing else runs yet, so nothing can forge it.
 	if _, err := serial.WriteString(readyLine); err != nil {
 		return nil, nil, err
@@ -183,6 +186,15 @@ func takeJob() (*Job, *os.File, error) {
 	}
 	job, err := NewJob(files)
 	return job, serial, err
+}
+
+// rehearse runs a command of no consequence the way a job's runs, before the guest says it is
+// ready: under software emulation, code runs slowly the first time (QEMU translates it), so the
+// job's own run finds the init's, the kernel's and the shell's paths already translated.
+func rehearse() error {
+	stdout, stderr, _, err := execute(&Job{Script: []byte("exec 'sh' '-c' 'echo'\n"), Cap: 16})
+	_ = Report("0", stdout, stderr, 0)
+	return err
 }
 
 func readNoFollow(name string) ([]byte, error) {
