@@ -1,21 +1,38 @@
 #!/usr/bin/env bash
 # Builds the guest of the host-local microVM (Tier-2 tool runs) and prints the folder that holds
 # it: vmlinuz (Debian's cloud kernel, which boots fastest under software emulation) and
-# initramfs.cpio.gz (a static busybox and /init, which runs the job the agent appends as a second
-# cpio archive, frames its output on the serial line and powers off).
-# Everything comes from Debian packages; cached outside the repo, keyed by kernel version and
-# guest layout; idempotent and safe to run concurrently. Needs busybox-static and cpio
-# (hack/host-deps.sh installs them) and, on the first run only, the Debian mirror.
+# initramfs.cpio.gz (our static init, cmd/gateway-guest-init, which runs the job the agent
+# appends as a second cpio archive or sends on the serial line, frames its output on the serial
+# line and powers off; and a static busybox for the commands users run).
+# The kernel comes from Debian packages, the init is built with the project's Go (GO, else go on
+# PATH). Cached outside the repo, keyed by kernel version, guest layout and a hash of the init's
+# source and Go version; idempotent, deterministic and safe to run concurrently. Needs
+# busybox-static and cpio (hack/host-deps.sh installs them) and, the first time a kernel version
+# is used, the Debian mirror.
 set -euo pipefail
 
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+go=${GO:-go}
 cache=${XDG_CACHE_HOME:-$HOME/.cache}/gateway-operator/microvm
-layout=3 # bump when the guest's content (the init script below) changes
+layout=4 # bump when the guest's content (the layout below, the init's build flags) changes
 mkdir -p "$cache"
+command -v "$go" >/dev/null || { echo "microvm-guest: $go is missing (the guest's init is built with Go)" >&2; exit 1; }
 
-# An already built guest of this layout needs no mirror at all.
-newest() { find "$cache" -mindepth 2 -maxdepth 2 -name .complete -path "*/g$layout-*" -printf '%h\n' | sort -V | tail -n 1; }
+# The init's key: its source (the module's x/sys version included) and the Go that builds it.
+init_src=(cmd/gateway-guest-init nodeagent/microvm/guest)
+init_key=$(
+  cd "$repo"
+  "$go" env GOVERSION
+  grep -E '^[[:space:]]*golang.org/x/sys ' go.mod
+  find "${init_src[@]}" -maxdepth 1 -name '*.go' ! -name '*_test.go' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum
+)
+init_key=$(sha256sum <<<"$init_key" | cut -c1-12)
+key=g$layout-$init_key
+
+# An already built guest of this key needs no mirror at all.
+newest() { find "$cache" -mindepth 2 -maxdepth 2 -name .complete -path "*/$key-*" -printf '%h\n' | sort -V | tail -n 1; }
 if [ -n "${GATEWAY_MICROVM_KERNEL:-}" ]; then
-  dest=$cache/g$layout-$GATEWAY_MICROVM_KERNEL
+  dest=$cache/$key-$GATEWAY_MICROVM_KERNEL
 else
   dest=$(newest)
 fi
@@ -37,7 +54,7 @@ if [ -z "$kernel" ]; then
   fi
   [ -n "$kernel" ] || { echo "microvm-guest: cannot resolve the cloud kernel from linux-image-cloud-amd64" >&2; exit 1; }
 fi
-dest=$cache/g$layout-$kernel
+dest=$cache/$key-$kernel
 if [ -f "$dest/.complete" ]; then echo "$dest"; exit 0; fi
 
 for tool in busybox cpio; do
@@ -51,12 +68,18 @@ fi
 
 work=$(mktemp -d "$cache/build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-echo "microvm-guest: fetching linux-image-$kernel-cloud-amd64" >&2
-(cd "$work" && apt-get download -qq "linux-image-$kernel-cloud-amd64" >&2 2>/dev/null) ||
-  (apt-get update -qq >&2 && cd "$work" && apt-get download -qq "linux-image-$kernel-cloud-amd64" >&2)
-dpkg -x "$work"/linux-image-*.deb "$work/pkg"
 mkdir -p "$work/out"
-install -m 0444 "$work/pkg/boot/vmlinuz-$kernel-cloud-amd64" "$work/out/vmlinuz"
+# A guest of another key built from the same kernel spares the mirror.
+cached_kernel=$(find "$cache" -mindepth 2 -maxdepth 2 -name .complete -path "*/g*-$kernel/.complete" -printf '%h\n' | sort | tail -n 1)
+if [ -n "$cached_kernel" ] && [ "$(cat "$cached_kernel/KERNEL")" = "$kernel" ]; then
+  install -m 0444 "$cached_kernel/vmlinuz" "$work/out/vmlinuz"
+else
+  echo "microvm-guest: fetching linux-image-$kernel-cloud-amd64" >&2
+  (cd "$work" && apt-get download -qq "linux-image-$kernel-cloud-amd64" >&2 2>/dev/null) ||
+    (apt-get update -qq >&2 && cd "$work" && apt-get download -qq "linux-image-$kernel-cloud-amd64" >&2)
+  dpkg -x "$work"/linux-image-*.deb "$work/pkg"
+  install -m 0444 "$work/pkg/boot/vmlinuz-$kernel-cloud-amd64" "$work/out/vmlinuz"
+fi
 
 root=$work/root
 mkdir -p "$root"/{bin,dev,etc,proc,sys,tmp,run,job}
@@ -71,67 +94,17 @@ done
 # The kernel needs a console before /init runs.
 mknod -m 0600 "$root/dev/console" c 5 1
 
-# /init: the only program the guest runs as root. The job archive (appended by the agent, or
-# sent on the serial line to a warm guest that booted without one) holds
-# /job/cmd (the command, quoted by the agent), /job/stdin, /job/cap (bytes kept per stream) and
-# /job/nonce. The command runs as an unprivileged guest user with the serial line out of its
-# reach; its stdout and stderr are drained to the end but only the first cap+1 bytes are kept.
-# Frames, each line on the serial line starting with the nonce:
-#   <nonce> out <n> / base64 lines / <nonce> err <n> / base64 lines / <nonce> exit <code> / <nonce> end
-cat >"$root/init" <<'EOF'
-#!/bin/sh
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs -o mode=0755,nosuid devtmpfs /dev
-mount -t tmpfs -o mode=0700 tmpfs /run
-chmod 0600 /dev/console /dev/ttyS0 2>/dev/null
-ip link set lo up
-# What does not depend on the job comes first: a warm guest has it done before its job arrives.
-mkdir -m 1777 -p /tmp/work
-mkfifo -m 0622 /run/o /run/e
-chmod 0711 /run
-if [ ! -e /job/nonce ]; then
-  # Warm: no job was appended. Say so once, before any job exists (nothing else runs yet, so
-  # nothing can forge it), then take the job from the host on the serial line: "job <bytes>"
-  # and that many bytes of the same cpio archive, raw (no echo, no line editing, 8-bit clean).
-  stty -F /dev/ttyS0 raw -echo 115200
-  echo "gwvm ready" >/dev/ttyS0
-  read -r word size </dev/ttyS0
-  case $word:$size in job:[1-9]*) ;; *) poweroff -f ;; esac
-  # /init runs in /, where the archive's paths start.
-  head -c "$size" </dev/ttyS0 | cpio -i -d -m -u 2>/dev/null
-  [ -e /job/nonce ] || poweroff -f
-fi
-# Builtins where they do: every process costs milliseconds under software emulation.
-read -r nonce </job/nonce
-rm -f /job/nonce
-read -r cap </job/cap
-chmod -R a+rX /job
-(head -c "$((cap + 1))" >/run/out; cat >/dev/null) </run/o &
-(head -c "$((cap + 1))" >/run/err; cat >/dev/null) </run/e &
-cd /tmp/work
-setpriv --nnp su -s /bin/sh -c 'exec sh /job/cmd' tool </job/stdin >/run/o 2>/run/e
-code=$?
-# Nothing the command left behind keeps running or keeps a stream open.
-su -s /bin/sh -c 'kill -9 -1' tool 2>/dev/null
-exec 5<>/run/o 6<>/run/e
-exec 5>&- 6>&-
-wait
-{
-  echo "$nonce out $(wc -c </run/out)"
-  base64 </run/out
-  echo "$nonce err $(wc -c </run/err)"
-  base64 </run/err
-  echo "$nonce exit $code"
-  echo "$nonce end"
-} >/dev/ttyS0
-sync
-poweroff -f
-EOF
+# /init: the only program the guest runs as root (cmd/gateway-guest-init; its package
+# nodeagent/microvm/guest describes the job and the frames). Static, with no build path or ID
+# in it, so the same source and Go give the same bytes.
+(cd "$repo" && CGO_ENABLED=0 GOOS=linux GOARCH=amd64 GOFLAGS=-mod=readonly "$go" build -trimpath -buildvcs=false \
+  -ldflags='-s -w -buildid=' -o "$root/init" ./cmd/gateway-guest-init)
 chmod 0755 "$root/init"
 
-(cd "$root" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) | gzip -9n >"$work/out/initramfs.cpio.gz"
+# The same content gives the same archive: no build times in it.
+find "$root" -exec touch -h -d @0 {} +
+
+(cd "$root" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --reproducible --quiet) | gzip -9n >"$work/out/initramfs.cpio.gz"
 echo "$kernel" >"$work/out/KERNEL"
 touch "$work/out/.complete"
 rm -rf "$dest"

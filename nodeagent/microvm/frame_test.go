@@ -12,7 +12,8 @@ import (
 
 const nonce = "0123456789abcdef0123456789abcdef"
 
-// frame writes a report the way the guest's /init does, with \r\n line ends as on a tty.
+// frame writes a report as the guest's /init does (guest.Report), with \r\n line ends as a
+// tty with output processing makes them.
 func frame(out, errOut []byte, code int) string {
 	var b strings.Builder
 	section := func(word string, data []byte) {

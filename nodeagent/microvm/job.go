@@ -2,8 +2,8 @@
 // the gateway's own host: the Tier-2 path for hosts without Kubernetes pods.
 //
 // A gateway sends a Request over its profile's unix socket (Sockets). The Runner boots a
-// microvm machine through Kata's govmm with the guest kernel and busybox initramfs of
-// hack/microvm-guest.sh plus a per-run job archive, with no network, no disk and no shared
+// microvm machine through Kata's govmm with the guest kernel and initramfs (our init, package
+// guest, and busybox) of hack/microvm-guest.sh plus a per-run job archive, with no network, no disk and no shared
 // folder; QEMU runs as an unprivileged user under its seccomp sandbox. The guest's /init runs
 // the command as an unprivileged guest user and reports its output in nonce-tagged frames on
 // the serial line, which the host reads with a hard byte cap. The host enforces the timeout:
