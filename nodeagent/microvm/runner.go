@@ -319,11 +319,7 @@ func (r *Runner) runCold(ctx context.Context, req Request) (Result, error) {
 		return Result{Phase: TimedOut, ExitCode: -1, Message: "no microVM slot became free before the timeout"}, nil
 	}
 	defer r.release(id)
-	nonce, err := newNonce()
-	if err != nil {
-		return Result{Phase: Error, ExitCode: -1}, err
-	}
-	job, err := JobArchive(req, nonce, r.cfg.OutputCap)
+	nonce, job, err := r.newJob(req)
 	if err != nil {
 		return Result{Phase: Error, ExitCode: -1}, err
 	}
@@ -363,12 +359,18 @@ func (r *Runner) runWarm(ctx context.Context, v *vm, req Request) (Result, error
 	return res, err
 }
 
-func (r *Runner) deliver(ctx context.Context, v *vm, req Request) (Result, error) {
+// newJob makes a fresh nonce and req's job archive tagged with it.
+func (r *Runner) newJob(req Request) (string, []byte, error) {
 	nonce, err := newNonce()
 	if err != nil {
-		return Result{Phase: Error, ExitCode: -1}, err
+		return "", nil, err
 	}
 	job, err := JobArchive(req, nonce, r.cfg.OutputCap)
+	return nonce, job, err
+}
+
+func (r *Runner) deliver(ctx context.Context, v *vm, req Request) (Result, error) {
+	nonce, job, err := r.newJob(req)
 	if err != nil {
 		return Result{Phase: Error, ExitCode: -1}, err
 	}

@@ -54,19 +54,7 @@ func TestGoneHost(t *testing.T) {
 		}, byPolicy("gateway agent for host node-a may not create GatewayHost node-g: it is not this agent's host")},
 	})
 
-	_, cfg, err := newUser(managerSA, "system:serviceaccounts", "system:serviceaccounts:gateway-operator-system")
-	if err != nil {
-		t.Fatal(err)
-	}
-	stop, err := startManager(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		if err := stop(); err != nil {
-			t.Errorf("controller manager: %v", err)
-		}
-	}()
+	runManager(t)
 	// A manager whose role lacks a read of a watched kind never syncs its caches, and one
 	// refused a write never gets the instance released: either way this times out.
 	poll.Until(t, "the manager to release core.node-g", 90*time.Second, func() (bool, string) {
@@ -90,6 +78,24 @@ func TestGoneHost(t *testing.T) {
 
 // startManager runs the controller manager as the identity of cfg until the returned function
 // stops it.
+// runManager runs the controller manager as its service account until the test ends.
+func runManager(t *testing.T) {
+	t.Helper()
+	_, cfg, err := newUser(managerSA, "system:serviceaccounts", "system:serviceaccounts:gateway-operator-system")
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop, err := startManager(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := stop(); err != nil {
+			t.Errorf("controller manager: %v", err)
+		}
+	})
+}
+
 func startManager(cfg *rest.Config) (func() error, error) {
 	ctrl.SetLogger(logr.Discard())
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{Scheme: cp.Scheme, Metrics: metricsserver.Options{BindAddress: "0"},

@@ -97,19 +97,7 @@ func TestMaterialReadableOnlyByTheHostsThatRunIt(t *testing.T) {
 	s3 := newWatchUser(t, "system:gateway-agent:node-s3", agentGroup)
 	ds := newWatchUser(t, daemonSA, "system:serviceaccounts", "system:serviceaccounts:gateway-operator-system")
 
-	_, cfg, err := newUser(managerSA, "system:serviceaccounts", "system:serviceaccounts:gateway-operator-system")
-	if err != nil {
-		t.Fatal(err)
-	}
-	stop, err := startManager(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		if err := stop(); err != nil {
-			t.Errorf("controller manager: %v", err)
-		}
-	}()
+	runManager(t)
 
 	// Written by the manager under its role and the policy: a refusal of either times out here.
 	for _, c := range []client.WithWatch{s1, s2} {

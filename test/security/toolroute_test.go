@@ -76,19 +76,7 @@ func setUpToolRoute(t *testing.T, prefix string) *toolRouteEnv {
 		}
 		t.Cleanup(func() { releaseProfile(t, p.name) })
 	}
-	_, cfg, err := newUser(managerSA, "system:serviceaccounts", "system:serviceaccounts:gateway-operator-system")
-	if err != nil {
-		t.Fatal(err)
-	}
-	stop, err := startManager(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := stop(); err != nil {
-			t.Errorf("controller manager: %v", err)
-		}
-	})
+	runManager(t)
 	// Granted by the manager under its role and policy: a refusal of either times out here.
 	for i, h := range e.hosts {
 		slot := v1.ToolRunSlot(e.tools, h, 0)
